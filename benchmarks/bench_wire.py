@@ -1,0 +1,132 @@
+"""Round-trip latency of our msgpack-over-ZeroMQ wire vs a websocket + msgpack-numpy baseline.
+
+Both servers run as separate processes on loopback; the same client process measures both, side
+by side, with the DESIGN §4 observation (two 256x256x3 uint8 images + 8 floats + an instruction;
+reply 8x7 float32). Ours goes through the real server (`python -m server --policy debug`).
+
+    python benchmarks/bench_wire.py [--quick] [--requests N]
+
+Last line: JSON with p50/p99 for both and ``p50_ratio_vs_websocket`` (target <= 0.5, p50 < 1 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from serverproc import ServerProcess, free_port  # noqa: E402
+
+from client.policy_client import PolicyClient  # noqa: E402
+
+
+def make_obs() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+        "wrist_image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+        "state": rng.standard_normal(8).astype(np.float32),
+        "instruction": "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    }
+
+
+def summarize(samples_ms: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples_ms)
+    total_s = arr.sum() / 1000.0
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "mean_ms": float(arr.mean()),
+        "requests_per_s": float(len(arr) / total_s),
+    }
+
+
+def bench_ours(n: int, warmup: int) -> dict[str, float]:
+    obs = make_obs()
+    with ServerProcess(args=["--policy", "debug", "--log-level", "WARNING"]) as server:
+        client = PolicyClient(port=server.port, timeout_s=10)
+        for _ in range(warmup):
+            client.infer(obs)
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.infer(obs)
+            samples.append((time.perf_counter() - t0) * 1000.0)
+        client.close()
+    return summarize(samples)
+
+
+def bench_websocket(n: int, warmup: int) -> dict[str, float]:
+    from websockets.sync.client import connect
+
+    from benchmarks._ws_baseline_server import pack_array, unpack_array
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks._ws_baseline_server", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        obs = make_obs()
+        with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+            def call() -> None:
+                ws.send(msgpack.packb(obs, default=pack_array))
+                reply = msgpack.unpackb(ws.recv(), object_hook=unpack_array)
+                assert reply["actions"].shape == (8, 7)
+
+            for _ in range(warmup):
+                call()
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                call()
+                samples.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return summarize(samples)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI size (300 requests each)")
+    p.add_argument("--requests", type=int, default=None)
+    ns = p.parse_args()
+    n = ns.requests or (300 if ns.quick else 3000)
+    warmup = 50
+    # Interleave the two to share whatever the machine is doing: ours, baseline, ours, baseline.
+    halves = [n // 2, n - n // 2]
+    ours, ws = [], []
+    for h in halves:
+        ours.append(bench_ours(h, warmup))
+        ws.append(bench_websocket(h, warmup))
+    def merge(parts):
+        return {k: float(np.median([p[k] for p in parts])) for k in parts[0]}
+    o, w = merge(ours), merge(ws)
+    rows = [("ours: msgpack + ZeroMQ (real server)", o), ("baseline: websocket + msgpack-numpy", w)]
+    print(f"{'transport':40s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>8s}")
+    for name, r in rows:
+        print(f"{name:40s} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['mean_ms']:8.3f} {r['requests_per_s']:8.0f}")
+    ratio = o["p50_ms"] / w["p50_ms"]
+    print(f"p50 ratio ours/websocket: {ratio:.3f} (target <= 0.5); ours p50 {o['p50_ms']:.3f} ms (target < 1 ms)")
+    print(json.dumps({
+        "requests_each": n,
+        "ours_p50_ms": round(o["p50_ms"], 4), "ours_p99_ms": round(o["p99_ms"], 4),
+        "websocket_p50_ms": round(w["p50_ms"], 4), "websocket_p99_ms": round(w["p99_ms"], 4),
+        "ours_requests_per_s": round(o["requests_per_s"], 1),
+        "websocket_requests_per_s": round(w["requests_per_s"], 1),
+        "p50_ratio_vs_websocket": round(ratio, 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The server process core: one asyncio loop owns a ZeroMQ ROUTER socket; inference runs elsewhere.
+
+Why ROUTER: it accepts REQ and DEALER clients alike, tags every message with the peer's identity
+and never blocks on a slow or vanished peer. Every reply echoes the request id. The loop only
+decodes, validates and routes; the policy runs on a single worker thread behind the
+:class:`~server.batching.DynamicBatcher`, so a long forward pass never stalls ``ping`` or other
+clients' error replies (the event loop blocking is a known failure of openpi's server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from client import wire
+from server.batching import DynamicBatcher, PendingRequest
+from server.config import ServerConfig
+from server.policies.base import Policy, PolicyInputError, PolicyOutput
+from server.stats import ServerStats
+
+logger = logging.getLogger(__name__)
+
+# ZMQ_MAXMSGSIZE is a hard cap enforced by libzmq (it drops the peer's connection). We set it a bit
+# above our own limit so that a moderately oversized message still gets a polite 'too_large' reply.
+HARD_CAP_FACTOR = 2
+
+
+class PolicyServer:
+    """Serves one policy on one endpoint until :meth:`request_stop` (or SIGINT/SIGTERM)."""
+
+    def __init__(self, config: ServerConfig, policy: Policy, curve_setup: Any | None = None) -> None:
+        self.config = config
+        self.policy = policy
+        self.stats = ServerStats()
+        self.limits = wire.WireLimits(
+            max_message_bytes=config.max_message_bytes,
+            max_array_bytes=config.max_message_bytes,
+            max_image_pixels=config.max_image_pixels,
+        )
+        self._curve_setup = curve_setup
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._stop = asyncio.Event()
+        self._socket: zmq.asyncio.Socket | None = None
+        self.bound_port: int | None = None
+        self._background: set[asyncio.Future] = set()
+        self._policy_metadata = policy.metadata()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes * HARD_CAP_FACTOR)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # unroutable replies (client gone) are dropped silently
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.RCVHWM, 10000)
+        if self._curve_setup is not None:
+            self._curve_setup(sock)
+        sock.bind(self.config.endpoint)
+        self._socket = sock
+        self.bound_port = self.config.port
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests) / Windows
+                pass
+        batcher = DynamicBatcher(
+            run_batch=self._run_batch,
+            executor=self._executor,
+            max_batch=self.config.max_batch,
+            max_wait_ms=self.config.max_wait_ms,
+            max_queue=self.config.max_queue,
+            request_timeout_s=self.config.request_timeout_s,
+        )
+        self._batcher = batcher
+        batch_task = asyncio.create_task(batcher.run(), name="batcher")
+        logger.info(
+            "serving policy %r (%s) on %s, max_batch=%d max_wait_ms=%.1f",
+            self.config.policy, self._policy_metadata.get("model_id"), self.config.endpoint,
+            self.config.max_batch, self.config.max_wait_ms,
+        )
+        recv_task = asyncio.create_task(self._receive_loop(sock), name="receive")
+        try:
+            await self._stop.wait()
+        finally:
+            # Graceful stop: no new requests; finish what is queued and in flight; send the replies.
+            recv_task.cancel()
+            try:
+                await recv_task
+            except asyncio.CancelledError:
+                pass
+            batcher.close()
+            await batch_task
+            self._executor.shutdown(wait=True)
+            self.policy.close()
+            sock.close(linger=2000)
+            ctx.term()
+            logger.info("server stopped cleanly")
+
+    async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=True)
+            try:
+                self._handle_frames(frames)
+            except Exception:  # never let one message kill the loop
+                logger.exception("unexpected error while handling a message")
+
+    # -- request handling (event loop) ------------------------------------------------------------
+    def _send(self, envelope: list[bytes], message: dict[str, Any]) -> None:
+        assert self._socket is not None
+        try:
+            payload = wire.packb(message)
+        except TypeError:
+            logger.exception("could not encode a reply")
+            payload = wire.packb(wire.error_reply(message.get("id"), wire.ERR_INTERNAL, "reply not encodable"))
+        try:
+            self._socket.send_multipart([*envelope, payload], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("reply dropped: client send queue full")
+        except zmq.ZMQError as exc:
+            logger.warning("reply dropped: %s", exc)
+
+    def _error(self, envelope: list[bytes], req_id: Any, code: str, message: str) -> None:
+        self.stats.errors[code] += 1
+        logger.warning("request %r from %s: %s: %s", req_id, envelope[0].hex()[:10], code, message)
+        self._send(envelope, wire.error_reply(req_id, code, message))
+
+    def _handle_frames(self, frames: list[bytes]) -> None:
+        # ROUTER frames: [identity, payload] from DEALER, [identity, b"", payload] from REQ.
+        if len(frames) == 2:
+            envelope, payload = frames[:1], frames[1]
+        elif len(frames) == 3 and frames[1] == b"":
+            envelope, payload = frames[:2], frames[2]
+        else:
+            self.stats.dropped_frames += 1
+            logger.warning("dropping a message with %d frames (expected 1 payload frame)", len(frames) - 1)
+            return
+        received = time.perf_counter()
+        try:
+            message = wire.unpackb(payload, self.limits)
+        except wire.WireError as exc:
+            self._error(envelope, None, exc.code, exc.message)
+            return
+        req_id = wire.request_id_of(message)
+        try:
+            request = wire.parse_request(message, self.limits)
+        except wire.WireError as exc:
+            self._error(envelope, req_id, exc.code, exc.message)
+            return
+        self.stats.requests[request.type] += 1
+        if request.type == "ping":
+            self._send(envelope, wire.ok_reply(request.id, server_time=time.time(),
+                                               protocol=wire.PROTOCOL_VERSION))
+        elif request.type == "metadata":
+            self._send(envelope, wire.ok_reply(request.id, metadata=self.metadata()))
+        elif request.type == "stats":
+            self._send(envelope, wire.ok_reply(request.id, stats=self.stats_snapshot()))
+        elif request.type == "reset":
+            task = asyncio.ensure_future(self._reset(envelope, request.id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            self._submit_infer(envelope, request, received)
+
+    def _submit_infer(self, envelope: list[bytes], request: wire.Request, received: float) -> None:
+        try:
+            self.policy.validate(request.obs)
+        except PolicyInputError as exc:
+            self._error(envelope, request.id, wire.ERR_BAD_REQUEST, str(exc))
+            return
+        item = PendingRequest(obs=request.obs, req_id=request.id, client=envelope[0],
+                              respond=self._make_responder(envelope), received=received)
+        if not self._batcher.submit(item):
+            self._error(envelope, request.id, wire.ERR_OVERLOADED,
+                        f"queue full ({self._batcher.queued} waiting); retry later")
+
+    def _make_responder(self, envelope: list[bytes]):
+        def respond(item: PendingRequest, out: PolicyOutput | None, code: str | None, message: str | None,
+                    timing: dict[str, Any]) -> None:
+            if out is None:
+                self._error(envelope, item.req_id, code or wire.ERR_INTERNAL, message or "")
+                return
+            actions = np.asarray(out.actions, dtype=np.float32)
+            timing = dict(timing)
+            timing["server_ms"] = (time.perf_counter() - item.received) * 1000.0
+            self.stats.infer_latency.observe(timing["server_ms"])
+            self.stats.batch_sizes[timing.get("batch_size", 1)] += 1
+            logger.debug("infer id=%r client=%s batch=%d server_ms=%.2f", item.req_id, envelope[0].hex()[:10],
+                         timing.get("batch_size", 1), timing["server_ms"])
+            self._send(envelope, wire.ok_reply(item.req_id, actions=actions, timing=timing, **out.info))
+
+        return respond
+
+    async def _reset(self, envelope: list[bytes], req_id: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self.policy.reset)
+        except Exception:
+            logger.exception("policy reset failed")
+            self._error(envelope, req_id, wire.ERR_INTERNAL, "reset failed (see server log)")
+            return
+        self._send(envelope, wire.ok_reply(req_id))
+
+    # -- inference thread -------------------------------------------------------------------------
+    def _run_batch(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
+        return self.policy.infer(observations)
+
+    # -- introspection ----------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        meta = dict(self._policy_metadata)
+        meta.setdefault("quantization", {"enabled": False})
+        meta["protocol_version"] = wire.PROTOCOL_VERSION
+        meta["server"] = {
+            "max_batch": self.config.max_batch,
+            "max_wait_ms": self.config.max_wait_ms,
+            "max_message_bytes": self.config.max_message_bytes,
+            "max_image_pixels": self.config.max_image_pixels,
+        }
+        live = getattr(self.policy, "live_metadata", None)
+        if callable(live):
+            meta.update(live())
+        return meta
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        snap = self.stats.as_dict()
+        snap["queue_depth"] = self._batcher.queued
+        snap["in_flight"] = self._batcher.in_flight
+        return snap

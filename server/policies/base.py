@@ -1,0 +1,49 @@
+"""The one interface every policy implements: a batch of observations in, a batch of chunks out."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class PolicyInputError(ValueError):
+    """An observation the policy cannot use (missing key, wrong shape); answered as ``bad_request``."""
+
+
+@dataclass
+class PolicyOutput:
+    """One action chunk plus per-request diagnostics sent back in the reply."""
+
+    actions: np.ndarray  # float32 [H, action_dim], in the convention named by metadata()["gripper_convention"]
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. {"rsd": {...acceptance stats...}}
+
+
+class Policy(abc.ABC):
+    """A loaded model that maps observations to action chunks.
+
+    ``infer`` receives a *batch* (several clients' requests stacked by the server's dynamic batcher)
+    and must return one output per observation, in order. It runs on the server's single inference
+    thread, never on the event loop, so it may block.
+    """
+
+    name: str = "policy"
+
+    def validate(self, obs: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`PolicyInputError` if ``obs`` is unusable. Called on the event loop: keep it cheap."""
+
+    @abc.abstractmethod
+    def infer(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
+        ...
+
+    @abc.abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """Model id, kind, action horizon/dim, gripper convention, quantisation summary."""
+
+    def reset(self) -> None:  # noqa: B027 - stateless policies need nothing
+        """Forget any per-episode state."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release resources at shutdown."""

@@ -1,0 +1,80 @@
+"""Start the real server as a subprocess on a free port, for end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER_PYTHON = os.environ.get("SERVER_PYTHON", str(REPO / ".venv" / "bin" / "python"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A running ``python -m server``; ``stop()`` sends SIGTERM and returns the exit code."""
+
+    def __init__(self, args: Sequence[str] = (), env: dict[str, str] | None = None, port: int | None = None,
+                 python: str | None = None, ready_timeout_s: float = 60.0) -> None:
+        self.port = port or free_port()
+        python = python or (SERVER_PYTHON if Path(SERVER_PYTHON).exists() else sys.executable)
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.cmd = [python, "-m", "server", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.stdout = ""
+        self.stderr = ""
+        self._wait_ready(ready_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        from client.policy_client import PolicyClient, PolicyTimeoutError
+
+        deadline = time.monotonic() + timeout_s
+        client = PolicyClient(port=self.port, timeout_s=0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    self.stdout, self.stderr = self.proc.communicate()
+                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.stderr[-3000:]}")
+                try:
+                    client.ping()
+                    return
+                except PolicyTimeoutError:
+                    continue
+        finally:
+            client.close()
+        self.kill()
+        raise RuntimeError(f"server not ready after {timeout_s}s: {self.stderr[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.stdout, self.stderr = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.stdout, self.stderr = self.proc.communicate()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.stop()
