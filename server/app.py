@@ -106,6 +106,9 @@ class PolicyServer:
             self._executor.shutdown(wait=True)
             self.policy.close()
             sock.close(linger=2000)
+            stop_auth = getattr(self._curve_setup, "stop", None)
+            if callable(stop_auth):
+                stop_auth()
             ctx.term()
             logger.info("server stopped cleanly")
 

@@ -12,7 +12,6 @@ never reach the server and it gets no reply (its own call times out).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -25,7 +24,7 @@ SERVER_SECRET = "server.key_secret"
 AUTHORIZED_DIR = "authorized_clients"
 
 
-def curve_server_setup(keys_dir: str) -> Callable[[zmq.Socket], None]:
+def curve_server_setup(keys_dir: str) -> CurveSetup:
     """Validate the key directory now (start-up) and return a hook that arms a socket with CURVE."""
     root = Path(keys_dir)
     secret_file = root / SERVER_SECRET
@@ -37,17 +36,28 @@ def curve_server_setup(keys_dir: str) -> Callable[[zmq.Socket], None]:
     public, secret = zmq.auth.load_certificate(str(secret_file))
     if secret is None:
         raise ValueError(f"{secret_file} holds no secret key")
-    holder: dict[str, AsyncioAuthenticator] = {}
+    return CurveSetup(public, secret, authorized)
 
-    def setup(sock: zmq.Socket) -> None:
-        auth = AsyncioAuthenticator(sock.context)
-        auth.start()
-        auth.configure_curve(domain="*", location=str(authorized))
-        holder["auth"] = auth  # keep the authenticator alive as long as the socket
+
+class CurveSetup:
+    """Arms a server socket with CURVE and owns the ZAP authenticator that checks client keys."""
+
+    def __init__(self, public: bytes, secret: bytes, authorized: Path) -> None:
+        self._public, self._secret, self._authorized = public, secret, authorized
+        self._auth: AsyncioAuthenticator | None = None
+
+    def __call__(self, sock: zmq.Socket) -> None:
+        self._auth = AsyncioAuthenticator(sock.context)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(self._authorized))
         sock.curve_server = True
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-        logger.info("CURVE enabled: %d authorised client key(s) in %s", len(list(authorized.glob("*.key"))),
-                    authorized)
+        sock.curve_publickey = self._public
+        sock.curve_secretkey = self._secret
+        logger.info("CURVE enabled: %d authorised client key(s) in %s",
+                    len(list(self._authorized.glob("*.key"))), self._authorized)
 
-    return setup
+    def stop(self) -> None:
+        """Close the authenticator's socket; without this the context cannot terminate."""
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
