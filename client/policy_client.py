@@ -124,12 +124,14 @@ class PolicyClient:
 
     def _call_once(self, req_type: str, obs: dict[str, Any] | None, options: dict[str, Any]) -> dict[str, Any]:
         req_id = self._next_id()
-        payload = wire.packb(wire.make_request(req_type, req_id, obs, **options))
+        frames = wire.pack_frames(wire.make_request(req_type, req_id, obs, **options))
         sock = self._connect()
         deadline = time.monotonic() + self.timeout_s
         try:
-            # copy=False hands large payloads (images) to libzmq without another copy.
-            sock.send(payload, flags=zmq.NOBLOCK, copy=len(payload) < 65536)
+            for i, frame in enumerate(frames):
+                more = zmq.SNDMORE if i + 1 < len(frames) else 0
+                # Image frames go to libzmq without a copy (the caller must not mutate them meanwhile).
+                sock.send(frame, flags=zmq.NOBLOCK | more, copy=i == 0)
         except zmq.Again:
             # The pipe to the server is full (server gone for a while): treat as a timeout.
             self._reset_socket()
@@ -160,10 +162,9 @@ class PolicyClient:
 
     @staticmethod
     def _decode(frames: list[bytes]) -> dict[str, Any] | None:
-        payload = frames[-1]
         try:
-            reply = wire.unpackb(payload, wire.WireLimits(max_message_bytes=64 * 1024 * 1024,
-                                                          max_array_bytes=64 * 1024 * 1024))
+            reply = wire.unpack_frames(frames, wire.WireLimits(max_message_bytes=64 * 1024 * 1024,
+                                                               max_array_bytes=64 * 1024 * 1024))
         except wire.WireError as exc:
             logger.warning("dropping an undecodable reply: %s", exc)
             return None

@@ -24,7 +24,10 @@ import msgpack
 import numpy as np
 
 PROTOCOL_VERSION = 1
-NDARRAY_EXT_CODE = 42
+NDARRAY_EXT_CODE = 42  # array inline in the msgpack map
+OOB_NDARRAY_EXT_CODE = 43  # array carried in its own ZeroMQ frame after the msgpack header frame
+# Arrays at least this large travel out of band (zero-copy on both sides); smaller ones inline.
+OOB_MIN_BYTES = 16 * 1024
 
 REQUEST_TYPES = ("infer", "ping", "metadata", "reset", "stats")
 
@@ -107,18 +110,7 @@ def _default(obj: Any) -> Any:
 
 
 def _decode_ndarray(data: bytes, limits: WireLimits) -> np.ndarray:
-    if len(data) < _HEADER.size:
-        raise WireError(ERR_BAD_REQUEST, "array ext payload is shorter than its header")
-    code, ndim = _HEADER.unpack_from(data)
-    dtype = _CODE_DTYPES.get(code)
-    if dtype is None:
-        raise WireError(ERR_BAD_REQUEST, f"array dtype code {code} is not on the allow-list")
-    if ndim > _MAX_NDIM:
-        raise WireError(ERR_BAD_REQUEST, f"array has {ndim} dimensions (max {_MAX_NDIM})")
-    offset = _HEADER.size + 8 * ndim
-    if len(data) < offset:
-        raise WireError(ERR_BAD_REQUEST, "array ext payload is shorter than its shape")
-    shape = struct.unpack_from(f"<{ndim}Q", data, _HEADER.size)
+    dtype, shape, offset = _parse_array_header(data, "array ext payload")
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if nbytes > limits.max_array_bytes:
@@ -127,8 +119,7 @@ def _decode_ndarray(data: bytes, limits: WireLimits) -> np.ndarray:
         raise WireError(
             ERR_BAD_REQUEST, f"array declares shape {shape} {dtype.name} but carries {len(data) - offset} bytes"
         )
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-    return arr  # read-only view over the received bytes: zero-copy
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)  # zero-copy view
 
 
 def packb(message: dict[str, Any]) -> bytes:
@@ -137,17 +128,22 @@ def packb(message: dict[str, Any]) -> bytes:
 
 
 def unpackb(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Any:
-    """Deserialise bytes into Python objects, with arrays as read-only numpy views.
+    """Deserialise a single-frame message, with arrays as read-only numpy views.
 
     Raises :class:`WireError` for anything that is not well-formed msgpack within ``limits``.
     """
     if len(payload) > limits.max_message_bytes:
         raise WireError(ERR_TOO_LARGE, f"message of {len(payload)} bytes exceeds {limits.max_message_bytes}")
+    return _unpack(payload, limits, None)
 
+
+def _unpack(payload: bytes | memoryview, limits: WireLimits, oob: Any) -> Any:
     def ext_hook(code: int, data: bytes) -> Any:
-        if code != NDARRAY_EXT_CODE:
-            raise WireError(ERR_BAD_REQUEST, f"unknown msgpack ext type {code}")
-        return _decode_ndarray(data, limits)
+        if code == NDARRAY_EXT_CODE:
+            return _decode_ndarray(data, limits)
+        if code == OOB_NDARRAY_EXT_CODE and oob is not None:
+            return oob(data)
+        raise WireError(ERR_BAD_REQUEST, f"unknown msgpack ext type {code}")
 
     try:
         return msgpack.unpackb(
@@ -168,6 +164,80 @@ def unpackb(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Any:
         raise WireError(ERR_BAD_REQUEST, f"undecodable message: {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - msgpack raises a few odd types on hostile input
         raise WireError(ERR_BAD_REQUEST, f"undecodable message: {type(exc).__name__}") from None
+
+
+def _parse_array_header(data: bytes | memoryview, what: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    if len(data) < _HEADER.size:
+        raise WireError(ERR_BAD_REQUEST, f"{what} is shorter than its header")
+    code, ndim = _HEADER.unpack_from(data)
+    dtype = _CODE_DTYPES.get(code)
+    if dtype is None:
+        raise WireError(ERR_BAD_REQUEST, f"array dtype code {code} is not on the allow-list")
+    if ndim > _MAX_NDIM:
+        raise WireError(ERR_BAD_REQUEST, f"array has {ndim} dimensions (max {_MAX_NDIM})")
+    offset = _HEADER.size + 8 * ndim
+    if len(data) < offset:
+        raise WireError(ERR_BAD_REQUEST, f"{what} is shorter than its shape")
+    return dtype, struct.unpack_from(f"<{ndim}Q", data, _HEADER.size), offset
+
+
+def pack_frames(message: dict[str, Any]) -> list[bytes | memoryview]:
+    """Serialise a message to frames: [msgpack header, raw array frames...] (see module doc)."""
+    buffers: list[bytes | memoryview] = []
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and obj.nbytes >= OOB_MIN_BYTES and obj.dtype.name in _DTYPE_CODES:
+            arr = obj
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            arr = np.ascontiguousarray(arr)
+            if arr.ndim > _MAX_NDIM:
+                raise TypeError(f"arrays of more than {_MAX_NDIM} dimensions are not allowed on the wire")
+            buffers.append(memoryview(arr).cast("B"))
+            header = _HEADER.pack(_DTYPE_CODES[arr.dtype.name], arr.ndim) + struct.pack(
+                f"<{arr.ndim}QI", *arr.shape, len(buffers))
+            return msgpack.ExtType(OOB_NDARRAY_EXT_CODE, header)
+        return _default(obj)
+
+    head = msgpack.packb(message, default=default, use_bin_type=True)
+    return [head, *buffers]
+
+
+def unpack_frames(frames: list[Any], limits: WireLimits = DEFAULT_LIMITS) -> Any:
+    """Inverse of :func:`pack_frames`. ``frames`` may be bytes or pyzmq ``Frame`` objects.
+
+    Out-of-band arrays are read-only views over the received frames (zero-copy); every declared
+    shape is checked against the frame that carries it before the view is made.
+    """
+    if not frames:
+        raise WireError(ERR_BAD_REQUEST, "empty message")
+    views = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
+    total = sum(v.nbytes for v in views)
+    if total > limits.max_message_bytes:
+        raise WireError(ERR_TOO_LARGE, f"message of {total} bytes exceeds {limits.max_message_bytes}")
+    used: set[int] = set()
+
+    def oob(data: bytes) -> np.ndarray:
+        dtype, shape, offset = _parse_array_header(data, "out-of-band array reference")
+        if len(data) != offset + 4:
+            raise WireError(ERR_BAD_REQUEST, "malformed out-of-band array reference")
+        (index,) = struct.unpack_from("<I", data, offset)
+        if not 1 <= index < len(views) or index in used:
+            raise WireError(ERR_BAD_REQUEST, f"out-of-band array refers to frame {index}, which is missing or reused")
+        used.add(index)
+        view = views[index]
+        count = math.prod(shape)
+        if count * dtype.itemsize > limits.max_array_bytes:
+            raise WireError(ERR_TOO_LARGE, f"array of shape {shape} exceeds {limits.max_array_bytes} bytes")
+        if count * dtype.itemsize != view.nbytes:
+            raise WireError(ERR_BAD_REQUEST,
+                            f"array declares shape {shape} {dtype.name} but its frame carries {view.nbytes} bytes")
+        return np.frombuffer(view, dtype=dtype, count=count).reshape(shape)
+
+    message = _unpack(views[0], limits, oob)
+    if len(used) != len(views) - 1:
+        raise WireError(ERR_BAD_REQUEST, f"{len(views) - 1 - len(used)} array frame(s) are not referenced")
+    return message
 
 
 # ----------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ class PolicyServer:
 
     async def _receive_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            frames = await sock.recv_multipart(copy=True)
+            frames = await sock.recv_multipart(copy=False)  # zero-copy: arrays view these frames
             try:
                 self._handle_frames(frames)
             except Exception:  # never let one message kill the loop
@@ -124,12 +124,12 @@ class PolicyServer:
     def _send(self, envelope: list[bytes], message: dict[str, Any]) -> None:
         assert self._socket is not None
         try:
-            payload = wire.packb(message)
+            frames = wire.pack_frames(message)
         except TypeError:
             logger.exception("could not encode a reply")
-            payload = wire.packb(wire.error_reply(message.get("id"), wire.ERR_INTERNAL, "reply not encodable"))
+            frames = wire.pack_frames(wire.error_reply(message.get("id"), wire.ERR_INTERNAL, "reply not encodable"))
         try:
-            self._socket.send_multipart([*envelope, payload], flags=zmq.NOBLOCK)
+            self._socket.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK)
         except zmq.Again:
             logger.warning("reply dropped: client send queue full")
         except zmq.ZMQError as exc:
@@ -140,19 +140,20 @@ class PolicyServer:
         logger.warning("request %r from %s: %s: %s", req_id, envelope[0].hex()[:10], code, message)
         self._send(envelope, wire.error_reply(req_id, code, message))
 
-    def _handle_frames(self, frames: list[bytes]) -> None:
-        # ROUTER frames: [identity, payload] from DEALER, [identity, b"", payload] from REQ.
-        if len(frames) == 2:
-            envelope, payload = frames[:1], frames[1]
-        elif len(frames) == 3 and frames[1] == b"":
-            envelope, payload = frames[:2], frames[2]
+    def _handle_frames(self, frames: list[zmq.Frame]) -> None:
+        # ROUTER frames: [identity, *payload] from DEALER, [identity, b"", *payload] from REQ; the
+        # payload is a msgpack header frame plus out-of-band array frames (client/wire.py).
+        if len(frames) >= 3 and frames[1].buffer.nbytes == 0:
+            envelope, payload = [frames[0].bytes, b""], frames[2:]
+        elif len(frames) >= 2 and frames[1].buffer.nbytes > 0:
+            envelope, payload = [frames[0].bytes], frames[1:]
         else:
             self.stats.dropped_frames += 1
-            logger.warning("dropping a message with %d frames (expected 1 payload frame)", len(frames) - 1)
+            logger.warning("dropping a message with no payload frame")
             return
         received = time.perf_counter()
         try:
-            message = wire.unpackb(payload, self.limits)
+            message = wire.unpack_frames(payload, self.limits)
         except wire.WireError as exc:
             self._error(envelope, None, exc.code, exc.message)
             return

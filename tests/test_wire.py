@@ -144,3 +144,26 @@ def test_gr00t_style_keys_accepted() -> None:
 def test_error_reply_shape() -> None:
     reply = wire.error_reply("x", wire.ERR_OVERLOADED, "busy")
     assert reply == {"v": 1, "id": "x", "ok": False, "error": {"code": "overloaded", "message": "busy"}}
+
+
+def test_multipart_frames_round_trip_zero_copy() -> None:
+    obs = _obs()
+    frames = wire.pack_frames(wire.make_request("infer", 9, obs))
+    assert len(frames) == 3  # header + two images out of band; state stays inline
+    msg = wire.unpack_frames([bytes(f) for f in frames])
+    np.testing.assert_array_equal(msg["obs"]["image"], obs["image"])
+    np.testing.assert_array_equal(msg["obs"]["state"], obs["state"])
+    assert not msg["obs"]["image"].flags.writeable
+
+
+def test_multipart_lying_or_dangling_frames_refused() -> None:
+    frames = [bytes(f) for f in wire.pack_frames({"a": np.zeros((96, 96, 3), np.uint8)})]
+    with pytest.raises(wire.WireError):  # frame shorter than declared
+        wire.unpack_frames([frames[0], frames[1][:-1]])
+    with pytest.raises(wire.WireError):  # referenced frame missing
+        wire.unpack_frames([frames[0]])
+    with pytest.raises(wire.WireError):  # extra frame nobody refers to
+        wire.unpack_frames([*frames, b"junk"])
+    with pytest.raises(wire.WireError) as exc:
+        wire.unpack_frames(frames, wire.WireLimits(max_message_bytes=1000))
+    assert exc.value.code == wire.ERR_TOO_LARGE
