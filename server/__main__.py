@@ -47,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"python -m server: error: {exc}\n")
         return 2
+    except Exception as exc:  # noqa: BLE001 - e.g. CheckpointError: one clear line, not a traceback
+        if type(exc).__name__ != "CheckpointError":
+            raise
+        sys.stderr.write(f"python -m server: error: --model-path: {exc}\n")
+        return 2
     if config.policy == "debug":
         logger.warning("serving the DEBUGGING policy: deterministic actions from no model")
 

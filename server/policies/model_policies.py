@@ -1,0 +1,167 @@
+"""Policies backed by the project's model code: stock OpenVLA and GR00T N1.5 (torch imported lazily).
+
+Both load a released-format local checkpoint through :func:`models.load_pretrained` (the same code
+path a 7B/3B checkpoint takes) and accept the LIBERO observation (``image``, ``wrist_image``,
+``state``, ``instruction``); the GR00T policy also accepts GR00T-style keys (``video.*``,
+``state.*``, ``annotation.*``) as the upstream server does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from server.policies.base import Policy, PolicyInputError, PolicyOutput
+
+logger = logging.getLogger(__name__)
+
+GRIPPER_CONVENTIONS = ("libero", "openvla")
+
+
+def _check_image(obs: dict[str, Any], key: str, required: bool) -> None:
+    img = obs.get(key)
+    if img is None:
+        if required:
+            raise PolicyInputError(f"obs[{key!r}] is required (uint8 HxWx3)")
+        return
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        raise PolicyInputError(f"obs[{key!r}] must be a uint8 HxWx3 array")
+
+
+def _check_instruction(obs: dict[str, Any]) -> None:
+    if not isinstance(obs.get("instruction"), str) or not obs["instruction"].strip():
+        raise PolicyInputError("obs['instruction'] must be a non-empty string")
+
+
+def _check_state(obs: dict[str, Any], dim: int) -> None:
+    state = obs.get("state")
+    if not isinstance(state, np.ndarray) or state.dtype.kind != "f" or state.shape != (dim,):
+        raise PolicyInputError(f"obs['state'] must be a float array of shape ({dim},)")
+
+
+def gripper_convention_from_stats(action_stats: dict[str, Any]) -> str:
+    """``openvla`` when the training data's gripper lies in [0, 1] (1 = open), else ``libero`` (-1/+1)."""
+    q01 = np.asarray(action_stats.get("q01", action_stats.get("min", [-1.0])), dtype=np.float64)
+    return "openvla" if q01[-1] >= 0.0 else "libero"
+
+
+class OpenVLAPolicy(Policy):
+    """Stock OpenVLA decoding: 7 greedy action tokens, 256 bins, unnormalised; a chunk of one step."""
+
+    name = "openvla"
+
+    def __init__(self, model: Any, model_path: str, unnorm_key: str | None, center_crop: bool,
+                 gripper_convention: str | None, quantization: dict[str, Any]) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.model_path = model_path
+        self.unnorm_key = model.resolve_unnorm_key(unnorm_key)
+        self.center_crop = center_crop
+        stats = model.norm_stats[self.unnorm_key]["action"]
+        self.gripper_convention = gripper_convention or gripper_convention_from_stats(stats)
+        self.action_dim = len(stats["q01"])
+        self.quantization = quantization
+
+    def validate(self, obs: dict[str, Any]) -> None:
+        _check_image(obs, "image", required=True)
+        _check_instruction(obs)
+
+    def infer(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
+        with self.torch.inference_mode():
+            images = [np.asarray(o["image"]) for o in observations]
+            same = all(img.shape == images[0].shape for img in images)
+            batch_images: Any = np.stack(images) if same else images
+            actions = self.model.predict_action(batch_images, [o["instruction"] for o in observations],
+                                                unnorm_key=self.unnorm_key, center_crop=self.center_crop)
+        actions = np.asarray(actions, dtype=np.float32).reshape(len(observations), 1, -1)
+        return [PolicyOutput(actions=a) for a in actions]
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_path,
+            "policy": "openvla",
+            "kind": "OpenVLA (Prismatic) stock decoding: 7 greedy action tokens, 256 bins",
+            "action_horizon": 1,
+            "action_dim": self.action_dim,
+            "gripper_convention": self.gripper_convention,
+            "unnorm_key": self.unnorm_key,
+            "quantization": self.quantization,
+        }
+
+
+class GR00TPolicy(Policy):
+    """GR00T N1.5: Eagle backbone + flow-matching DiT head, ``denoising_steps`` Euler steps, 16-step chunks."""
+
+    name = "gr00t"
+
+    def __init__(self, model: Any, model_path: str, gripper_convention: str, quantization: dict[str, Any]) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.model_path = model_path
+        self.gripper_convention = gripper_convention
+        self.quantization = quantization
+        self.data_config = model.data_config
+        self.generator = torch.Generator().manual_seed(0)
+
+    def _to_gr00t(self, obs: dict[str, Any]) -> dict[str, Any]:
+        if any(k.startswith("video.") for k in obs):
+            return obs
+        return self.data_config.from_libero(obs["image"], obs.get("wrist_image", obs["image"]), obs["state"],
+                                            obs["instruction"])
+
+    def validate(self, obs: dict[str, Any]) -> None:
+        if any(k.startswith("video.") for k in obs):
+            missing = [k for k in (*self.data_config.video_keys, *self.data_config.state_keys) if k not in obs]
+            if missing:
+                raise PolicyInputError(f"GR00T-style observation lacks {missing}")
+            return
+        _check_image(obs, "image", required=True)
+        _check_image(obs, "wrist_image", required=False)
+        _check_instruction(obs)
+        _check_state(obs, self.data_config.state_dim)
+
+    def infer(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
+        converted = [self._to_gr00t(o) for o in observations]
+        keys = converted[0].keys()
+        stackable = all(c.keys() == keys for c in converted) and all(
+            np.asarray(c[k]).shape == np.asarray(converted[0][k]).shape for c in converted for k in keys
+            if not isinstance(c[k], (list, str)))
+        groups = [converted] if stackable else [[c] for c in converted]
+        outputs: list[PolicyOutput] = []
+        with self.torch.inference_mode():
+            for group in groups:
+                batch: dict[str, Any] = {}
+                for k in keys:
+                    vals = [g[k] for g in group]
+                    if isinstance(vals[0], (list, tuple)):
+                        batch[k] = [v for val in vals for v in val]
+                    elif isinstance(vals[0], str):
+                        batch[k] = list(vals)
+                    else:
+                        batch[k] = np.concatenate([np.asarray(v) for v in vals], axis=0)
+                actions = self.model.get_action(batch, generator=self.generator).numpy()
+                outputs.extend(PolicyOutput(actions=a.astype(np.float32)) for a in actions)
+        return outputs
+
+    def reset(self) -> None:
+        self.generator.manual_seed(0)
+
+    def metadata(self) -> dict[str, Any]:
+        head = self.model.config.action_head_cfg
+        return {
+            "model_id": self.model_path,
+            "policy": "gr00t",
+            "kind": "GR00T N1.5 (Eagle VLM + flow-matching DiT action head)",
+            "action_horizon": int(head["action_horizon"]),
+            "action_dim": self.data_config.action_dim,
+            "denoising_steps": int(self.model.denoising_steps),
+            "embodiment_tag": self.data_config.embodiment_tag,
+            "gripper_convention": self.gripper_convention,
+            "quantization": self.quantization,
+        }
