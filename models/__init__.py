@@ -1,0 +1,59 @@
+"""Model zoo: OpenVLA (Prismatic) and GR00T N1.5, loaded from local released-format checkpoints.
+
+Public entry points:
+
+- ``load_pretrained(policy, path, device="cpu", dtype=torch.float32)``: build on the meta device, stream the
+  safetensors shards one tensor at a time, validate everything, attach tokenizer/statistics, return an
+  eval-mode ``nn.Module``.
+- ``build_for_scan(policy, path)``: the same architecture from ``config.json`` alone, parameters on ``meta``
+  (for ``python -m quant.scan``: names and shapes without memory).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from models.common.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+POLICIES = ("openvla", "openvla-rsd", "gr00t")
+
+__all__ = ["POLICIES", "CheckpointError", "build_for_scan", "load_pretrained"]
+
+
+def _family(policy: str) -> str:
+    if policy in ("openvla", "openvla-rsd"):
+        return "openvla"
+    if policy == "gr00t":
+        return "gr00t"
+    raise CheckpointError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+
+
+def build_for_scan(policy: str, path: str | os.PathLike[str]) -> nn.Module:
+    """Architecture from ``path/config.json`` with every parameter on the meta device (no weights read)."""
+    if _family(policy) == "openvla":
+        from models.openvla.loading import build_empty
+    else:
+        from models.gr00t.loading import build_empty
+    return build_empty(path)
+
+
+def load_pretrained(
+    policy: str,
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load a released-format checkpoint directory; raises ``CheckpointError`` naming the bad file/key."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    if _family(policy) == "openvla":
+        from models.openvla.loading import load
+    else:
+        from models.gr00t.loading import load
+    return load(path, device=device, dtype=dtype)
