@@ -1,0 +1,173 @@
+"""Typed configuration of the RSD (residual speculative decoding) engine.
+
+One dataclass, filled in one place from CLI flags and ``RSD_*`` environment variables and validated there, so
+that a bad value fails at start-up with a message naming the flag or variable (house rule), never deep inside a
+decoding loop on the first request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+MODES: tuple[str, ...] = ("exact", "sampling", "relaxed")
+
+# field name -> (environment variable, CLI flag)
+_ENV_AND_FLAGS: dict[str, tuple[str, str]] = {
+    "mode": ("RSD_MODE", "--rsd-mode"),
+    "relaxed_r": ("RSD_RELAXED_R", "--rsd-relaxed-r"),
+    "relaxed_tau": ("RSD_RELAXED_TAU", "--rsd-relaxed-tau"),
+    "draft_layers": ("RSD_DRAFT_LAYERS", "--rsd-draft-layers"),
+    "temperature": ("RSD_TEMPERATURE", "--rsd-temperature"),
+    "seed": ("RSD_SEED", "--rsd-seed"),
+    "enabled": ("RSD_ENABLED", "--rsd-enabled"),
+}
+
+
+class RSDConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag or environment variable."""
+
+
+@dataclass(frozen=True)
+class RSDConfig:
+    """Settings of the speculative decoder.
+
+    Attributes:
+        mode: ``exact`` (greedy, bit-identical to main-only greedy decoding), ``sampling`` (speculative sampling,
+            an exact sample of the main model's distribution) or ``relaxed`` (lossy: ordered-level tolerance).
+        relaxed_r: in ``relaxed`` mode a code is accepted when ``|draft - argmax main| <= r`` (levels are ordered).
+        relaxed_tau: in ``relaxed`` mode a layer is accepted when the fraction of accepted codes is ``>= tau``
+            (``tau = 1`` means every code must pass).
+        draft_layers: number of coarse layers the draft proposes (k; the seed's draft has 3 heads).
+        temperature: softmax temperature of both models in ``sampling`` mode (ignored by greedy modes).
+        seed: seed of the engine's random generator (sampling mode) so a run is reproducible.
+        enabled: when false the engine decodes with the main model only (the baseline); useful for A/B.
+    """
+
+    mode: str = "exact"
+    relaxed_r: int = 1
+    relaxed_tau: float = 1.0
+    draft_layers: int = 3
+    temperature: float = 1.0
+    seed: int = 0
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, origin: Mapping[str, str] | None = None) -> None:
+        """Check every field; ``origin`` maps a field to the flag/variable it came from, for the message."""
+
+        def where(name: str) -> str:
+            if origin and name in origin:
+                return origin[name]
+            env, flag = _ENV_AND_FLAGS[name]
+            return f"{name} ({flag} / {env})"
+
+        if self.mode not in MODES:
+            raise RSDConfigError(f"{where('mode')}: unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if not isinstance(self.relaxed_r, int) or self.relaxed_r < 0:
+            raise RSDConfigError(f"{where('relaxed_r')}: must be an integer >= 0, got {self.relaxed_r!r}")
+        if not (0.0 < float(self.relaxed_tau) <= 1.0):
+            raise RSDConfigError(f"{where('relaxed_tau')}: must be in (0, 1], got {self.relaxed_tau!r}")
+        if not isinstance(self.draft_layers, int) or self.draft_layers < 1:
+            raise RSDConfigError(f"{where('draft_layers')}: must be an integer >= 1, got {self.draft_layers!r}")
+        if not (float(self.temperature) > 0.0):
+            raise RSDConfigError(f"{where('temperature')}: must be > 0, got {self.temperature!r}")
+        if not isinstance(self.seed, int):
+            raise RSDConfigError(f"{where('seed')}: must be an integer, got {self.seed!r}")
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Register the ``--rsd-*`` flags (defaults ``None`` so env/defaults apply when a flag is absent)."""
+        group = parser.add_argument_group("RSD (residual speculative decoding)")
+        group.add_argument("--rsd-mode", default=None, help=f"one of {', '.join(MODES)} (env RSD_MODE)")
+        group.add_argument("--rsd-relaxed-r", default=None, help="relaxed: max level distance (env RSD_RELAXED_R)")
+        group.add_argument(
+            "--rsd-relaxed-tau", default=None, help="relaxed: min fraction of passing codes (env RSD_RELAXED_TAU)"
+        )
+        group.add_argument("--rsd-draft-layers", default=None, help="drafted layers k (env RSD_DRAFT_LAYERS)")
+        group.add_argument("--rsd-temperature", default=None, help="sampling temperature (env RSD_TEMPERATURE)")
+        group.add_argument("--rsd-seed", default=None, help="random seed (env RSD_SEED)")
+        group.add_argument("--rsd-enabled", default=None, help="1/0: speculative or main-only (env RSD_ENABLED)")
+
+    @classmethod
+    def from_env_and_args(
+        cls,
+        args: argparse.Namespace | Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        base: RSDConfig | None = None,
+    ) -> RSDConfig:
+        """Build a config: defaults < environment (``RSD_*``) < CLI flags (``--rsd-*``).
+
+        Every string is parsed here and any bad value raises :class:`RSDConfigError` naming its source, e.g.
+        ``RSD_RELAXED_TAU='abc': expected a number``.
+        """
+        env = os.environ if env is None else env
+        if args is None:
+            arg_map: Mapping[str, Any] = {}
+        elif isinstance(args, argparse.Namespace):
+            arg_map = vars(args)
+        else:
+            arg_map = args
+        cfg = base or cls()
+        values: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, (env_name, flag) in _ENV_AND_FLAGS.items():
+            attr = flag.lstrip("-").replace("-", "_")
+            raw: Any = None
+            source = ""
+            if env.get(env_name) not in (None, ""):
+                raw, source = env[env_name], env_name
+            if arg_map.get(attr) is not None:
+                raw, source = arg_map[attr], flag
+            if raw is None:
+                continue
+            values[name] = _parse(raw, types[name], source)
+            origin[name] = f"{source}={raw!r}"
+        merged = {f.name: getattr(cfg, f.name) for f in fields(cls)} | values
+        # validate with the origin names first, so the message says where a bad value came from
+        unchecked = object.__new__(cls)
+        for key, val in merged.items():
+            object.__setattr__(unchecked, key, val)
+        unchecked.validate(origin)
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (reported in server metadata and benchmark output)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _parse(raw: Any, typ: Any, source: str) -> Any:
+    """Parse one raw CLI/env value to the field's type, naming ``source`` on failure."""
+    typ_name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip()
+    try:
+        if typ_name == "int":
+            return int(text)
+        if typ_name == "float":
+            return float(text)
+        if typ_name == "bool":
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        return text.lower()
+    except ValueError:
+        raise RSDConfigError(f"{source}={raw!r}: expected {typ_name}") from None
+
+
+def parse_cli(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> RSDConfig:
+    """Convenience: parse only the ``--rsd-*`` flags from ``argv`` (unknown flags ignored)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    RSDConfig.add_cli_args(parser)
+    ns, _ = parser.parse_known_args(argv)
+    return RSDConfig.from_env_and_args(ns, env=env)
