@@ -16,8 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_POLICY = "debug"
+from rsd.config import RSDConfig, RSDConfigError
+
 ENV_PREFIX = "VLA_SERVER_"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The embedded default model: a trained tiny OpenVLA-RSD checkpoint shipped in the repository.
+EMBEDDED_MODEL_DIR = REPO_ROOT / "models" / "checkpoints" / "openvla-rsd-libero-spatial"
+
+
+def default_policy() -> str:
+    """``openvla-rsd`` on the embedded checkpoint when it is present, else the debugging policy."""
+    return "openvla-rsd" if (EMBEDDED_MODEL_DIR / "config.json").is_file() else "debug"
+
+
+DEFAULT_POLICY = default_policy()
 
 
 class ConfigError(ValueError):
@@ -44,6 +56,7 @@ class ServerConfig:
     curve_keys: str | None = None
     log_level: str = "INFO"
     policy_options: dict[str, Any] = field(default_factory=dict)
+    rsd: RSDConfig = field(default_factory=RSDConfig)
 
     @property
     def endpoint(self) -> str:
@@ -133,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy-specific option, repeatable (e.g. --policy-option rsd_mode=exact)")
     p.add_argument("--list-policies", action="store_true", help="print the registered policies and exit")
+    RSDConfig.add_cli_args(p)
     return p
 
 
@@ -145,7 +159,7 @@ def _env_args(environ: Mapping[str, str], parser: argparse.ArgumentParser) -> li
             continue
         dest = key[len(ENV_PREFIX):].lower()
         action = known.get(dest)
-        if action is None or dest in ("list_policies", "policy_option", "help"):
+        if action is None or dest in ("list_policies", "policy_option", "help") or dest.startswith("rsd_"):
             raise ConfigError(f"unknown environment variable {key}")
         flag = action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):
@@ -185,6 +199,10 @@ def parse_server_config(argv: Sequence[str] | None = None,
         raise ConfigError(f"--model-path {ns.model_path!r} is not a directory")
     if ns.curve_keys is not None and not Path(ns.curve_keys).is_dir():
         raise ConfigError(f"--curve-keys {ns.curve_keys!r} is not a directory")
+    try:
+        rsd = RSDConfig.from_env_and_args(ns, environ)
+    except RSDConfigError as exc:
+        raise ConfigError(str(exc)) from None
     config = ServerConfig(
         host=ns.host,
         port=ns.port,
@@ -204,5 +222,6 @@ def parse_server_config(argv: Sequence[str] | None = None,
         curve_keys=ns.curve_keys,
         log_level=ns.log_level,
         policy_options=_parse_policy_options(ns.policy_option),
+        rsd=rsd,
     )
     return config, ns

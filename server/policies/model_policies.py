@@ -165,3 +165,91 @@ class GR00TPolicy(Policy):
             "gripper_convention": self.gripper_convention,
             "quantization": self.quantization,
         }
+
+
+class OpenVLARSDPolicy(Policy):
+    """OpenVLA backbone + RFSQ layer head decoded with residual speculative decoding (the default policy).
+
+    One forward batch = one :meth:`SpeculativeDecoder.generate` call over the stacked requests; each reply
+    carries the batch's RSD statistics (per-layer acceptance, main passes, timings) and ``metadata`` holds
+    running totals, so acceptance can be watched while an evaluation runs.
+    """
+
+    name = "openvla-rsd"
+
+    def __init__(self, model: Any, model_path: str, rsd_config: Any, quantization: dict[str, Any]) -> None:
+        import torch
+
+        from rsd.engine import SpeculativeDecoder
+
+        self.torch = torch
+        self.model = model
+        self.model_path = model_path
+        self.rsd_config = rsd_config
+        self.quantization = quantization
+        if model.draft is None and rsd_config.enabled:
+            logger.warning("checkpoint has no draft model: decoding with the main model only")
+        self.engine = SpeculativeDecoder(model.main, model.draft, rsd_config, tokenizer=model.tokenizer)
+        self.tokenizer = model.tokenizer
+        self._chunks = 0
+        self._passes = 0
+        self._accepted = [0.0] * rsd_config.draft_layers
+        self._reached = [0.0] * rsd_config.draft_layers
+
+    def validate(self, obs: dict[str, Any]) -> None:
+        _check_image(obs, "image", required=True)
+        _check_instruction(obs)
+
+    def infer(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
+        from rsd.vla import chunk_actions_from_tokens
+
+        torch = self.torch
+        proc = self.model.processor
+        with torch.inference_mode():
+            pixel_values = torch.cat([proc.preprocess_images(np.asarray(o["image"])[None], self.model.cfg.center_crop)
+                                      for o in observations])
+            embeds, mask = self.model.prefix(None, [o["instruction"] for o in observations],
+                                             pixel_values=pixel_values)
+            layers, stats = self.engine.generate(embeds, mask)
+            actions = chunk_actions_from_tokens(self.model, layers)
+        summary = stats.to_dict()
+        self._chunks += len(observations)
+        self._passes += sum(stats.main_passes_per_sample)
+        for j in range(len(self._accepted)):
+            self._accepted[j] += float(stats.accepted[:, j].float().sum())
+            self._reached[j] += float(stats.reached[:, j].float().sum())
+        outputs = []
+        for i, a in enumerate(actions):
+            info = dict(summary)
+            info["main_passes_this_sample"] = stats.main_passes_per_sample[i]
+            info["accepted_this_sample"] = [bool(x) for x in stats.accepted[i].tolist()]
+            outputs.append(PolicyOutput(actions=a, info={"rsd": info}))
+        return outputs
+
+    def reset(self) -> None:
+        self.engine.reseed(self.rsd_config.seed)
+
+    def live_metadata(self) -> dict[str, Any]:
+        n = max(1, self._chunks)
+        return {"rsd_totals": {
+            "chunks": self._chunks,
+            "mean_main_passes_per_chunk": self._passes / n if self._chunks else None,
+            "per_layer_acceptance": [a / n for a in self._accepted] if self._chunks else None,
+            "per_layer_acceptance_given_reached": [a / r if r else None for a, r in
+                                                   zip(self._accepted, self._reached, strict=True)],
+        }}
+
+    def metadata(self) -> dict[str, Any]:
+        import dataclasses
+
+        return {
+            "model_id": self.model_path,
+            "policy": "openvla-rsd",
+            "kind": "OpenVLA (Prismatic) + RFSQ layer head, residual speculative decoding, robust RFSQ decoder",
+            "action_horizon": int(self.tokenizer.chunk_len),
+            "action_dim": int(self.tokenizer.config.action_dim),
+            "gripper_convention": "libero",
+            "rsd_config": dataclasses.asdict(self.rsd_config),
+            "has_draft": self.model.draft is not None,
+            "quantization": self.quantization,
+        }
