@@ -1,0 +1,57 @@
+"""Default layer-selection regexes, checked against the real GR00T N1.5 and OpenVLA module names.
+
+Why not the seed's regexes: the seed selected
+``.*(backbone\\..*\\.(q_proj|...|down_proj)|action_head\\..*\\.mlp\\.(gate_proj|up_proj|down_proj)).*`` and excluded
+``(?:^|\\.)(vision|radio|norm|ln|layernorm|embed|lm_head)(?:\\.|$)|action_head\\..*\\.self_attn\\.``. Against the
+real GR00T N1.5 module tree (``reference/architectures.md``) that is wrong twice:
+
+* the action head has no ``mlp.{gate,up,down}_proj``: its DiT MLP Linears are
+  ``action_head.model.transformer_blocks.N.ff.net.0.proj`` and ``...ff.net.2`` (diffusers ``FeedForward``), so the
+  seed's action-head branch matches **nothing** and the DiT MLP is never quantised;
+* the exclude names ``vision`` only as a whole dotted component, but the SigLIP tower lives under
+  ``backbone.eagle_model.vision_model.vision_model.encoder.layers.N.self_attn.{q,k,v}_proj`` (component
+  ``vision_model``), so the seed **does** quantise the vision tower's q/k/v projections (``out_proj`` and
+  ``mlp.fc1/fc2`` escape only because their names are not in the include list).
+
+The defaults below select, by construction (an allow-list, then a safety-net deny-list):
+
+* LLM attention and MLP projections of GR00T's Qwen3
+  (``backbone.eagle_model.language_model.model.layers.N.self_attn.{q,k,v,o}_proj``, ``...mlp.{gate,up,down}_proj``)
+  and of OpenVLA's Llama-2 (``language_model.model.layers.N...`` with the same leaf names);
+* action-head MLP Linears: the DiT's ``action_head.model.transformer_blocks.N.ff.net.{0.proj,2}`` and the same
+  ``ff`` Linears of ``action_head.vl_self_attention.transformer_blocks.N`` (a transformer over the VL tokens inside
+  the action head; its feed-forward is the same diffusers block as the DiT's).
+
+and never: the vision towers (``vision_model``, ``vision_backbone``, ``featurizer``, ``fused_featurizer``),
+DiT / VL attention (``attn1``, ``attn2``), the action output (``proj_out_1/2``, ``action_decoder``), per-embodiment
+encoders, the timestep embedder, ``lm_head``, embeddings and norms (incl. ada-norm ``norm1.linear``).
+
+The vision→LLM projector (GR00T ``backbone.eagle_model.mlp1.0``, OpenVLA ``projector.fc{1,2,3}``) is *not*
+selected: it is < 1 % of the FLOPs (one pass over 256 patch tokens), while every visual token the policy sees goes
+through it, and its input is raw vision-tower features with a wider dynamic range than the LLM residual stream;
+the seed (and the openpi recipe it follows) keep it in floating point too. Add it with ``INCLUDE`` if wanted.
+
+Both regexes are applied with ``re.search`` to the module's full dotted name.
+"""
+
+from __future__ import annotations
+
+#: LLM projections (GR00T Qwen3 and OpenVLA Llama) + action-head feed-forward Linears.
+DEFAULT_INCLUDE = (
+    r"(?:^|\.)language_model\.(?:model\.)?layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$"
+    r"|(?:^|\.)action_head\.(?:model|vl_self_attention)\.transformer_blocks\.\d+\.ff\.net\.(?:0\.proj|2)$"
+)
+
+#: Safety net applied after INCLUDE (also to a user's own INCLUDE): components that must stay in floating point.
+DEFAULT_EXCLUDE = (
+    r"(?:^|\.)(?:vision_model|vision_tower|vision_backbone|featurizer|fused_featurizer|radio|siglip"
+    r"|attn1|attn2|proj_out_\d+|proj_out|action_decoder|action_encoder|state_encoder|timestep_encoder"
+    r"|lm_head|embed_tokens|embeddings|\w*embed\w*|\w*norm\w*|layernorm|ln_\w+)(?:\.|$)"
+)
+
+#: The seed's own regexes, kept only so tests can document what they (fail to) select on the real trees.
+SEED_INCLUDE = (
+    r".*(backbone\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"|action_head\..*\.mlp\.(gate_proj|up_proj|down_proj)).*"
+)
+SEED_EXCLUDE = r"(?:^|\.)(vision|radio|norm|ln|layernorm|embed|lm_head)(?:\.|$)|action_head\..*\.self_attn\."

@@ -1,0 +1,83 @@
+"""Dry-run scan: list the layers DuQuant would replace, without weights (``python -m quant.scan``).
+
+``--policy demo-gr00t|demo-openvla`` scans a small tree with the real module names instead (no checkpoint).
+The CLI builds the architecture on the meta device through ``models.build_for_scan(policy, model_path)`` (owned by
+``models/``; imported lazily so ``quant`` works without it) and prints one
+``[GR00T-DUQUANT][DRYRUN] <name>: Linear(in->out) W4 A8 ...`` line per selected layer and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from torch import nn
+
+from quant.config import DuQuantConfig, DuQuantConfigError
+from quant.replace import scan_model
+
+__all__ = ["main", "scan_model"]
+
+LOG = logging.getLogger("quant")
+
+POLICIES = ("gr00t", "openvla", "openvla-rsd", "demo-gr00t", "demo-openvla")
+
+
+def _build(policy: str, model_path: str | None) -> nn.Module:
+    if policy.startswith("demo-"):
+        # Small trees with the real module names (quant.testing), built on the meta device: no models/ needed.
+        import torch
+
+        from quant.testing import gr00t_like, openvla_like
+
+        with torch.device("meta"):
+            return gr00t_like() if policy == "demo-gr00t" else openvla_like()
+    try:
+        import models  # noqa: F401
+        from models import build_for_scan  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise SystemExit(
+            f"quant.scan: cannot build the {policy!r} architecture: models.build_for_scan is not available ({exc}). "
+            "It is provided by the models/ package; until then use quant.scan_model(model, config) on a model you "
+            "built yourself."
+        ) from None
+    return build_for_scan(policy, model_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: prints the dry-run listing; exit 0 on success, 2 on a configuration error."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", "--model_path", dest="model_path", default=None)
+    ap.add_argument("--policy", choices=POLICIES, default="gr00t")
+    ap.add_argument("--debug", action="store_true", help="also log every Linear and why it was (not) selected")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    env = dict(os.environ)
+    if args.debug:
+        env["GR00T_DUQUANT_DEBUG"] = "1"
+    try:
+        cfg = DuQuantConfig.from_env(env)
+    except DuQuantConfigError as exc:
+        print(f"quant.scan: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model = _build(args.policy, args.model_path)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear line, not a traceback
+        print(f"quant.scan: cannot build the {args.policy!r} architecture from {args.model_path!r}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        lines = scan_model(model, cfg)
+    except DuQuantConfigError as exc:
+        print(f"quant.scan: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
