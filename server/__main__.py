@@ -40,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "binding %s without authentication: anyone who can reach this port can drive the policy; "
             "use --curve-keys DIR on shared networks", config.endpoint,
         )
+    if config.torch_threads and config.policy != "debug":  # the debug policy never loads torch
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     try:
         policy = create_policy(config)
     except SystemExit as exc:  # a policy may finish the job itself (e.g. the DuQuant dry-run)

@@ -57,6 +57,7 @@ class ServerConfig:
     log_level: str = "INFO"
     policy_options: dict[str, Any] = field(default_factory=dict)
     rsd: RSDConfig = field(default_factory=RSDConfig)
+    torch_threads: int = 0
 
     @property
     def endpoint(self) -> str:
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-keys", dest="curve_keys", default=None,
                    help="directory with server.key_secret and authorized client keys (enables CURVE)")
     p.add_argument("--server", action="store_true", help="accepted for compatibility with GR00T's command line")
+    p.add_argument("--torch-threads", dest="torch_threads", type=_positive_int("--torch-threads"), default=None,
+                   help="CPU threads for torch inference (default: torch's choice)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy-specific option, repeatable (e.g. --policy-option rsd_mode=exact)")
@@ -223,5 +226,6 @@ def parse_server_config(argv: Sequence[str] | None = None,
         log_level=ns.log_level,
         policy_options=_parse_policy_options(ns.policy_option),
         rsd=rsd,
+        torch_threads=ns.torch_threads or 0,
     )
     return config, ns

@@ -32,6 +32,9 @@ class ServerProcess:
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.cmd = [python, "-m", "server", "--port", str(self.port), *args]
+        if "--torch-threads" not in args and os.environ.get("SERVER_TORCH_THREADS", "1") != "0":
+            # One thread: on a shared 2-core machine torch is much slower with more.
+            self.cmd += ["--torch-threads", os.environ.get("SERVER_TORCH_THREADS", "1")]
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.stdout = ""
