@@ -56,22 +56,25 @@ def _no_leftovers(config: ServerConfig, options: dict[str, Any]) -> None:
 
 @register_policy("openvla", "OpenVLA (Prismatic) from a local checkpoint, stock 7-token decoding")
 def _make_openvla(config: ServerConfig) -> Policy:
+    from server.policies.calibration import pop_calibration_options, quantize_policy
     from server.policies.model_policies import GRIPPER_CONVENTIONS, OpenVLAPolicy
-    from server.policies.quantize import apply_duquant, dry_run_if_requested, duquant_config_from_env
+    from server.policies.quantize import dry_run_if_requested, duquant_config_from_env
 
     path = _require_model_path(config)
     options = dict(config.policy_options)
     unnorm_key = _option(options, "unnorm_key")
     center_crop = _option(options, "center_crop", ("0", "1")) == "1"
     gripper = _option(options, "gripper_convention", GRIPPER_CONVENTIONS)
+    calib = pop_calibration_options(options)  # calib_data=GLOB, calib_n=N (server/policies/calibration.py)
     _no_leftovers(config, options)
     dq = duquant_config_from_env()
     import models
 
     dry_run_if_requested(dq, lambda: models.build_for_scan("openvla", path))
     model = models.load_pretrained("openvla", path, device=config.device, dtype=_torch_dtype(config.dtype))
-    quantization = apply_duquant(model, dq)
-    return OpenVLAPolicy(model, path, unnorm_key, center_crop, gripper, quantization)
+    policy = OpenVLAPolicy(model, path, unnorm_key, center_crop, gripper, {})
+    policy.quantization = quantize_policy(policy, model, dq, calib)
+    return policy
 
 
 GR00T_DATA_CONFIGS = ("libero", "examples.Libero.custom_data_config:LiberoDataConfig")
@@ -79,14 +82,16 @@ GR00T_DATA_CONFIGS = ("libero", "examples.Libero.custom_data_config:LiberoDataCo
 
 @register_policy("gr00t", "GR00T N1.5 from a local checkpoint (flow-matching DiT action head)")
 def _make_gr00t(config: ServerConfig) -> Policy:
+    from server.policies.calibration import pop_calibration_options, quantize_policy
     from server.policies.model_policies import GRIPPER_CONVENTIONS, GR00TPolicy
-    from server.policies.quantize import apply_duquant, dry_run_if_requested, duquant_config_from_env
+    from server.policies.quantize import dry_run_if_requested, duquant_config_from_env
 
     path = _require_model_path(config)
     if config.data_config is not None and config.data_config not in GR00T_DATA_CONFIGS:
         raise ValueError(f"--data-config {config.data_config!r} is not supported (use one of {GR00T_DATA_CONFIGS})")
     options = dict(config.policy_options)
     gripper = _option(options, "gripper_convention", GRIPPER_CONVENTIONS) or "libero"
+    calib = pop_calibration_options(options)  # calib_data=GLOB, calib_n=N (server/policies/calibration.py)
     _no_leftovers(config, options)
     dq = duquant_config_from_env()
     import models
@@ -101,5 +106,32 @@ def _make_gr00t(config: ServerConfig) -> Policy:
         model.data_config.embodiment_tag = config.embodiment_tag
     if config.denoising_steps is not None:
         model.denoising_steps = config.denoising_steps
-    quantization = apply_duquant(model, dq)
-    return GR00TPolicy(model, path, gripper, quantization)
+    policy = GR00TPolicy(model, path, gripper, {})
+    policy.quantization = quantize_policy(policy, model, dq, calib)
+    return policy
+
+
+@register_policy("openvla-rsd", "OpenVLA + RFSQ layer head with residual speculative decoding (embedded default)")
+def _make_openvla_rsd(config: ServerConfig) -> Policy:
+    from server.config import EMBEDDED_MODEL_DIR
+    from server.policies.calibration import pop_calibration_options, quantize_policy
+    from server.policies.model_policies import OpenVLARSDPolicy
+    from server.policies.quantize import dry_run_if_requested, duquant_config_from_env
+
+    path = config.model_path or str(EMBEDDED_MODEL_DIR)
+    if config.model_path is None and not (EMBEDDED_MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"--policy openvla-rsd without --model-path needs the embedded checkpoint at "
+                         f"{EMBEDDED_MODEL_DIR} (build it with scripts/train_default_model.sh)")
+    options = dict(config.policy_options)
+    calib = pop_calibration_options(options)  # calib_data=GLOB, calib_n=N (server/policies/calibration.py)
+    _no_leftovers(config, options)
+    dq = duquant_config_from_env()
+    import models
+
+    dry_run_if_requested(dq, lambda: models.build_for_scan("openvla-rsd", path))
+    from rsd.vla import load_openvla_rsd
+
+    model = load_openvla_rsd(path, device=config.device, dtype=_torch_dtype(config.dtype))
+    policy = OpenVLARSDPolicy(model, path, config.rsd, {})
+    policy.quantization = quantize_policy(policy, model, dq, calib)
+    return policy

@@ -107,7 +107,9 @@ class GR00TPolicy(Policy):
         self.gripper_convention = gripper_convention
         self.quantization = quantization
         self.data_config = model.data_config
-        self.generator = torch.Generator().manual_seed(0)
+        # The sampler's noise is drawn on the model's device, so the generator must live there too.
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(0)
 
     def _to_gr00t(self, obs: dict[str, Any]) -> dict[str, Any]:
         if any(k.startswith("video.") for k in obs):

@@ -1,0 +1,409 @@
+"""W4A8 fake quantisation of whole policies: RTN vs DuQuant against full precision, on held-out observations.
+
+For each available policy (GR00T N1.5 from ``--gr00t-dir``, OpenVLA-RSD from ``--openvla-rsd-dir``):
+
+* action error: mean |a_q - a_fp| of the 16 (GR00T) / 8 (RSD) step action chunks in raw env units, and in the
+  normalised [-1, 1] space, RTN W4A8 and DuQuant W4A8 (seed defaults) each against FP. GR00T's flow-matching
+  sampler gets the *same* initial noise for every variant, so the difference is quantisation alone;
+* latency: median wall time of one single-observation action (FP / RTN / DuQuant; fake quantisation, so this is
+  the simulation overhead, not an int4 kernel speed);
+* per-layer sensitivity: the FP model with exactly one layer quantised (its DuQuant/RTN module, with the
+  activation scale from the whole-model calibration), which layers move the actions most;
+* optionally (``--libero-trials N``) the LIBERO ``libero_spatial`` success rate of FP / RTN / DuQuant on the same
+  episodes (same seed, trials, tasks): three servers started in parallel, each evaluated by ``./run_libero_eval.sh``.
+  The RTN server is DuQuant with every transform off (ROT=none, PERMUTE=0, ROW_ROT=0, CLIP_SEARCH=0), which the
+  benchmark checks equals :class:`quant.RTNLinear` offline (``*_rtn_env_vs_rtn_max_diff``).
+
+Observations: calibration frames from even-numbered demonstrations and held-out frames from odd-numbered ones of
+``--demos`` (never evaluation episodes), else synthetic observations (said in the output). ``--quick`` with no
+directories builds a random tiny GR00T: its numbers measure quantisation noise of an untrained network only.
+
+The last stdout line is one JSON object of key figures; ``--out`` also writes the full report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from quant import DuQuantConfig, calibrate, quantized_layers, replace_linear_layers  # noqa: E402
+
+LOG = logging.getLogger("bench_quant_policy")
+INSTRUCTIONS = [
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "pick up the black bowl next to the cookie box and place it on the plate",
+    "pick up the black bowl on the wooden cabinet and place it on the plate",
+    "pick up the black bowl in the top drawer of the wooden cabinet and place it on the plate",
+]
+#: DuQuant with every transform off == RTN (per-row symmetric weights without clip search, per-tensor activations).
+RTN_ENV = {"GR00T_DUQUANT_ROT": "none", "GR00T_DUQUANT_PERMUTE": "0", "GR00T_DUQUANT_ROW_ROT": "0",
+           "GR00T_DUQUANT_CLIP_SEARCH": "0"}
+SEED_ENV = {"GR00T_DUQUANT_WBITS_DEFAULT": "4", "GR00T_DUQUANT_ABITS": "8", "GR00T_DUQUANT_BLOCK": "16",
+            "GR00T_DUQUANT_PERMUTE": "1", "GR00T_DUQUANT_ROW_ROT": "restore", "GR00T_DUQUANT_ACT_PCT": "99.9",
+            "GR00T_DUQUANT_LS": "0.15"}
+
+
+# ---------------------------------------------------------------------------------------------- observations
+def synthetic_observations(n: int, seed: int, size: int = 128) -> list[dict[str, Any]]:
+    """Structured random LIBERO observations (smooth colour fields, plausible 8-D states) when no demos exist."""
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        def img() -> np.ndarray:
+            base = rng.uniform(40, 200, 3)
+            grad = rng.uniform(-60, 60, (2, 3))
+            im = base + xx[..., None] * grad[0] + yy[..., None] * grad[1] + rng.normal(0, 8, (size, size, 3))
+            return np.clip(im, 0, 255).astype(np.uint8)
+
+        state = np.array([rng.uniform(-0.2, 0.1), rng.uniform(-0.2, 0.2), rng.uniform(0.9, 1.2),
+                          rng.uniform(2.9, 3.3), rng.uniform(-0.3, 0.3), rng.uniform(-0.5, 0.5),
+                          rng.uniform(0, 0.04), -rng.uniform(0, 0.04)], dtype=np.float32)
+        out.append({"image": img(), "wrist_image": img(), "state": state, "instruction": INSTRUCTIONS[i % 4]})
+    return out
+
+
+def split_observations(demos: str | None, n_calib: int, n_eval: int, seed: int) -> tuple[list, list, str]:
+    """Calibration frames from even demonstrations, held-out frames from odd ones (or synthetic)."""
+    if demos:
+        from server.policies.calibration import calibration_observations
+
+        calib = calibration_observations(demos, n_calib, seed, lambda _p, d: int(d.split("_")[1]) % 2 == 0)
+        held = calibration_observations(demos, n_eval, seed + 1, lambda _p, d: int(d.split("_")[1]) % 2 == 1)
+        return calib, held, f"demonstrations {demos} (calibration: even demos, held-out: odd demos)"
+    return (synthetic_observations(n_calib, seed), synthetic_observations(n_eval, seed + 1000),
+            "synthetic observations (no --demos)")
+
+
+# ---------------------------------------------------------------------------------------------- policies
+class PolicyUnderTest:
+    """A model plus ``act(model, observations) -> [B, H, 7]`` with deterministic sampling noise."""
+
+    def __init__(self, name: str, model: nn.Module, act: Callable[[nn.Module, list[dict]], np.ndarray],
+                 normalize: Callable[[np.ndarray], np.ndarray], note: str) -> None:
+        self.name, self.model, self.act, self.normalize, self.note = name, model, act, normalize, note
+
+
+def gr00t_policy(path: str | None, denoising_steps: int, seed: int) -> PolicyUnderTest:
+    import models
+
+    if path:
+        model = models.load_pretrained("gr00t", path)
+        note = f"GR00T N1.5 from {path}"
+    else:
+        from models.gr00t.tiny import build_tiny
+
+        model = build_tiny(seed=0)
+        note = "random tiny GR00T N1.5 (untrained: quantisation noise only; pass --gr00t-dir for a trained one)"
+    model.eval()
+    dc = model.data_config
+
+    def act(m: nn.Module, obs: list[dict]) -> np.ndarray:
+        batch = dc.from_libero(np.stack([o["image"] for o in obs]), np.stack([o["wrist_image"] for o in obs]),
+                               np.stack([o["state"] for o in obs]), [o["instruction"] for o in obs])
+        gen = torch.Generator().manual_seed(seed)  # same initial noise for every variant
+        return m.get_action(batch, denoising_steps=denoising_steps, generator=gen).numpy()
+
+    return PolicyUnderTest("gr00t", model, act, lambda a: dc.normalize_action(a, model.metadata), note)
+
+
+def openvla_rsd_policy(path: str) -> PolicyUnderTest:
+    from rsd.vla import chunk_actions_from_tokens, load_openvla_rsd
+
+    model = load_openvla_rsd(path, with_draft=False)
+
+    def act(m: nn.Module, obs: list[dict]) -> np.ndarray:
+        embeds, mask = m.prefix(np.stack([o["image"] for o in obs]), [o["instruction"] for o in obs])
+        return chunk_actions_from_tokens(m, m.main.decode_greedy(embeds, mask))
+
+    def normalize(a: np.ndarray) -> np.ndarray:
+        key = next(iter(model.backbone.norm_stats))
+        s = model.backbone.norm_stats[key]["action"]
+        lo, hi = np.asarray(s["q01"]), np.asarray(s["q99"])
+        return 2 * (a - lo) / np.where(hi - lo == 0, 1, hi - lo) - 1
+
+    return PolicyUnderTest("openvla_rsd", model, act, normalize, f"OpenVLA-RSD (main-model greedy) from {path}")
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return float(statistics.median(times))
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), leaf
+
+
+def quantise(p: PolicyUnderTest, cfg: DuQuantConfig, method: str, calib_obs: list[dict]) -> nn.Module:
+    m = copy.deepcopy(p.model)
+    replace_linear_layers(m, cfg, method=method, force=True)
+    calibrate(m, [[o] for o in calib_obs], lambda mm, b: p.act(mm, b), steps=len(calib_obs))
+    return m
+
+
+def sensitivity(p: PolicyUnderTest, quantised: nn.Module, held: list[dict], a_fp: np.ndarray) -> dict[str, float]:
+    """Action error of the FP model with exactly one layer swapped for its calibrated quantised module."""
+    out: dict[str, float] = {}
+    for name, qmod in quantized_layers(quantised).items():
+        parent, leaf = _parent(p.model, name)
+        orig = getattr(parent, leaf)
+        setattr(parent, leaf, qmod)
+        try:
+            with torch.no_grad():
+                out[name] = float(np.abs(p.act(p.model, held) - a_fp).mean())
+        finally:
+            setattr(parent, leaf, orig)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    cfg = DuQuantConfig.from_env({**SEED_ENV, "GR00T_DUQUANT_CALIB_STEPS": str(len(calib))})
+    rtn_env_cfg = DuQuantConfig.from_env({**SEED_ENV, **RTN_ENV, "GR00T_DUQUANT_CALIB_STEPS": str(len(calib))})
+    with torch.no_grad():
+        a_fp = p.act(p.model, held)
+    res: dict[str, Any] = {"note": p.note, "heldout_observations": len(held), "calibration_observations": len(calib)}
+    variants = {}
+    for label, c, method in (("rtn", cfg, "rtn"), ("duquant", cfg, "duquant"), ("rtn_env", rtn_env_cfg, "duquant")):
+        t = time.perf_counter()
+        m = quantise(p, c, method, calib)
+        with torch.no_grad():
+            a = p.act(m, held)
+        variants[label] = (m, a)
+        res[f"{label}_layers"] = len(quantized_layers(m))
+        res[f"{label}_action_err"] = float(np.abs(a - a_fp).mean())
+        res[f"{label}_action_err_normalized"] = float(np.abs(p.normalize(a) - p.normalize(a_fp)).mean())
+        res[f"{label}_action_err_max"] = float(np.abs(a - a_fp).max())
+        res[f"{label}_build_calibrate_s"] = round(time.perf_counter() - t, 2)
+    if "rtn_env" in variants:
+        res["rtn_env_vs_rtn_max_diff"] = float(np.abs(variants["rtn_env"][1] - variants["rtn"][1]).max())
+    res["fp_action_abs_mean"] = float(np.abs(a_fp).mean())
+    # How much FP actions vary across observations: an error is small or large relative to this, and a
+    # barely trained model (near-constant output) shows tiny absolute errors that mean nothing.
+    spread = float(np.abs(a_fp - a_fp.mean(axis=0, keepdims=True)).mean())
+    res["fp_action_spread"] = spread
+    for label in variants:
+        res[f"{label}_action_err_rel_spread"] = res[f"{label}_action_err"] / max(spread, 1e-12)
+    res["duquant_to_rtn_error_ratio"] = res["duquant_action_err"] / max(res["rtn_action_err"], 1e-12)
+    one = held[:1]
+    with torch.no_grad():
+        res["latency_ms_fp"] = _median_ms(lambda: p.act(p.model, one), args.repeats)
+        res["latency_ms_rtn"] = _median_ms(lambda: p.act(variants["rtn"][0], one), args.repeats)
+        res["latency_ms_duquant"] = _median_ms(lambda: p.act(variants["duquant"][0], one), args.repeats)
+    if not args.no_sensitivity:
+        sens_obs = held[: args.sensitivity_obs]
+        with torch.no_grad():
+            a_fp_s = p.act(p.model, sens_obs)
+        res["sensitivity_duquant"] = sensitivity(p, variants["duquant"][0], sens_obs, a_fp_s)
+        res["sensitivity_rtn"] = sensitivity(p, variants["rtn"][0], sens_obs, a_fp_s)
+        res["sensitivity_top_duquant"] = list(res["sensitivity_duquant"].items())[: args.top]
+        res["sensitivity_top_rtn"] = list(res["sensitivity_rtn"].items())[: args.top]
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- LIBERO
+def _wait_ping(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    from client.policy_client import PolicyClient, PolicyTimeoutError
+
+    client = PolicyClient(port=port, timeout_s=1.0)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+            try:
+                client.ping()
+                return
+            except PolicyTimeoutError:
+                continue
+    finally:
+        client.close()
+    raise RuntimeError(f"server on port {port} not ready after {timeout_s}s")
+
+
+def libero_success(policy: str, path: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Start FP / RTN / DuQuant servers, run ``./run_libero_eval.sh`` against each in parallel, same episodes."""
+    import socket
+
+    if not (REPO / ".venv-libero" / "bin" / "python").exists():
+        return {"skipped": ".venv-libero is missing (scripts/setup.sh libero)"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GR00T_DUQUANT_")}
+    variants = {"fp": {}, "rtn": {**SEED_ENV, **RTN_ENV}, "duquant": dict(SEED_ENV)}
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    evals: dict[str, subprocess.Popen] = {}
+    out: dict[str, Any] = {}
+    try:
+        for label, env in variants.items():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [str(REPO / "run_inference_server.sh"), "--policy", policy, "--model-path", path, "--port", str(port)]
+            if policy == "gr00t":
+                cmd += ["--denoising-steps", str(args.denoising_steps), "--embodiment-tag", "new_embodiment"]
+            if args.demos and label != "fp" and policy in ("gr00t", "openvla"):
+                cmd += ["--policy-option", f"calib_data={args.demos}", "--policy-option", f"calib_n={args.calib}"]
+            if env:
+                env = {**base, **env, "GR00T_DUQUANT_PACKDIR": str(workdir / f"packs_{label}"),
+                       "GR00T_DUQUANT_CALIB_STEPS": str(args.calib)}
+            else:
+                env = base
+            log = open(workdir / f"server_{label}.log", "w")  # noqa: SIM115 - closed with the process
+            servers[label] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), port)
+        for proc, port in servers.values():
+            _wait_ping(port, proc, 600)
+        for label, (_, port) in servers.items():
+            cmd = [str(REPO / "run_libero_eval.sh"), args.libero_suite, "--headless", "--port", str(port),
+                   "--trials", str(args.libero_trials), "--seed", str(args.seed), "--no-video", "--no-progress",
+                   "--results", str(workdir / f"results_{label}.json")]
+            if args.libero_tasks:
+                cmd += ["--tasks", args.libero_tasks]
+            if args.libero_max_steps:
+                cmd += ["--max-steps", str(args.libero_max_steps)]
+            log = open(workdir / f"eval_{label}.log", "w")  # noqa: SIM115
+            evals[label] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        for label, proc in evals.items():
+            proc.wait()
+            res = workdir / f"results_{label}.json"
+            if res.is_file():
+                s = json.loads(res.read_text())["summary"]
+                out[f"{label}_success_rate"] = s["success_rate"]
+                out[f"{label}_episodes"] = s.get("valid_episodes")
+            else:
+                out[f"{label}_error"] = f"no results (exit {proc.returncode}); see {workdir}/eval_{label}.log"
+    finally:
+        for proc in evals.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in servers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    out["logs"] = str(workdir)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI size (< 3 min): fewer observations, no LIBERO")
+    ap.add_argument("--gr00t-dir", default=None)
+    ap.add_argument("--openvla-rsd-dir", default=None)
+    ap.add_argument("--demos", default=None, help="glob of demonstration HDF5 files for calibration/held-out frames")
+    ap.add_argument("--libero-trials", type=int, default=0, help="trials per task for LIBERO success (0: off)")
+    ap.add_argument("--libero-suite", default="libero_spatial")
+    ap.add_argument("--libero-tasks", default=None, help="comma-separated task ids (default: all)")
+    ap.add_argument("--libero-max-steps", type=int, default=None, help="episode step cap (smoke runs only)")
+    ap.add_argument("--denoising-steps", type=int, default=8)
+    ap.add_argument("--calib", type=int, default=None, help="calibration observations (CALIB_STEPS; default 32)")
+    ap.add_argument("--heldout", type=int, default=None, help="held-out observations (default 32)")
+    ap.add_argument("--sensitivity-obs", type=int, default=None)
+    ap.add_argument("--no-sensitivity", action="store_true")
+    ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
+    ap.add_argument("--out", default=None, help="write the full report (JSON) here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    args.calib = args.calib or (8 if args.quick else 32)
+    args.heldout = args.heldout or (8 if args.quick else 32)
+    args.sensitivity_obs = args.sensitivity_obs or (4 if args.quick else 16)
+    args.repeats = args.repeats or (5 if args.quick else 20)
+    if args.quick:
+        args.libero_trials = 0
+    t0 = time.time()
+    calib, held, source = split_observations(args.demos, args.calib, args.heldout, args.seed)
+    print(f"observations: {source}; {len(calib)} calibration, {len(held)} held-out")
+    report: dict[str, Any] = {"observations": source, "quick": args.quick}
+    skipped = []
+    targets: list[tuple[str, Callable[[], PolicyUnderTest], str | None]] = []
+    if args.gr00t_dir or (args.quick and not args.openvla_rsd_dir):
+        targets.append(("gr00t", lambda: gr00t_policy(args.gr00t_dir, args.denoising_steps, args.seed), args.gr00t_dir))
+    else:
+        skipped.append("gr00t (no --gr00t-dir)")
+    if args.openvla_rsd_dir:
+        targets.append(("openvla_rsd", lambda: openvla_rsd_policy(args.openvla_rsd_dir), args.openvla_rsd_dir))
+    else:
+        skipped.append("openvla_rsd (no --openvla-rsd-dir: needs a trained OpenVLA-RSD checkpoint)")
+    if not args.libero_trials:
+        skipped.append("LIBERO success rates (--libero-trials 0" + (", --quick" if args.quick else "") + ")")
+    summary: dict[str, Any] = {}
+    for key, build, path in targets:
+        p = build()
+        print(f"[{key}] {p.note}")
+        r = bench_policy(p, calib, held, args)
+        report[key] = r
+        print(f"[{key}] layers W4A8: {r['duquant_layers']}; action error vs FP (raw units, mean |da|): "
+              f"RTN {r['rtn_action_err']:.5f}  DuQuant {r['duquant_action_err']:.5f}  "
+              f"(ratio {r['duquant_to_rtn_error_ratio']:.3f}); normalised: RTN {r['rtn_action_err_normalized']:.4f} "
+              f"DuQuant {r['duquant_action_err_normalized']:.4f}")
+        print(f"[{key}] latency median ms: FP {r['latency_ms_fp']:.1f}  RTN {r['latency_ms_rtn']:.1f}  "
+              f"DuQuant {r['latency_ms_duquant']:.1f}")
+        if "sensitivity_top_duquant" in r:
+            print(f"[{key}] most sensitive layers (DuQuant alone, action error):")
+            for name, err in r["sensitivity_top_duquant"]:
+                print(f"    {err:.5f}  {name}")
+        for f in ("duquant_action_err", "rtn_action_err", "duquant_to_rtn_error_ratio", "duquant_action_err_normalized",
+                  "rtn_action_err_normalized", "latency_ms_fp", "latency_ms_rtn", "latency_ms_duquant",
+                  "duquant_layers", "rtn_env_vs_rtn_max_diff", "duquant_action_err_rel_spread",
+                  "rtn_action_err_rel_spread", "fp_action_spread"):
+            if f in r:
+                summary[f"{key}_{f}"] = round(r[f], 6) if isinstance(r[f], float) else r[f]
+        if r.get("sensitivity_top_duquant"):
+            summary[f"{key}_most_sensitive_layer"] = r["sensitivity_top_duquant"][0][0]
+        if args.libero_trials and path:
+            (REPO / "artifacts").mkdir(exist_ok=True)
+            workdir = Path(tempfile.mkdtemp(prefix=f"bench_quant_{key}_", dir=REPO / "artifacts"))
+            lib = libero_success("gr00t" if key == "gr00t" else "openvla-rsd", path, args, workdir)
+            report[key]["libero"] = lib
+            print(f"[{key}] LIBERO {args.libero_suite}: {lib}")
+            for label in ("fp", "rtn", "duquant"):
+                if f"{label}_success_rate" in lib:
+                    summary[f"{key}_libero_{label}_success"] = lib[f"{label}_success_rate"]
+            if lib.get("skipped"):
+                skipped.append(f"LIBERO for {key}: {lib['skipped']}")
+        del p
+    for s in skipped:
+        print(f"skipped: {s}")
+    summary["skipped"] = skipped
+    summary["observations"] = "demos" if args.demos else "synthetic"
+    summary["seconds"] = round(time.time() - t0, 1)
+    report["summary"] = summary
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

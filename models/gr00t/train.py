@@ -1,0 +1,362 @@
+"""Train (fine-tune) GR00T N1.5 on LIBERO demonstrations and save it in the released checkpoint layout.
+
+    python -m models.gr00t.train --demos 'artifacts/demos/libero_spatial/*.hdf5' --out DIR \
+        [--init DIR | --preset tiny|small] [--steps N] [--batch-size B] [--lr LR] [--seed S] [--device cpu|cuda] \
+        [--denoising-steps 8] [--resume]
+
+Every sample is one demonstration step: both camera images (as the evaluation client sends them), the 8-D
+state, the instruction, and the 16-step action chunk that starts there (padded at the episode end by repeating
+the last action). The whole model trains (vision tower, projector, LLM, VL self-attention, DiT, state/action
+encoders and decoder) with GR00T's flow-matching loss. ``--init`` fine-tunes any released-format GR00T N1.5
+directory (a 3B one on a GPU, or a tiny one); without it a fresh same-architecture model is built from
+``--preset``.
+
+Why the statistics are recomputed: a policy's ``metadata.json`` must describe *its* training data, or the
+normalisation at serving time maps actions to the wrong range. They are taken from the training split (per
+modality key: min/max/mean/std/q01/q99, upstream's layout) and replace whatever ``--init`` carried.
+
+Resumable and seeded: ``OUT/train_state`` is itself a released-format checkpoint (so resuming goes through the
+same loader as serving) plus ``optimizer.pt`` (tensors only, read with ``weights_only=True``) and ``state.json``.
+Batches, crops and flow-matching noise are drawn from generators seeded by ``(seed, step)``, so a run resumed at
+step k continues exactly as an uninterrupted run would. The held-out action MAE (Euler sampler with
+``--denoising-steps`` steps, fixed noise) goes to ``OUT/train_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.gr00t.config import GR00TConfig
+from models.gr00t.data_config import LiberoDataConfig, make_metadata
+from models.gr00t.modeling import GR00TPolicyModel
+
+logger = logging.getLogger("models.gr00t.train")
+
+STATE_DIR = "train_state"
+METRICS_FILE = "train_metrics.json"
+HORIZON = 16
+PRESETS = ("tiny", "small")
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def _key_stats(x: np.ndarray) -> dict[str, list[float]]:
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    return {"min": x.min(0).tolist(), "max": x.max(0).tolist(), "mean": x.mean(0).tolist(),
+            "std": x.std(0).tolist(), "q01": np.quantile(x, 0.01, axis=0).tolist(),
+            "q99": np.quantile(x, 0.99, axis=0).tolist()}
+
+
+def compute_statistics(states: np.ndarray, actions: np.ndarray,
+                       data_config: LiberoDataConfig | None = None) -> dict[str, Any]:
+    """``metadata.json`` content (embodiment ``data_config.embodiment_tag``) from raw ``[N, 8]`` states and
+    ``[N, 7]`` per-step actions, split into the data config's modality keys (gripper state is 2-D)."""
+    dc = data_config or LiberoDataConfig()
+    if states.shape[-1] != dc.state_dim or actions.shape[-1] != dc.action_dim:
+        raise ValueError(f"expected {dc.state_dim}-D states and {dc.action_dim}-D actions, "
+                         f"got {states.shape[-1]} and {actions.shape[-1]}")
+
+    def split(arr: np.ndarray, keys: dict[str, int]) -> dict[str, dict[str, list[float]]]:
+        out, i = {}, 0
+        for key, width in keys.items():
+            out[key.split(".", 1)[1]] = _key_stats(arr[:, i:i + width])
+            i += width
+        return out
+
+    return make_metadata(dc, split(states, dc.state_keys), split(actions, dc.action_keys))
+
+
+# ---------------------------------------------------------------------------------------------- model
+def preset_config(preset: str, vocab_size: int, image_token_index: int, bos_id: int, eos_id: int) -> GR00TConfig:
+    """``tiny`` is :func:`models.gr00t.tiny.tiny_config` (3.2M parameters); ``small`` doubles the widths and
+    depths of the LLM, vision tower and DiT (still CPU-trainable, roughly 4x the compute per step)."""
+    from models.gr00t.tiny import tiny_config
+
+    cfg = tiny_config(vocab_size, image_token_index, bos_id, eos_id)
+    if preset == "tiny":
+        return cfg
+    if preset != "small":
+        raise ValueError(f"--preset must be one of {PRESETS}, got {preset!r}")
+    d = cfg.to_dict()
+    llm = 256
+    d["hidden_size"] = llm
+    d["backbone_cfg"]["select_layer"] = 4
+    e = d["eagle_config"]
+    e["select_layer"] = 4
+    e["text_config"].update(hidden_size=llm, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=32)
+    e["vision_config"].update(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+    h = d["action_head_cfg"]
+    h.update(backbone_embedding_dim=llm, hidden_size=128, input_embedding_dim=192)
+    h["diffusion_model_cfg"].update(attention_head_dim=24, num_attention_heads=8, num_layers=6, output_dim=128,
+                                    cross_attention_dim=llm)
+    h["vl_self_attention_cfg"].update(attention_head_dim=32, num_attention_heads=8, num_layers=2)
+    return GR00TConfig.from_dict(d)
+
+
+def build_fresh(preset: str, seed: int) -> GR00TPolicyModel:
+    """A randomly initialised model of ``preset`` with the project's offline-trained Qwen-style tokenizer."""
+    from models.common.tokenizer import train_qwen_style
+    from models.gr00t.tiny import VOCAB_BPE
+
+    tok = train_qwen_style(VOCAB_BPE)
+    vocab = ((tok.get_vocab_size() + 63) // 64) * 64
+    torch.manual_seed(seed)
+    cfg = preset_config(preset, vocab, tok.token_to_id("<IMG_CONTEXT>"), tok.token_to_id("<|endoftext|>"),
+                        tok.token_to_id("<|im_end|>"))
+    model = GR00TPolicyModel(cfg)
+    model.tokenizer = tok
+    return model
+
+
+@contextlib.contextmanager
+def _no_eval_crop(model: GR00TPolicyModel) -> Iterator[None]:
+    """Training images arrive already randomly cropped; skip the eval-time centre crop while they are prepared."""
+    old = model.data_config.crop_scale
+    model.data_config.crop_scale = 1.0
+    try:
+        yield
+    finally:
+        model.data_config.crop_scale = old
+
+
+def _random_crops(images: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Upstream's training ``VideoCrop(scale)``: a random square window of side ``scale``; eval takes the centre."""
+    from rsd.vla_data import random_crop
+
+    return random_crop(images, scale * scale, rng)
+
+
+def _obs(model: GR00TPolicyModel, samples: Any, idx: np.ndarray, images: np.ndarray | None = None,
+         wrists: np.ndarray | None = None) -> dict[str, Any]:
+    return model.data_config.from_libero(
+        samples.images[idx] if images is None else images,
+        samples.wrist_images[idx] if wrists is None else wrists,
+        samples.states[idx], [samples.instruction(int(k)) for k in idx])
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 12345) % (2**31 - 1)
+
+
+# ---------------------------------------------------------------------------------------------- state
+def _save_state(out: Path, model: GR00TPolicyModel, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
+    from models.gr00t.tiny import save_pretrained
+
+    d = out / STATE_DIR
+    tmp = out / (STATE_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, num_shards=1)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.replace(d)
+
+
+def _load_state(out: Path, device: str) -> tuple[GR00TPolicyModel, dict[str, Any], dict[str, Any]] | None:
+    import models
+
+    d = out / STATE_DIR
+    if not (d / "state.json").is_file():
+        return None
+    model = models.load_pretrained("gr00t", d, device=device)
+    opt_state = torch.load(d / "optimizer.pt", weights_only=True, map_location=device)
+    state = json.loads((d / "state.json").read_text())
+    logger.info("resuming from %s at step %d", d, state["step"])
+    return model, opt_state, state
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: GR00TPolicyModel, samples: Any, denoising_steps: int, max_samples: int = 256,
+             batch: int = 16, seed: int = 0) -> dict[str, float]:
+    """Held-out flow-matching loss and action MAE of the Euler sampler (raw env units, fixed noise)."""
+    was_training = model.training
+    model.eval()
+    n = min(len(samples), max_samples)
+    if n == 0:
+        return {}
+    idx_all = np.linspace(0, len(samples) - 1, n).astype(int)
+    # the sampler draws its noise on the model's device, so the generator must live there too
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    torch_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    abs_err, first_err, losses = [], [], []
+    for i in range(0, n, batch):
+        j = idx_all[i:i + batch]
+        obs = _obs(model, samples, j)
+        pred = model.get_action(obs, denoising_steps=denoising_steps, generator=gen).numpy()
+        err = np.abs(pred - samples.chunks[j])
+        abs_err.append(err.mean(axis=(1, 2)))
+        first_err.append(err[:, 0].mean(axis=1))
+        losses.append(float(model(model.training_inputs(obs, samples.chunks[j]))["loss"]) * len(j))
+    torch.set_rng_state(torch_state)
+    model.train(was_training)
+    return {"heldout_action_mae": float(np.concatenate(abs_err).mean()),
+            "heldout_first_step_action_mae": float(np.concatenate(first_err).mean()),
+            "heldout_flow_loss": float(sum(losses) / n), "heldout_eval_samples": int(n),
+            "denoising_steps": int(denoising_steps)}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def load_samples(demos: str, max_demos_per_task: int | None = None) -> Any:
+    """All demonstration steps with 16-step chunks; both cameras and the 8-D state are required."""
+    from rsd.vla_data import load_vla_samples
+
+    samples = load_vla_samples(demos, chunk_len=HORIZON, max_demos_per_file=max_demos_per_task)
+    if samples.wrist_images is None or samples.states is None:
+        raise ValueError(f"{demos}: GR00T needs obs/eye_in_hand_rgb and obs/state_8d in every demonstration")
+    return samples
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) training; write the released-layout checkpoint and metrics into ``args.out``."""
+    import models
+    from models.gr00t.tiny import save_pretrained
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = load_samples(args.demos, args.max_demos_per_task)
+    train_set, held = samples.split_by_demo(args.heldout_frac, args.seed)
+    if len(train_set) == 0:
+        raise ValueError("no training samples after the held-out split")
+    actions = train_set.chunks[:, 0]  # every demonstration step's own action, once
+    metadata = compute_statistics(train_set.states, actions)
+
+    resumed = _load_state(out, args.device) if args.resume else None
+    if resumed is not None:
+        model, opt_state, state = resumed
+        step = int(state["step"])
+    else:
+        if args.init:
+            model = models.load_pretrained("gr00t", args.init, device=args.device)
+        else:
+            model = build_fresh(args.preset, args.seed).to(args.device)
+        opt_state, step = None, 0
+    # keep other embodiments' statistics a released checkpoint carries; ours replace new_embodiment's
+    model.metadata = {**(model.metadata or {}), **metadata}
+    model.data_config.embodiment_tag = "new_embodiment"
+    model.denoising_steps = args.denoising_steps
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.95, 0.999))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    logger.info("GR00T: %.2fM trainable parameters, %d train / %d held-out samples (%d/%d demos), %d steps",
+                sum(p.numel() for p in params) / 1e6, len(train_set), len(held),
+                len(np.unique(train_set.demo_of)), len(np.unique(held.demo_of)), args.steps)
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, initial=step, desc="gr00t", dynamic_ncols=True, disable=None)
+    losses: list[tuple[int, float]] = []
+    history: list[dict[str, Any]] = []
+    t0 = time.time()
+    extra = {"demos": str(args.demos), "seed": args.seed, "preset": None if args.init else args.preset,
+             "init": args.init}
+    while step < args.steps:
+        rng = np.random.default_rng(_step_seed(args.seed, step))
+        torch.manual_seed(_step_seed(args.seed, step))
+        j = rng.integers(0, len(train_set), size=args.batch_size)
+        imgs = _random_crops(train_set.images[j], args.crop_scale, rng)
+        wrists = _random_crops(train_set.wrist_images[j], args.crop_scale, rng)
+        with _no_eval_crop(model):
+            inputs = model.training_inputs(_obs(model, train_set, j, imgs, wrists), train_set.chunks[j])
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.steps, args.lr, args.warmup)
+        loss = model(inputs)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        losses.append((step, float(loss.detach())))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+        if step % args.save_every == 0 or step == args.steps:
+            _save_state(out, model, opt, step, extra)
+        if args.eval_every and step % args.eval_every == 0 and len(held):
+            m = evaluate(model, held, args.denoising_steps, max_samples=min(128, args.eval_samples), seed=args.seed)
+            history.append({"step": step, **m})
+            logger.info("step %d: %s", step, m)
+    bar.close()
+    model.eval()
+    metrics: dict[str, Any] = evaluate(model, held, args.denoising_steps, args.eval_samples, seed=args.seed)
+    if not metrics:
+        logger.warning("no held-out demonstrations (--heldout-frac %s): held-out MAE not measured", args.heldout_frac)
+    tail = [v for _, v in losses[-max(1, len(losses) // 5):]]
+    metrics.update({
+        "steps": step, "train_seconds_this_run": round(time.time() - t0, 1), "train_samples": len(train_set),
+        "heldout_samples": len(held), "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "init": args.init, "preset": None if args.init else args.preset, "demos": str(args.demos),
+        "train_loss_first": losses[0][1] if losses else None,
+        "train_loss_last_fifth_mean": float(np.mean(tail)) if losses else None,
+        "train_loss_curve": losses[:: max(1, len(losses) // 50)], "history": history,
+    })
+    save_pretrained(model, out, num_shards=args.shards)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info("saved %s (serve with: ./run_inference_server.sh --policy gr00t --model-path %s "
+                "--denoising-steps %d --embodiment-tag new_embodiment)", out, out, args.denoising_steps)
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m models.gr00t.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demos", required=True, help="glob of LIBERO-layout HDF5 files (both cameras + state_8d)")
+    p.add_argument("--out", required=True, help="output checkpoint directory (released GR00T N1.5 layout)")
+    p.add_argument("--init", default=None, help="released-format GR00T N1.5 directory to fine-tune")
+    p.add_argument("--preset", default="tiny", choices=PRESETS, help="fresh model size when --init is not given")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (upstream fine-tunes 3B at 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--crop-scale", type=float, default=0.95, help="random-crop side fraction (eval: centre crop)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--denoising-steps", type=int, default=8, help="Euler steps for the held-out action MAE")
+    p.add_argument("--heldout-frac", type=float, default=0.1)
+    p.add_argument("--max-demos-per-task", type=int, default=None)
+    p.add_argument("--eval-samples", type=int, default=256)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state if present")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit("--steps and --batch-size must be >= 1")
+    if args.init and not Path(args.init).is_dir():
+        raise SystemExit(f"--init {args.init}: not a directory")
+    result = train(args)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "train_loss_curve")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
