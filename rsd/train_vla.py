@@ -1,0 +1,279 @@
+"""Train the OpenVLA-RSD policy: main model (backbone + RFSQ layer head), then the draft.
+
+    python -m rsd.train_vla main  --demos 'artifacts/demos/libero_spatial/*.hdf5' --rfsq DIR --out DIR \
+        [--init BACKBONE_DIR | --preset tiny|small] [--steps N] [--batch-size B] [--device cpu|cuda] [--resume]
+    python -m rsd.train_vla draft --model DIR --demos GLOB [--steps N] [--max-samples N]
+
+``main`` fine-tunes the whole backbone (vision towers, projector, LLM) and the layer head with teacher-forced
+cross-entropy over the 8 RFSQ layers of the action chunk that starts at each demonstration step; ``--init`` takes
+any released-format OpenVLA directory (a 7B one on a GPU, or the project's tiny one), ``--preset`` builds a
+fresh same-architecture backbone. ``draft`` freezes that main model and trains the seed's draft to imitate
+main's own greedy coarse layers (distillation, DESIGN section 8), reporting per-layer code and whole-layer
+agreement on held-out demonstrations. Both stages are seeded, show tqdm progress and resume from
+``OUT/train_state`` (safetensors weights; optimizer tensors loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from rsd.vla import OpenVLARSD, VLARSDConfig, load_openvla_rsd
+from rsd.vla_data import VLASamples, load_vla_samples, random_crop
+
+logger = logging.getLogger("rsd.train_vla")
+STATE_DIR = "train_state"
+CROP_AREA = 0.9
+
+
+def _tokens_for(samples: VLASamples, tokenizer, batch: int = 4096) -> torch.Tensor:
+    """RFSQ layers ``[N, L, 128]`` of every sample's action chunk (computed once, frozen tokenizer)."""
+    from rsd.rfsq import tokens_to_layers
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(samples), batch):
+            out.append(tokens_to_layers(tokenizer.encode(samples.chunks[i:i + batch])))
+    return torch.cat(out).to(torch.long)
+
+
+def _action_stats(chunks: np.ndarray) -> dict:
+    a = chunks[:, 0].astype(np.float64)
+    q01, q99 = np.quantile(a, 0.01, axis=0), np.quantile(a, 0.99, axis=0)
+    return {"action": {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(), "min": a.min(0).tolist(),
+                       "max": a.max(0).tolist(), "q01": q01.tolist(), "q99": q99.tolist(),
+                       "mask": [True] * (a.shape[1] - 1) + [False]},
+            "num_transitions": int(len(a))}
+
+
+def _build_backbone(args: argparse.Namespace):
+    import models
+    from models.openvla import tiny
+
+    if args.init:
+        return models.load_pretrained("openvla", args.init, device=args.device)
+    model = tiny.build_tiny(args.preset, seed=args.seed)
+    return model.to(args.device)
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _save_state(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
+    d = out / STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+    save_file(weights, str(d / "model.safetensors.tmp"))
+    torch.save(opt.state_dict(), d / "optimizer.pt.tmp")
+    (d / "model.safetensors.tmp").replace(d / "model.safetensors")
+    (d / "optimizer.pt.tmp").replace(d / "optimizer.pt")
+    (d / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+
+
+def _load_state(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    d = out / STATE_DIR
+    if not (d / "state.json").is_file():
+        return 0
+    model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+    step = int(json.loads((d / "state.json").read_text())["step"])
+    logger.info("resumed from %s at step %d", d, step)
+    return step
+
+
+@torch.no_grad()
+def evaluate_main(model: OpenVLARSD, samples: VLASamples, layers: torch.Tensor, batch: int = 64,
+                  max_samples: int = 2048) -> dict:
+    """Held-out teacher-forced loss/accuracy and the action error of greedy decoding (the real metric)."""
+    model.eval()
+    n = min(len(samples), max_samples)
+    idx = np.linspace(0, len(samples) - 1, n).astype(int)
+    losses, accs, action_err = [], [], []
+    for i in range(0, n, batch):
+        j = idx[i:i + batch]
+        pv = model.processor.preprocess_images(samples.images[j], True)
+        instr = [samples.instruction(k) for k in j]
+        loss, logits = model.training_loss(pv, instr, layers[j])
+        losses.append(float(loss))
+        accs.append(float((logits.argmax(-1) == layers[j]).float().mean()))
+        embeds, mask = model.prefix(None, instr, pixel_values=pv)
+        greedy = model.main.decode_greedy(embeds, mask)
+        from rsd.vla import chunk_actions_from_tokens
+
+        pred = chunk_actions_from_tokens(model, greedy)
+        action_err.append(float(np.abs(pred - samples.chunks[j]).mean()))
+    model.train()
+    return {"heldout_loss": float(np.mean(losses)), "heldout_code_accuracy": float(np.mean(accs)),
+            "heldout_greedy_action_mae": float(np.mean(action_err))}
+
+
+def train_main(args: argparse.Namespace) -> dict:
+    from rsd.rfsq import RFSQTokenizer
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = load_vla_samples(args.demos, max_demos_per_file=args.max_demos_per_task)
+    train, held = samples.split_by_demo(args.heldout_frac, args.seed)
+    tokenizer = RFSQTokenizer.from_pretrained(args.rfsq)
+    train_layers = _tokens_for(train, tokenizer)
+    held_layers = _tokens_for(held, tokenizer) if len(held) else torch.zeros(0, 8, 128, dtype=torch.long)
+    backbone = _build_backbone(args)
+    backbone.norm_stats = {args.unnorm_key: _action_stats(samples.chunks)}
+    backbone.config.norm_stats = backbone.norm_stats
+    model = OpenVLARSD(backbone, VLARSDConfig(center_crop=True, trained_on=str(args.demos))).to(args.device)
+    model.tokenizer = tokenizer
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    step = _load_state(out, model, opt) if args.resume else 0
+    logger.info("main model: %.2fM parameters, %d train / %d held-out samples, %d steps",
+                sum(p.numel() for p in params) / 1e6, len(train), len(held), args.steps)
+    bar = tqdm(total=args.steps, initial=step, desc="main", dynamic_ncols=True, disable=None)
+    history = []
+    t0 = time.time()
+    while step < args.steps:
+        j = rng.integers(0, len(train), size=args.batch_size)
+        imgs = random_crop(train.images[j], CROP_AREA, rng)
+        pv = model.processor.preprocess_images(imgs, False).to(args.device)
+        instr = [train.instruction(k) for k in j]
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.steps, args.lr, args.warmup)
+        loss, logits = model.training_loss(pv, instr, train_layers[j].to(args.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 20 == 0:
+            acc = float((logits.argmax(-1) == train_layers[j].to(args.device)).float().mean())
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.3f}")
+        if step % args.save_every == 0 or step == args.steps:
+            _save_state(out, model, opt, step, {"stage": "main"})
+        if args.eval_every and step % args.eval_every == 0 and len(held):
+            metrics = evaluate_main(model, held, held_layers, max_samples=512)
+            metrics["step"] = step
+            history.append(metrics)
+            logger.info("step %d: %s", step, metrics)
+    bar.close()
+    model.eval()
+    metrics = evaluate_main(model, held, held_layers) if len(held) else {}
+    metrics.update({"steps": step, "train_seconds": round(time.time() - t0, 1), "train_samples": len(train),
+                    "heldout_samples": len(held), "history": history})
+    from models.openvla.tiny import save_pretrained
+
+    save_pretrained(model.backbone, out, num_shards=2)
+    model.save_rsd(out)
+    (out / "rsd" / "train_main_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+@torch.no_grad()
+def _distillation_set(model: OpenVLARSD, samples: VLASamples, n: int, batch: int, seed: int):
+    """(hidden_last, main greedy layers) for ``n`` samples: the draft's inputs and targets."""
+    idx = np.sort(np.random.default_rng(seed).choice(len(samples), size=min(n, len(samples)), replace=False))
+    hidden, targets = [], []
+    for i in tqdm(range(0, len(idx), batch), desc="distill", dynamic_ncols=True, disable=None):
+        j = idx[i:i + batch]
+        embeds, mask = model.prefix(samples.images[j], [samples.instruction(k) for k in j])
+        pre = model.main.prefill(embeds, mask)
+        hidden.append(pre.hidden_last.float().cpu())
+        targets.append(model.main.decode_greedy(embeds, mask).cpu())
+    return torch.cat(hidden), torch.cat(targets), idx
+
+
+def train_draft_stage(args: argparse.Namespace) -> dict:
+    from rsd.draft import DraftConfig, DraftTrainConfig, RFSQDraftModel, evaluate_draft, train_draft
+    from rsd.rfsq import RFSQTokenizer  # noqa: F401  (tokenizer comes with the model dir)
+
+    torch.manual_seed(args.seed)
+    model = load_openvla_rsd(args.model, device=args.device, with_draft=False)
+    samples = load_vla_samples(args.demos, max_demos_per_file=args.max_demos_per_task)
+    train, held = samples.split_by_demo(args.heldout_frac, args.seed)
+    h_train, t_train, j_train = _distillation_set(model, train, args.max_samples, 64, args.seed)
+    if not len(held):
+        raise SystemExit("draft: no held-out demonstrations (raise --heldout-frac or add demonstrations)")
+    h_held, t_held, _ = _distillation_set(model, held, max(256, args.max_samples // 8), 64, args.seed)
+    k = 3
+    cfg = DraftConfig(input_dim=model.hidden_size, num_coarse_layers=k, num_decoder_layers=args.draft_layers)
+    draft = RFSQDraftModel.from_config(cfg)
+    gt = _tokens_for(train.subset(j_train), model.tokenizer)[:, :k]
+    tcfg = DraftTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            gt_weight=args.gt_weight, warmup_steps=min(200, args.steps // 10))
+    train_draft(draft, h_train, t_train[:, :k], tcfg, gt_targets=gt, val=(h_held, t_held[:, :k]), progress=True)
+    metrics = evaluate_draft(draft, h_held, t_held[:, :k])
+    model.draft = draft.eval()
+    model.save_rsd(args.model)
+    report = {
+        "heldout_code_accuracy_per_layer": metrics.code_accuracy,
+        "heldout_layer_agreement_per_layer": metrics.layer_agreement,
+        "heldout_mean_code_accuracy": metrics.mean_code_accuracy,
+        "train_samples": int(len(h_train)), "heldout_samples": int(len(h_held)), "steps": args.steps,
+    }
+    (Path(args.model) / "rsd" / "train_draft_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rsd.train_vla", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="stage", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--demos", required=True, help="glob of LIBERO-layout HDF5 files with images")
+    common.add_argument("--device", default="cpu")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    common.add_argument("--heldout-frac", type=float, default=0.1)
+    common.add_argument("--max-demos-per-task", type=int, default=None)
+    m = sub.add_parser("main", parents=[common])
+    m.add_argument("--rfsq", required=True, help="trained RFSQ tokenizer directory")
+    m.add_argument("--out", required=True)
+    m.add_argument("--init", default=None, help="released-format OpenVLA directory to fine-tune")
+    m.add_argument("--preset", default="tiny", help="fresh backbone preset when --init is not given")
+    m.add_argument("--steps", type=int, default=3000)
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--lr", type=float, default=3e-4)
+    m.add_argument("--weight-decay", type=float, default=0.01)
+    m.add_argument("--warmup", type=int, default=200)
+    m.add_argument("--save-every", type=int, default=250)
+    m.add_argument("--eval-every", type=int, default=0)
+    m.add_argument("--unnorm-key", default="libero_spatial_no_noops")
+    m.add_argument("--resume", action="store_true")
+    d = sub.add_parser("draft", parents=[common])
+    d.add_argument("--model", required=True, help="OpenVLA-RSD directory from the main stage (draft saved into it)")
+    d.add_argument("--steps", type=int, default=3000)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--gt-weight", type=float, default=0.0)
+    d.add_argument("--draft-layers", type=int, default=2)
+    d.add_argument("--max-samples", type=int, default=20000)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = train_main(args) if args.stage == "main" else train_draft_stage(args)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

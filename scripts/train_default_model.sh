@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Build the embedded default model (OpenVLA-RSD, tiny same-architecture) from scratch, reproducibly:
+#   demos  -> scripted-expert LIBERO demonstrations (HDF5, LIBERO layout)        [.venv-libero, hours on 2 cores]
+#   rfsq   -> robust RFSQ action tokenizer on the demonstrations' actions
+#   main   -> tiny OpenVLA backbone + RFSQ layer head, trained on (image, instruction) -> RFSQ layers
+#   draft  -> the seed's draft model, distilled from the frozen main model's greedy coarse layers
+#   install-> copy the trained checkpoint (released layout + rsd/) to models/checkpoints/openvla-rsd-libero-spatial
+# Usage: scripts/train_default_model.sh [all|demos|rfsq|main|draft|install] ; every stage resumes.
+# Knobs (env): SUITE, DEMOS (glob), OUT, TRIALS_PER_TASK, RFSQ_STEPS, MAIN_STEPS, DRAFT_STEPS, PRESET, DEVICE,
+#              INIT (a released-format OpenVLA dir to fine-tune instead of a fresh PRESET backbone, e.g. 7B on a GPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage="${1:-all}"
+SUITE="${SUITE:-libero_spatial}"
+DEMO_DIR="${DEMO_DIR:-artifacts/demos/$SUITE}"
+DEMOS="${DEMOS:-$DEMO_DIR/*.hdf5}"
+OUT="${OUT:-artifacts/train/openvla-rsd-$SUITE}"
+DEVICE="${DEVICE:-cpu}"
+PRESET="${PRESET:-tiny}"
+INSTALL_DIR=models/checkpoints/openvla-rsd-libero-spatial
+py=.venv/bin/python
+mkdir -p "$OUT"
+
+run_demos() {
+  scripts/setup.sh libero
+  MUJOCO_GL="${MUJOCO_GL:-egl}" .venv-libero/bin/python -m client.libero.record_demos --suite "$SUITE" \
+    --out "$DEMO_DIR" --trials-per-task "${TRIALS_PER_TASK:-20}" --actions-out "data/${SUITE}_actions.hdf5" --resume
+}
+run_rfsq() {
+  $py -m rsd.train_rfsq --data "$DEMOS" --mode robust --steps "${RFSQ_STEPS:-3000}" --out "$OUT/rfsq" --resume
+}
+run_main() {
+  local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
+  $py -m rsd.train_vla main --demos "$DEMOS" --rfsq "$OUT/rfsq" --out "$OUT/model" --preset "$PRESET" \
+    --steps "${MAIN_STEPS:-4000}" --device "$DEVICE" --eval-every 1000 --resume "${init[@]}"
+}
+run_draft() {
+  $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-3000}" --device "$DEVICE"
+}
+run_install() {
+  rm -rf "$INSTALL_DIR.tmp" && mkdir -p "$INSTALL_DIR.tmp"
+  (cd "$OUT/model" && find . -path ./train_state -prune -o -type f -print) | while read -r f; do
+    mkdir -p "$INSTALL_DIR.tmp/$(dirname "$f")" && cp "$OUT/model/$f" "$INSTALL_DIR.tmp/$f"
+  done
+  rm -rf "$INSTALL_DIR" && mv "$INSTALL_DIR.tmp" "$INSTALL_DIR"
+  du -sh "$INSTALL_DIR"
+}
+case "$stage" in
+  demos) run_demos ;; rfsq) run_rfsq ;; main) run_main ;; draft) run_draft ;; install) run_install ;;
+  all) run_demos; run_rfsq; run_main; run_draft; run_install ;;
+  *) echo "usage: $0 [all|demos|rfsq|main|draft|install]" >&2; exit 2 ;;
+esac
