@@ -223,3 +223,31 @@ def test_bad_flag_fails_at_startup_naming_it(args, env, needle) -> None:
     assert result.returncode == 2
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigkill_mid_request_then_restart() -> None:
+    """A server killed while a request is in flight: the call fails within its timeout with a clear error,
+    and the same client object works again once a new server is up on the same port."""
+    port = free_port()
+    client = PolicyClient(port=port, timeout_s=1.5)
+    slow = ServerProcess(port=port, args=["--policy-option", "delay_ms=3000", "--max-batch", "1"])
+    result: dict = {}
+
+    def call() -> None:
+        started = time.monotonic()
+        try:
+            client.infer(make_obs(20))
+        except PolicyTimeoutError as exc:
+            result["error"] = str(exc)
+        result["seconds"] = time.monotonic() - started
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(0.5)
+    slow.stop(signal.SIGKILL)
+    worker.join(timeout=10)
+    assert "no reply" in result["error"] and result["seconds"] < 3.0
+    with ServerProcess(port=port):
+        obs = make_obs(21)
+        np.testing.assert_allclose(client.infer(obs), expected_debug_actions(obs), atol=1e-6)
+    client.close()
