@@ -89,8 +89,11 @@ def load_vla_samples(data: str | Path | list[str | Path], chunk_len: int = 8, im
                 actions = np.asarray(g["actions"], dtype=np.float32)
                 obs = g["obs"]
                 img = np.asarray(obs[image_key], dtype=np.uint8)
-                if len(img) != len(actions):
+                if abs(len(img) - len(actions)) > 1:
                     raise ValueError(f"{path}:{name}: {len(img)} images for {len(actions)} actions")
+                # A recorder that stops at success may keep one trailing action without an observation.
+                n_steps = min(len(img), len(actions))
+                img, actions = img[:n_steps], actions[:n_steps]
                 d = len(instructions)
                 instructions.append(_instruction_of(f, g))
                 sources.append(f"{Path(path).name}:{name}")
@@ -100,9 +103,9 @@ def load_vla_samples(data: str | Path | list[str | Path], chunk_len: int = 8, im
                 have_wrist = have_wrist and wrist_key in obs
                 have_state = have_state and state_key in obs
                 if have_wrist:
-                    wrists.append(np.asarray(obs[wrist_key], dtype=np.uint8))
+                    wrists.append(np.asarray(obs[wrist_key], dtype=np.uint8)[:n_steps])
                 if have_state:
-                    states.append(np.asarray(obs[state_key], dtype=np.float32))
+                    states.append(np.asarray(obs[state_key], dtype=np.float32)[:n_steps])
     if not instructions:
         raise ValueError(f"no demonstrations found in {data}")
     samples = VLASamples(

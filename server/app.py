@@ -51,6 +51,7 @@ class PolicyServer:
         self._socket: zmq.asyncio.Socket | None = None
         self.bound_port: int | None = None
         self._background: set[asyncio.Future] = set()
+        self._request_log_level = logging.INFO if config.log_requests else logging.DEBUG
         self._policy_metadata = policy.metadata()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -201,8 +202,10 @@ class PolicyServer:
             timing["server_ms"] = (time.perf_counter() - item.received) * 1000.0
             self.stats.infer_latency.observe(timing["server_ms"])
             self.stats.batch_sizes[timing.get("batch_size", 1)] += 1
-            logger.debug("infer id=%r client=%s batch=%d server_ms=%.2f", item.req_id, envelope[0].hex()[:10],
-                         timing.get("batch_size", 1), timing["server_ms"])
+            logger.log(self._request_log_level,
+                       "infer request_id=%r client=%s batch_size=%d queue_ms=%.3f infer_ms=%.3f server_ms=%.3f",
+                       item.req_id, envelope[0].hex()[:10], timing.get("batch_size", 1), timing.get("queue_ms", 0.0),
+                       timing.get("infer_ms", 0.0), timing["server_ms"])
             self._send(envelope, wire.ok_reply(item.req_id, actions=actions, timing=timing, **out.info))
 
         return respond

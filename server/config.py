@@ -58,6 +58,7 @@ class ServerConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     rsd: RSDConfig = field(default_factory=RSDConfig)
     torch_threads: int = 0
+    log_requests: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", action="store_true", help="accepted for compatibility with GR00T's command line")
     p.add_argument("--torch-threads", dest="torch_threads", type=_positive_int("--torch-threads"), default=None,
                    help="CPU threads for torch inference (default: torch's choice)")
+    p.add_argument("--log-requests", action="store_true",
+                   help="log one structured line per infer request at INFO (id, client, batch, latencies)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy-specific option, repeatable (e.g. --policy-option rsd_mode=exact)")
@@ -227,5 +230,6 @@ def parse_server_config(argv: Sequence[str] | None = None,
         policy_options=_parse_policy_options(ns.policy_option),
         rsd=rsd,
         torch_threads=ns.torch_threads or 0,
+        log_requests=ns.log_requests,
     )
     return config, ns

@@ -122,3 +122,13 @@ def test_no_unsafe_deserialisation_in_shipped_code() -> None:
                     line = text.count("\n", 0, m.start()) + 1
                     offenders.append(f"{path.relative_to(REPO)}:{line}: {what}")
     assert offenders == []
+
+
+def test_structured_request_log_lines() -> None:
+    with ServerProcess(args=["--log-requests"]) as proc, PolicyClient(port=proc.port, timeout_s=10) as client:
+        client.infer({"state": np.ones(8, np.float32), "instruction": "x"})
+        stats = client.stats()
+    line = next(ln for ln in proc.stderr.splitlines() if "infer request_id=" in ln)
+    for key in ("client=", "batch_size=1", "queue_ms=", "infer_ms=", "server_ms="):
+        assert key in line
+    assert stats["requests"]["infer"] == 1 and stats["infer_latency"]["count"] == 1

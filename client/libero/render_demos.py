@@ -81,7 +81,8 @@ def render_task(suite: str, tid: int, episodes: list[tuple[int, np.ndarray]], ou
                 counts["replay_failures"] += 1
                 log.warning("task %d init %d: replay did not succeed; dropped", tid, k)
                 continue
-            write_demo(path, task, n, k, actions, rec, env_args, {}, seed)
+            # The replay stops at success: store the actions that produced the recorded observations.
+            write_demo(path, task, n, k, rec["actions"], rec, env_args, {}, seed)
             n += 1
             counts["rendered"] += 1
             log.info("task %d init %d: rendered %d steps in %.1fs", tid, k, len(actions), time.time() - t0)
