@@ -24,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks" / "support"))
 
 from serverproc import ServerProcess, free_port  # noqa: E402
 
@@ -68,11 +69,11 @@ def bench_ours(n: int, warmup: int) -> dict[str, float]:
 
 def bench_websocket(n: int, warmup: int) -> dict[str, float]:
     from websockets.sync.client import connect
-
-    from benchmarks._ws_baseline_server import pack_array, unpack_array
+    from ws_baseline_server import pack_array, unpack_array
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks._ws_baseline_server", str(port)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "support" / "ws_baseline_server.py"), str(port)],
+                            cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

@@ -217,7 +217,8 @@ def train_draft_stage(args: argparse.Namespace) -> dict:
                             gt_weight=args.gt_weight, warmup_steps=min(200, args.steps // 10))
     train_draft(draft, h_train, t_train[:, :k], tcfg, gt_targets=gt, val=(h_held, t_held[:, :k]), progress=True)
     metrics = evaluate_draft(draft, h_held, t_held[:, :k])
-    model.draft = draft.eval()
+    # Stored in float16 when asked (the shipped default keeps the repository small); loading casts it back.
+    model.draft = (draft.half() if args.save_dtype == "float16" else draft).eval()
     model.save_rsd(args.model)
     report = {
         "heldout_code_accuracy_per_layer": metrics.code_accuracy,
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gt-weight", type=float, default=0.0)
     d.add_argument("--draft-layers", type=int, default=2)
     d.add_argument("--max-samples", type=int, default=20000)
+    d.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
     return p
 
 

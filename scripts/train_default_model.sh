@@ -35,7 +35,8 @@ run_main() {
     --steps "${MAIN_STEPS:-4000}" --device "$DEVICE" --eval-every 1000 --resume "${init[@]}"
 }
 run_draft() {
-  $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-3000}" --device "$DEVICE"
+  $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-3000}" --device "$DEVICE" \
+    --draft-layers 1 --save-dtype float16
 }
 run_install() {
   rm -rf "$INSTALL_DIR.tmp" && mkdir -p "$INSTALL_DIR.tmp"

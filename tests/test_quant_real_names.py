@@ -7,8 +7,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from quant.patterns import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 
 FIX = Path(__file__).resolve().parents[1] / "models" / "fixtures"
@@ -16,8 +14,7 @@ FIX = Path(__file__).resolve().parents[1] / "models" / "fixtures"
 
 def _selected(fname: str) -> list[str]:
     path = FIX / fname
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    assert path.exists(), f"{path} is missing (python -m models.common.keys regenerates it)"
     keys = json.loads(path.read_text())["keys"]
     mods = [k[: -len(".weight")] for k, v in keys.items() if k.endswith(".weight") and len(v) == 2]
     inc, exc = re.compile(DEFAULT_INCLUDE), re.compile(DEFAULT_EXCLUDE)
