@@ -98,7 +98,8 @@ def overload_phase(policy_args: list[str], image_size: int, burst: int) -> dict:
 
     from client import wire
 
-    with ServerProcess(args=[*policy_args, "--max-queue", "4", "--max-batch", "2", "--log-level", "ERROR"]) as server:
+    with ServerProcess(args=[*policy_args, "--max-queue", "4", "--max-batch", "2", "--log-level", "ERROR"],
+                       default_policy="--policy" not in policy_args) as server:
         socks = []
         t0 = time.perf_counter()
         for k in range(burst):
@@ -143,7 +144,8 @@ def main() -> None:
     policy_args = (["--policy", ns.policy] if ns.policy else []) + (
         ["--model-path", ns.model_path] if ns.model_path else [])
     rows = []
-    with ServerProcess(args=[*policy_args, "--log-level", "WARNING"], ready_timeout_s=600) as server:
+    with ServerProcess(args=[*policy_args, "--log-level", "WARNING"], ready_timeout_s=600,
+                       default_policy=not policy_args) as server:
         with PolicyClient(port=server.port) as c:
             meta = c.metadata()
         exact = meta.get("policy") == "debug"

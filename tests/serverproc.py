@@ -25,12 +25,17 @@ class ServerProcess:
     """A running ``python -m server``; ``stop()`` sends SIGTERM and returns the exit code."""
 
     def __init__(self, args: Sequence[str] = (), env: dict[str, str] | None = None, port: int | None = None,
-                 python: str | None = None, ready_timeout_s: float = 60.0) -> None:
+                 python: str | None = None, ready_timeout_s: float = 60.0, default_policy: bool = False) -> None:
         self.port = port or free_port()
         python = python or (SERVER_PYTHON if Path(SERVER_PYTHON).exists() else sys.executable)
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
+        args = list(args)
+        if "--policy" not in args and not default_policy:
+            # Tests check exact replies against the deterministic debugging policy; the embedded default
+            # model (openvla-rsd) is exercised explicitly (default_policy=True or --policy openvla-rsd).
+            args = ["--policy", "debug", *args]
         self.cmd = [python, "-m", "server", "--port", str(self.port), *args]
         if "--torch-threads" not in args and os.environ.get("SERVER_TORCH_THREADS", "1") != "0":
             # One thread: on a shared 2-core machine torch is much slower with more.

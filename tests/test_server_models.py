@@ -122,3 +122,18 @@ def test_corrupt_checkpoint_fails_with_clear_error(tiny_dirs, tmp_path) -> None:
     result = subprocess.run([PY, "-m", "server", "--policy", "openvla", "--model-path", str(bad)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and shard.name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embedded_default_model_is_served_without_arguments() -> None:
+    """`./run_inference_server.sh` with no flags serves the shipped OpenVLA-RSD checkpoint with RSD."""
+    from server.config import EMBEDDED_MODEL_DIR
+
+    assert (EMBEDDED_MODEL_DIR / "config.json").is_file(), "the embedded default checkpoint is missing"
+    with ServerProcess(default_policy=True) as proc, PolicyClient(port=proc.port, timeout_s=60) as client:
+        meta = client.metadata()
+        actions = client.infer(libero_obs())
+        rsd = client.last_reply["rsd"]
+    assert meta["policy"] == "openvla-rsd" and meta["has_draft"] and meta["action_horizon"] == 8
+    assert actions.shape == (8, 7) and np.isfinite(actions).all()
+    assert set(np.unique(actions[:, -1])) <= {-1.0, 1.0}  # the RFSQ decoder keeps the gripper binary
+    assert 5 <= rsd["main_passes_incl_prefill"] - 1 <= 7
