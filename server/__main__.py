@@ -40,6 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "binding %s without authentication: anyone who can reach this port can drive the policy; "
             "use --curve-keys DIR on shared networks", config.endpoint,
         )
+    curve_setup = None
+    if config.curve_keys is not None:
+        from server.security import curve_server_setup
+
+        try:
+            curve_setup = curve_server_setup(config.curve_keys)
+        except (ConfigError, ValueError, OSError) as exc:
+            sys.stderr.write(f"python -m server: error: --curve-keys: {exc}\n")
+            return 2
+
     if config.torch_threads and config.policy != "debug":  # the debug policy never loads torch
         import torch
 
@@ -58,16 +68,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if config.policy == "debug":
         logger.warning("serving the DEBUGGING policy: deterministic actions from no model")
-
-    curve_setup = None
-    if config.curve_keys is not None:
-        from server.security import curve_server_setup
-
-        try:
-            curve_setup = curve_server_setup(config.curve_keys)
-        except (ConfigError, ValueError, OSError) as exc:
-            sys.stderr.write(f"python -m server: error: --curve-keys: {exc}\n")
-            return 2
 
     from server.app import PolicyServer
 

@@ -63,7 +63,8 @@ class _curve_server:
 
         self.port = free_port()
         python = SERVER_PYTHON if Path(SERVER_PYTHON).exists() else sys.executable
-        self.proc = subprocess.Popen([python, "-m", "server", "--port", str(self.port), "--curve-keys", str(keys)],
+        self.proc = subprocess.Popen([python, "-m", "server", "--port", str(self.port), "--policy", "debug",
+                                      "--curve-keys", str(keys)],
                                      cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         server_public, _ = zmq.auth.load_certificate(str(keys / "server.key"))
@@ -93,7 +94,7 @@ def test_curve_keys_dir_validated_at_startup(tmp_path: Path) -> None:
     from serverproc import SERVER_PYTHON
 
     python = SERVER_PYTHON if Path(SERVER_PYTHON).exists() else sys.executable
-    result = subprocess.run([python, "-m", "server", "--curve-keys", str(tmp_path)], cwd=REPO,
+    result = subprocess.run([python, "-m", "server", "--policy", "debug", "--curve-keys", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--curve-keys" in result.stderr and "server.key_secret" in result.stderr
 
