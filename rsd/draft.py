@@ -34,6 +34,7 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "draft_config.json"
+MAX_SHARD_BYTES = 4 * 1024 * 1024  # keep every shipped file small
 WEIGHTS_NAME = "draft.safetensors"
 
 
@@ -160,21 +161,43 @@ class RFSQDraftModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
-        """Write ``draft.safetensors`` + ``draft_config.json`` into ``directory``."""
+        """Write the weights + ``draft_config.json`` into ``directory``.
+
+        Small drafts go in one ``draft.safetensors``; larger ones use the project's released-checkpoint
+        sharding (``model-0000K-of-0000N.safetensors`` + index, shards of at most ``MAX_SHARD_BYTES``), the
+        same mechanism the backbone uses, so no single shipped file grows past a few MB.
+        """
+        from models.common.safetensors_io import save_sharded
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        for old in [*d.glob("model-*.safetensors"), d / "model.safetensors.index.json", d / WEIGHTS_NAME]:
+            old.unlink(missing_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "kind": "rsd-draft"})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        if total <= MAX_SHARD_BYTES:
+            save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "kind": "rsd-draft"})
+        else:
+            save_sharded(state, d, num_shards=-(-total // MAX_SHARD_BYTES), metadata={"kind": "rsd-draft"})
         (d / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return d
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> RFSQDraftModel:
-        """Load a draft saved by :meth:`save` (safetensors only; no pickle)."""
+        """Load a draft saved by :meth:`save`, single-file or sharded (safetensors only; no pickle)."""
         d = Path(directory)
         cfg = DraftConfig(**json.loads((d / CONFIG_NAME).read_text()))
         model = cls.from_config(cfg)
-        model.load_state_dict(load_file(str(d / WEIGHTS_NAME), device=str(device)))
+        if (d / WEIGHTS_NAME).is_file():
+            state = load_file(str(d / WEIGHTS_NAME), device=str(device))
+        else:
+            from models.common.safetensors_io import checkpoint_shards
+
+            shards, _ = checkpoint_shards(d)
+            state = {}
+            for shard in shards:
+                state.update(load_file(str(shard), device=str(device)))
+        model.load_state_dict(state)
         return model.to(device).eval()
 
 
