@@ -1,0 +1,152 @@
+"""LIBERO success rates of several server variants on the same episodes, evaluated in parallel processes.
+
+Matrices:
+* ``rsd``   — the OpenVLA-RSD policy decoded main-only, with RSD ``exact`` and with RSD ``relaxed`` (issue 8).
+* ``quant`` — full precision vs RTN W4A8 vs DuQuant W4A8 (seed defaults, calibrated on demonstrations, never on
+  evaluation episodes) for each ``--quant-policy`` (issue 10).
+
+Every variant gets its own server; ``--workers`` simulator clients drain (variant, task) jobs, so all variants
+run the same init states with the same seed. Re-running the same command resumes (per-job results files).
+
+    .venv-libero/bin/python benchmarks/bench_libero_success.py --matrix rsd --trials 10 --workers 2
+    .venv-libero/bin/python benchmarks/bench_libero_success.py --matrix quant --quant-policy gr00t \
+        --gr00t-path DIR --calib-data 'artifacts/demos/*.hdf5' --trials 10
+
+``--quick`` (CI): main-only vs exact, task 0, one trial, 12 steps — it checks the machinery (real servers, real
+simulator), not the policy. Last line: one JSON object of the key figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks" / "support"))
+
+from libero_matrix import (  # noqa: E402
+    MatrixConfig,
+    Variant,
+    default_python,
+    quant_variants,
+    rsd_variants,
+)
+
+
+def parse_tasks(spec: str) -> list[int]:
+    try:
+        tasks = [int(t) for t in spec.split(",") if t.strip()]
+    except ValueError as e:
+        raise SystemExit(f"error: --tasks must be comma-separated integers, got {spec!r}") from e
+    if not tasks or min(tasks) < 0:
+        raise SystemExit(f"error: --tasks must list task ids >= 0, got {spec!r}")
+    return tasks
+
+
+def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
+    variants: list[Variant] = []
+    if args.matrix in ("rsd", "all"):
+        variants += rsd_variants(args.openvla_rsd_path, args.relaxed_r, args.relaxed_tau)
+    if args.matrix in ("quant", "all"):
+        for policy in args.quant_policy:
+            path = args.gr00t_path if policy == "gr00t" else args.openvla_rsd_path
+            if policy == "gr00t" and not path:
+                raise SystemExit("error: --quant-policy gr00t needs --gr00t-path DIR (a trained checkpoint)")
+            variants += quant_variants(policy, path, out / "packs", args.calib_data, args.calib_n,
+                                       args.denoising_steps)
+    if args.only:
+        keep = set(args.only.split(","))
+        unknown = keep - {v.label for v in variants}
+        if unknown:
+            raise SystemExit(f"error: --only names unknown variants {sorted(unknown)}; "
+                             f"known: {[v.label for v in variants]}")
+        variants = [v for v in variants if v.label in keep]
+    return variants
+
+
+def derived_figures(variants: dict) -> dict[str, float]:
+    """Ratios against the reference variant of each group (main-only; full precision)."""
+    out: dict[str, float] = {}
+    rate = {k: v["success_rate"] for k, v in variants.items()}
+    for label, r in rate.items():
+        if r is None:
+            continue
+        out[f"{label}_success_rate"] = round(r, 4)
+        ref = "main_only" if label in ("exact", "relaxed") else (
+            label.rsplit("_", 1)[0] + "_fp" if label.endswith(("_rtn", "_duquant")) else None)
+        if ref and rate.get(ref) is not None:
+            out[f"{label}_minus_{ref}_pts"] = round(100 * (r - rate[ref]), 2)
+            if rate[ref] > 0:
+                out[f"{label}_retention_vs_{ref}_pct"] = round(100 * r / rate[ref], 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--matrix", choices=("rsd", "quant", "all"), default="rsd")
+    ap.add_argument("--suite", default="libero_spatial")
+    ap.add_argument("--tasks", default="0,1,2,3,4,5,6,7,8,9")
+    ap.add_argument("--trials", type=int, default=10, help="trials (init states) per task")
+    ap.add_argument("--workers", type=int, default=2, help="simulator client processes at once (one per core)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--resolution", type=int, default=None, help="camera resolution (client default: 256)")
+    ap.add_argument("--max-steps", type=int, default=None, help="episode step cap (smoke runs only)")
+    ap.add_argument("--openvla-rsd-path", default=None, help="checkpoint (default: the embedded default model)")
+    ap.add_argument("--gr00t-path", default=None)
+    ap.add_argument("--quant-policy", nargs="+", default=["openvla-rsd"], choices=("openvla-rsd", "gr00t"))
+    ap.add_argument("--calib-data", default=None, help="glob of demonstration HDF5s for W4A8 calibration")
+    ap.add_argument("--calib-n", type=int, default=32)
+    ap.add_argument("--denoising-steps", type=int, default=8)
+    ap.add_argument("--relaxed-r", type=int, default=1)
+    ap.add_argument("--relaxed-tau", type=float, default=0.9)
+    ap.add_argument("--only", default=None, help="comma-separated variant labels to keep")
+    ap.add_argument("--device", default="cpu", help="server --device (cpu or cuda)")
+    ap.add_argument("--server-python", default=default_python(".venv"))
+    ap.add_argument("--client-python", default=default_python(".venv-libero"))
+    ap.add_argument("--out", default="artifacts/libero_success")
+    ap.add_argument("--quick", action="store_true", help="CI size: main-only vs exact, task 0, 1 trial, 12 steps")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.trials < 1 or args.workers < 1:
+        ap.error("--trials and --workers must be >= 1")
+    out = Path(args.out)
+    if args.quick:
+        args.matrix, args.only, args.tasks, args.trials, args.max_steps = "rsd", "main_only,exact", "0", 1, 12
+        out = out / "quick"
+    variants = build_variants(args, out)
+    cfg = MatrixConfig(suite=args.suite, tasks=parse_tasks(args.tasks), trials=args.trials, workers=args.workers,
+                       out_dir=out, seed=args.seed, max_steps=args.max_steps, resolution=args.resolution,
+                       server_python=args.server_python,
+                       client_python=args.client_python,
+                       server_extra=["--device", args.device] + (["--torch-threads", "1"] if args.device == "cpu" else []))
+    from libero_matrix import run_matrix
+
+    report = run_matrix(variants, cfg)
+    (out / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nLIBERO {cfg.suite}: tasks {cfg.tasks}, {cfg.trials} trials each, seed {cfg.seed}, "
+          f"{cfg.workers} workers, {report['wall_s']} s")
+    print(f"{'variant':<22} {'success':>12} {'rate':>7} {'95% CI':>15} {'mean steps':>10}  per task")
+    for label, s in report["variants"].items():
+        rate = "-" if s["success_rate"] is None else f"{100 * s['success_rate']:.1f}%"
+        ci = f"[{100 * s['ci95'][0]:.0f}, {100 * s['ci95'][1]:.0f}]"
+        steps = "-" if s["mean_steps"] is None else f"{s['mean_steps']:.0f}"
+        print(f"{label:<22} {s['successes']:>5}/{s['valid_episodes']:<6} {rate:>7} {ci:>15} {steps:>10}  "
+              f"{' '.join(s['per_task'].values())}")
+        acc = (s["server_report"].get("metadata", {}).get("rsd_totals") or {})
+        if acc:
+            print(f"{'':<22} rsd: {json.dumps(acc)[:200]}")
+    for f in report["failures"]:
+        print(f"FAILED job: {f}")
+    figures = derived_figures(report["variants"])
+    figures.update({"episodes_per_variant": cfg.trials * len(cfg.tasks), "wall_s": report["wall_s"],
+                    "failed_jobs": len(report["failures"]), "quick": args.quick})
+    print(json.dumps(figures))
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

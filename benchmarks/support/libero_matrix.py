@@ -1,0 +1,278 @@
+"""Run LIBERO success-rate evaluations for several server variants in parallel processes.
+
+Why a scheduler rather than one ``run_libero_eval.sh`` per variant: an episode is dominated by the
+simulator (one core each), so the throughput is set by how many simulator processes run at once, not by
+how many variants there are. Every variant gets one server; the work is cut into (variant, task) jobs
+that a pool of client processes drains, interleaved so all variants advance together and a run stopped
+early still compares them on the same episodes. Each job writes its own results file with ``--resume``,
+so re-running the same command continues where it stopped.
+
+Only the client side is imported here (no torch): servers run under ``server_python``, clients under
+``client_python``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench.libero_matrix")
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The seed document's W4A8 defaults, and the same grid with every DuQuant transform off (plain RTN).
+DUQUANT_SEED_ENV = {
+    "GR00T_DUQUANT_WBITS_DEFAULT": "4", "GR00T_DUQUANT_ABITS": "8", "GR00T_DUQUANT_BLOCK": "16",
+    "GR00T_DUQUANT_PERMUTE": "1", "GR00T_DUQUANT_ROW_ROT": "restore", "GR00T_DUQUANT_ACT_PCT": "99.9",
+    "GR00T_DUQUANT_LS": "0.15",
+}
+RTN_ENV = {
+    "GR00T_DUQUANT_ROT": "none", "GR00T_DUQUANT_PERMUTE": "0", "GR00T_DUQUANT_ROW_ROT": "0",
+    "GR00T_DUQUANT_CLIP_SEARCH": "0",
+}
+
+
+@dataclass
+class Variant:
+    """One server configuration under evaluation: a label, extra server flags and environment."""
+
+    label: str
+    server_args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_python(venv: str) -> str:
+    """The project's venv interpreter when it exists (set-up done), else the current one."""
+    p = REPO / venv / "bin" / "python"
+    return str(p) if p.exists() else sys.executable
+
+
+def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float) -> list[Variant]:
+    """Main-only vs RSD exact vs RSD relaxed on the OpenVLA-RSD policy (issue 8's LIBERO table)."""
+    base = ["--policy", "openvla-rsd"] + (["--model-path", model_path] if model_path else [])
+    return [
+        Variant("main_only", base + ["--rsd-enabled", "0"]),
+        Variant("exact", base + ["--rsd-mode", "exact"]),
+        Variant("relaxed", base + ["--rsd-mode", "relaxed", "--rsd-relaxed-r", str(relaxed_r),
+                                   "--rsd-relaxed-tau", str(relaxed_tau)]),
+    ]
+
+
+def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_data: str | None, calib_n: int,
+                   denoising_steps: int) -> list[Variant]:
+    """Full precision vs RTN W4A8 vs DuQuant W4A8 (seed defaults) for one policy (issue 10's table)."""
+    base = ["--policy", policy] + (["--model-path", model_path] if model_path else [])
+    if policy == "gr00t":
+        base += ["--denoising-steps", str(denoising_steps), "--embodiment-tag", "new_embodiment"]
+    calib = []
+    if calib_data:
+        calib = ["--policy-option", f"calib_data={calib_data}", "--policy-option", f"calib_n={calib_n}"]
+    q = {"GR00T_DUQUANT_CALIB_STEPS": str(calib_n)}
+    return [
+        Variant(f"{policy}_fp", base),
+        Variant(f"{policy}_rtn", base + calib, {**DUQUANT_SEED_ENV, **RTN_ENV, **q,
+                                                "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_rtn")}),
+        Variant(f"{policy}_duquant", base + calib, {**DUQUANT_SEED_ENV, **q,
+                                                    "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_duquant")}),
+    ]
+
+
+@dataclass
+class MatrixConfig:
+    """Everything one matrix run needs; filled from the benchmark's flags."""
+
+    suite: str
+    tasks: list[int]
+    trials: int
+    workers: int
+    out_dir: Path
+    seed: int = 7
+    max_steps: int | None = None
+    resolution: int | None = None
+    server_python: str = field(default_factory=lambda: default_python(".venv"))
+    client_python: str = field(default_factory=lambda: default_python(".venv-libero"))
+    server_extra: list[str] = field(default_factory=list)
+    ready_timeout_s: float = 900.0
+    job_timeout_s: float = 7200.0
+
+
+class _Server:
+    def __init__(self, v: Variant, cfg: MatrixConfig) -> None:
+        self.variant = v
+        self.port = free_port()
+        env = {k: val for k, val in os.environ.items() if not k.startswith("GR00T_DUQUANT_")}
+        env.update(v.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        self.log_path = cfg.out_dir / f"server_{v.label}.log"
+        self.cmd = [cfg.server_python, "-m", "server", "--port", str(self.port), *v.server_args, *cfg.server_extra]
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        from client.policy_client import PolicyClient, PolicyTimeoutError
+
+        client = PolicyClient(port=self.port, timeout_s=1.0)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server {self.variant.label} exited with {self.proc.returncode}; "
+                                       f"see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+                try:
+                    client.ping()
+                    return
+                except PolicyTimeoutError:
+                    continue
+        finally:
+            client.close()
+        raise RuntimeError(f"server {self.variant.label} not ready after {timeout_s:.0f}s; see {self.log_path}")
+
+    def server_report(self) -> dict[str, Any]:
+        """The server's own view after the run: metadata (RSD acceptance aggregates) and stats."""
+        from client.policy_client import PolicyClient, PolicyClientError
+
+        out: dict[str, Any] = {}
+        with PolicyClient(port=self.port, timeout_s=10.0) as c:
+            for name in ("metadata", "stats"):
+                try:
+                    out[name] = getattr(c, name)()
+                except PolicyClientError as e:
+                    out[name] = {"error": str(e)}
+        return out
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def _job_cmd(cfg: MatrixConfig, port: int, task: int, results: Path) -> list[str]:
+    cmd = [cfg.client_python, "-m", "client.libero.evaluate", cfg.suite, "--headless", "--port", str(port),
+           "--tasks", str(task), "--trials", str(cfg.trials), "--seed", str(cfg.seed), "--no-video",
+           "--no-progress", "--results", str(results), "--resume"]
+    if cfg.max_steps:
+        cmd += ["--max-steps", str(cfg.max_steps)]
+    if cfg.resolution:
+        cmd += ["--resolution", str(cfg.resolution)]
+    return cmd
+
+
+def _summarise(results_files: Sequence[Path]) -> dict[str, Any]:
+    succ = valid = errored = steps = 0
+    per_task: dict[str, list[int]] = {}
+    wall: list[float] = []
+    for f in results_files:
+        if not f.is_file():
+            continue
+        doc = json.loads(f.read_text())
+        for ep in doc.get("episodes", []):
+            if ep.get("errored"):
+                errored += 1
+                continue
+            valid += 1
+            succ += int(bool(ep["success"]))
+            steps += int(ep["steps"])
+            wall.append(float(ep["wall_time_s"]))
+            t = per_task.setdefault(str(ep["task_id"]), [0, 0])
+            t[0] += int(bool(ep["success"]))
+            t[1] += 1
+    from client.libero.results import wilson_ci
+
+    lo, hi = wilson_ci(succ, valid)
+    return {
+        "successes": succ, "valid_episodes": valid, "errored": errored,
+        "success_rate": (succ / valid) if valid else None, "ci95": [round(lo, 4), round(hi, 4)],
+        "per_task": {k: f"{s}/{n}" for k, (s, n) in sorted(per_task.items(), key=lambda kv: int(kv[0]))},
+        "mean_steps": (steps / valid) if valid else None,
+        "median_episode_wall_s": sorted(wall)[len(wall) // 2] if wall else None,
+    }
+
+
+def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]:
+    """Start one server per variant, drain (variant, task) jobs with ``cfg.workers`` clients, summarise."""
+    from tqdm import tqdm
+
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"variant labels must be unique: {labels}")
+    servers: dict[str, _Server] = {}
+    running: list[tuple[subprocess.Popen, str, int, float, Any]] = []
+    failures: list[str] = []
+    t_start = time.monotonic()
+    try:
+        for v in variants:
+            servers[v.label] = _Server(v, cfg)
+        for s in servers.values():
+            s.wait_ready(cfg.ready_timeout_s)
+        log.info("%d servers ready in %.1fs", len(servers), time.monotonic() - t_start)
+        # Task-major order: every variant sees task t before any variant sees task t+1.
+        jobs = [(v.label, t) for t in cfg.tasks for v in variants]
+        client_env = dict(os.environ)
+        client_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), client_env.get("PYTHONPATH", "")) if p)
+        client_env.setdefault("MUJOCO_GL", "egl")
+        bar = tqdm(total=len(jobs), desc="libero jobs", unit="job", dynamic_ncols=True)
+        pending = list(jobs)
+        while pending or running:
+            while pending and len(running) < cfg.workers:
+                label, task = pending.pop(0)
+                res = cfg.out_dir / label / f"task_{task:02d}.json"
+                res.parent.mkdir(parents=True, exist_ok=True)
+                logf = open(cfg.out_dir / label / f"task_{task:02d}.log", "a")  # noqa: SIM115 - closed below
+                proc = subprocess.Popen(_job_cmd(cfg, servers[label].port, task, res), cwd=REPO,
+                                        env=client_env, stdout=logf, stderr=subprocess.STDOUT)
+                running.append((proc, label, task, time.monotonic(), logf))
+            time.sleep(0.5)
+            still = []
+            for proc, label, task, t0, logf in running:
+                rc = proc.poll()
+                if rc is None and time.monotonic() - t0 > cfg.job_timeout_s:
+                    proc.kill()
+                    rc = proc.wait()
+                if rc is None:
+                    still.append((proc, label, task, t0, logf))
+                    continue
+                logf.close()
+                if rc != 0:
+                    failures.append(f"{label} task {task}: exit {rc} (see {cfg.out_dir / label})")
+                bar.update(1)
+            running = still
+        bar.close()
+        summary: dict[str, Any] = {}
+        for v in variants:
+            files = sorted((cfg.out_dir / v.label).glob("task_*.json"))
+            summary[v.label] = _summarise(files)
+            summary[v.label]["server"] = {"args": v.server_args, "env": v.env}
+            summary[v.label]["server_report"] = servers[v.label].server_report()
+        return {"variants": summary, "failures": failures, "wall_s": round(time.monotonic() - t_start, 1),
+                "suite": cfg.suite, "tasks": cfg.tasks, "trials": cfg.trials, "seed": cfg.seed,
+                "max_steps": cfg.max_steps, "resolution": cfg.resolution, "workers": cfg.workers}
+    finally:
+        for proc, *_rest in running:
+            if proc.poll() is None:
+                proc.kill()
+        for s in servers.values():
+            s.stop()
