@@ -27,10 +27,7 @@ import argparse
 import copy
 import json
 import logging
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +41,10 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks" / "support"))
+
+from libero_matrix import DUQUANT_SEED_ENV as SEED_ENV  # noqa: E402
+from libero_matrix import RTN_ENV  # noqa: E402
 
 from quant import DuQuantConfig, calibrate, quantized_layers, replace_linear_layers  # noqa: E402
 
@@ -54,12 +55,8 @@ INSTRUCTIONS = [
     "pick up the black bowl on the wooden cabinet and place it on the plate",
     "pick up the black bowl in the top drawer of the wooden cabinet and place it on the plate",
 ]
-#: DuQuant with every transform off == RTN (per-row symmetric weights without clip search, per-tensor activations).
-RTN_ENV = {"GR00T_DUQUANT_ROT": "none", "GR00T_DUQUANT_PERMUTE": "0", "GR00T_DUQUANT_ROW_ROT": "0",
-           "GR00T_DUQUANT_CLIP_SEARCH": "0"}
-SEED_ENV = {"GR00T_DUQUANT_WBITS_DEFAULT": "4", "GR00T_DUQUANT_ABITS": "8", "GR00T_DUQUANT_BLOCK": "16",
-            "GR00T_DUQUANT_PERMUTE": "1", "GR00T_DUQUANT_ROW_ROT": "restore", "GR00T_DUQUANT_ACT_PCT": "99.9",
-            "GR00T_DUQUANT_LS": "0.15"}
+# SEED_ENV: the seed's W4A8 defaults; RTN_ENV: DuQuant with every transform off == RTN (per-row symmetric
+# weights without clip search, per-tensor activations).
 
 
 # ---------------------------------------------------------------------------------------------- observations
@@ -227,86 +224,24 @@ def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: 
 
 
 # ---------------------------------------------------------------------------------------------- LIBERO
-def _wait_ping(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    from client.policy_client import PolicyClient, PolicyTimeoutError
-
-    client = PolicyClient(port=port, timeout_s=1.0)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
-            try:
-                client.ping()
-                return
-            except PolicyTimeoutError:
-                continue
-    finally:
-        client.close()
-    raise RuntimeError(f"server on port {port} not ready after {timeout_s}s")
-
-
 def libero_success(policy: str, path: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Start FP / RTN / DuQuant servers, run ``./run_libero_eval.sh`` against each in parallel, same episodes."""
-    import socket
+    """FP / RTN / DuQuant servers evaluated on the same LIBERO episodes (benchmarks/support/libero_matrix.py)."""
+    from libero_matrix import MatrixConfig, quant_variants, run_matrix
 
     if not (REPO / ".venv-libero" / "bin" / "python").exists():
         return {"skipped": ".venv-libero is missing (scripts/setup.sh libero)"}
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GR00T_DUQUANT_")}
-    variants = {"fp": {}, "rtn": {**SEED_ENV, **RTN_ENV}, "duquant": dict(SEED_ENV)}
-    servers: dict[str, tuple[subprocess.Popen, int]] = {}
-    evals: dict[str, subprocess.Popen] = {}
-    out: dict[str, Any] = {}
-    try:
-        for label, env in variants.items():
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            cmd = [str(REPO / "run_inference_server.sh"), "--policy", policy, "--model-path", path, "--port", str(port)]
-            if policy == "gr00t":
-                cmd += ["--denoising-steps", str(args.denoising_steps), "--embodiment-tag", "new_embodiment"]
-            if args.demos and label != "fp" and policy in ("gr00t", "openvla"):
-                cmd += ["--policy-option", f"calib_data={args.demos}", "--policy-option", f"calib_n={args.calib}"]
-            if env:
-                env = {**base, **env, "GR00T_DUQUANT_PACKDIR": str(workdir / f"packs_{label}"),
-                       "GR00T_DUQUANT_CALIB_STEPS": str(args.calib)}
-            else:
-                env = base
-            log = open(workdir / f"server_{label}.log", "w")  # noqa: SIM115 - closed with the process
-            servers[label] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), port)
-        for proc, port in servers.values():
-            _wait_ping(port, proc, 600)
-        for label, (_, port) in servers.items():
-            cmd = [str(REPO / "run_libero_eval.sh"), args.libero_suite, "--headless", "--port", str(port),
-                   "--trials", str(args.libero_trials), "--seed", str(args.seed), "--no-video", "--no-progress",
-                   "--results", str(workdir / f"results_{label}.json")]
-            if args.libero_tasks:
-                cmd += ["--tasks", args.libero_tasks]
-            if args.libero_max_steps:
-                cmd += ["--max-steps", str(args.libero_max_steps)]
-            log = open(workdir / f"eval_{label}.log", "w")  # noqa: SIM115
-            evals[label] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        for label, proc in evals.items():
-            proc.wait()
-            res = workdir / f"results_{label}.json"
-            if res.is_file():
-                s = json.loads(res.read_text())["summary"]
-                out[f"{label}_success_rate"] = s["success_rate"]
-                out[f"{label}_episodes"] = s.get("valid_episodes")
-            else:
-                out[f"{label}_error"] = f"no results (exit {proc.returncode}); see {workdir}/eval_{label}.log"
-    finally:
-        for proc in evals.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in servers.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    out["logs"] = str(workdir)
+    variants = quant_variants(policy, path, workdir / "packs", args.demos, args.calib, args.denoising_steps)
+    tasks = [int(t) for t in args.libero_tasks.split(",")] if args.libero_tasks else list(range(10))
+    cfg = MatrixConfig(suite=args.libero_suite, tasks=tasks, trials=args.libero_trials, workers=args.libero_workers,
+                       out_dir=workdir, seed=args.seed, max_steps=args.libero_max_steps,
+                       server_extra=["--torch-threads", "1"])
+    report = run_matrix(variants, cfg)
+    out: dict[str, Any] = {"logs": str(workdir), "failures": report["failures"]}
+    for v in variants:
+        label = v.label.rsplit("_", 1)[1]
+        s = report["variants"][v.label]
+        out[f"{label}_success_rate"] = s["success_rate"]
+        out[f"{label}_episodes"] = s["valid_episodes"]
     return out
 
 
@@ -319,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demos", default=None, help="glob of demonstration HDF5 files for calibration/held-out frames")
     ap.add_argument("--libero-trials", type=int, default=0, help="trials per task for LIBERO success (0: off)")
     ap.add_argument("--libero-suite", default="libero_spatial")
+    ap.add_argument("--libero-workers", type=int, default=2, help="simulator processes at once (one per core)")
     ap.add_argument("--libero-tasks", default=None, help="comma-separated task ids (default: all)")
     ap.add_argument("--libero-max-steps", type=int, default=None, help="episode step cap (smoke runs only)")
     ap.add_argument("--denoising-steps", type=int, default=8)
