@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI size (< 3 min): fewer observations, no LIBERO")
     ap.add_argument("--gr00t-dir", default=None)
-    ap.add_argument("--openvla-rsd-dir", default=None)
+    ap.add_argument("--openvla-rsd-dir", default=None,
+                    help="OpenVLA-RSD checkpoint (default: the embedded default model, when it exists)")
     ap.add_argument("--demos", default=None, help="glob of demonstration HDF5 files for calibration/held-out frames")
     ap.add_argument("--libero-trials", type=int, default=0, help="trials per task for LIBERO success (0: off)")
     ap.add_argument("--libero-suite", default="libero_spatial")
@@ -282,14 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"observations": source, "quick": args.quick}
     skipped = []
     targets: list[tuple[str, Callable[[], PolicyUnderTest], str | None]] = []
-    if args.gr00t_dir or (args.quick and not args.openvla_rsd_dir):
+    embedded = REPO / "models" / "checkpoints" / "openvla-rsd-libero-spatial"
+    if args.openvla_rsd_dir is None and (embedded / "config.json").is_file():
+        args.openvla_rsd_dir = str(embedded)
+    if args.gr00t_dir or args.quick:
         targets.append(("gr00t", lambda: gr00t_policy(args.gr00t_dir, args.denoising_steps, args.seed), args.gr00t_dir))
     else:
         skipped.append("gr00t (no --gr00t-dir)")
     if args.openvla_rsd_dir:
         targets.append(("openvla_rsd", lambda: openvla_rsd_policy(args.openvla_rsd_dir), args.openvla_rsd_dir))
     else:
-        skipped.append("openvla_rsd (no --openvla-rsd-dir: needs a trained OpenVLA-RSD checkpoint)")
+        skipped.append("openvla_rsd (no --openvla-rsd-dir and no embedded default model)")
     if not args.libero_trials:
         skipped.append("LIBERO success rates (--libero-trials 0" + (", --quick" if args.quick else "") + ")")
     summary: dict[str, Any] = {}

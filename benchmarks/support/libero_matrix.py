@@ -44,11 +44,12 @@ RTN_ENV = {
 
 @dataclass
 class Variant:
-    """One server configuration under evaluation: a label, extra server flags and environment."""
+    """One configuration under evaluation: a label, server flags and environment, extra client flags."""
 
     label: str
     server_args: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    client_args: list[str] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -169,7 +170,7 @@ class _Server:
         return self.proc.returncode
 
 
-def _job_cmd(cfg: MatrixConfig, port: int, task: int, results: Path) -> list[str]:
+def _job_cmd(cfg: MatrixConfig, v: Variant, port: int, task: int, results: Path) -> list[str]:
     cmd = [cfg.client_python, "-m", "client.libero.evaluate", cfg.suite, "--headless", "--port", str(port),
            "--tasks", str(task), "--trials", str(cfg.trials), "--seed", str(cfg.seed), "--no-video",
            "--no-progress", "--results", str(results), "--resume"]
@@ -177,7 +178,7 @@ def _job_cmd(cfg: MatrixConfig, port: int, task: int, results: Path) -> list[str
         cmd += ["--max-steps", str(cfg.max_steps)]
     if cfg.resolution:
         cmd += ["--resolution", str(cfg.resolution)]
-    return cmd
+    return cmd + v.client_args
 
 
 def _summarise(results_files: Sequence[Path]) -> dict[str, Any]:
@@ -217,6 +218,7 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     labels = [v.label for v in variants]
+    by_label = {v.label: v for v in variants}
     if len(set(labels)) != len(labels):
         raise ValueError(f"variant labels must be unique: {labels}")
     servers: dict[str, _Server] = {}
@@ -242,7 +244,7 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
                 res = cfg.out_dir / label / f"task_{task:02d}.json"
                 res.parent.mkdir(parents=True, exist_ok=True)
                 logf = open(cfg.out_dir / label / f"task_{task:02d}.log", "a")  # noqa: SIM115 - closed below
-                proc = subprocess.Popen(_job_cmd(cfg, servers[label].port, task, res), cwd=REPO,
+                proc = subprocess.Popen(_job_cmd(cfg, by_label[label], servers[label].port, task, res), cwd=REPO,
                                         env=client_env, stdout=logf, stderr=subprocess.STDOUT)
                 running.append((proc, label, task, time.monotonic(), logf))
             time.sleep(0.5)
@@ -265,7 +267,7 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
         for v in variants:
             files = sorted((cfg.out_dir / v.label).glob("task_*.json"))
             summary[v.label] = _summarise(files)
-            summary[v.label]["server"] = {"args": v.server_args, "env": v.env}
+            summary[v.label]["server"] = {"args": v.server_args, "env": v.env, "client_args": v.client_args}
             summary[v.label]["server_report"] = servers[v.label].server_report()
         return {"variants": summary, "failures": failures, "wall_s": round(time.monotonic() - t_start, 1),
                 "suite": cfg.suite, "tasks": cfg.tasks, "trials": cfg.trials, "seed": cfg.seed,
