@@ -137,3 +137,29 @@ def test_embedded_default_model_is_served_without_arguments() -> None:
     assert actions.shape == (8, 7) and np.isfinite(actions).all()
     assert set(np.unique(actions[:, -1])) <= {-1.0, 1.0}  # the RFSQ decoder keeps the gripper binary
     assert 5 <= rsd["main_passes_incl_prefill"] - 1 <= 7
+
+
+SHIPPED_GR00T = REPO / "models" / "checkpoints" / "gr00t-n1.5-tiny-libero-spatial"
+
+
+def test_shipped_trained_gr00t_serves_actions_inside_its_training_range() -> None:
+    """The trained tiny GR00T N1.5 (scripts/train_gr00t_model.sh) loads through --model-path like a 3B one and
+    its unnormalised actions stay inside the per-embodiment statistics it was trained with."""
+    import json
+
+    stats = json.loads((SHIPPED_GR00T / "experiment_cfg" / "metadata.json").read_text())
+    action_stats = stats["new_embodiment"]["statistics"]["action"]
+    lo = np.concatenate([np.asarray(action_stats[k]["min"]) for k in action_stats])
+    hi = np.concatenate([np.asarray(action_stats[k]["max"]) for k in action_stats])
+    args = ["--policy", "gr00t", "--model-path", str(SHIPPED_GR00T), "--denoising-steps", "8",
+            "--embodiment-tag", "new_embodiment"]
+    with ServerProcess(args=args) as proc, PolicyClient(port=proc.port, timeout_s=60) as client:
+        meta = client.metadata()
+        chunks = [client.infer(libero_obs(seed)) for seed in range(3)]
+    assert meta["policy"] == "gr00t" and meta["action_horizon"] == 16
+    for chunk in chunks:
+        assert chunk.shape == (16, 7) and np.isfinite(chunk).all()
+        span = hi - lo
+        assert (chunk >= lo - 0.05 * span).all() and (chunk <= hi + 0.05 * span).all()
+    # Different observations give different chunks (the policy reads its inputs).
+    assert not np.allclose(chunks[0], chunks[1])

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Train the tiny GR00T N1.5 policy (Eagle-style backbone + flow-matching DiT head) on LIBERO demonstrations and
+# install it, float16, in the released GR00T layout at models/checkpoints/gr00t-n1.5-tiny-libero-spatial.
+#   train   -> python -m models.gr00t.train (resumable: re-run the same command after an interruption)
+#   install -> re-save OUT as float16 shards (the loader casts back to float32) into the checkpoint folder
+# Usage: scripts/train_gr00t_model.sh [all|train|install]
+# Knobs (env): DEMOS (glob of LIBERO-layout HDF5 with both cameras + state_8d; render them with
+#              python -m client.libero.render_demos), OUT, STEPS, BATCH, LR, DEVICE, THREADS, PRESET, INIT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage="${1:-all}"
+DEMOS="${DEMOS:-artifacts/demos/libero_spatial/*.hdf5}"
+OUT="${OUT:-artifacts/gr00t/libero_spatial}"
+INSTALL_DIR=models/checkpoints/gr00t-n1.5-tiny-libero-spatial
+py=.venv/bin/python
+
+run_train() {
+  local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
+  $py -m models.gr00t.train --demos "$DEMOS" --out "$OUT" --preset "${PRESET:-tiny}" --steps "${STEPS:-6000}" \
+    --batch-size "${BATCH:-16}" --lr "${LR:-3e-4}" --denoising-steps 8 --device "${DEVICE:-cpu}" \
+    --threads "${THREADS:-0}" --resume "${init[@]}"
+}
+run_install() {
+  rm -rf "$INSTALL_DIR.tmp"
+  $py - "$OUT" "$INSTALL_DIR.tmp" <<'EOF'
+import sys
+
+import torch
+
+import models
+from models.gr00t.tiny import save_pretrained
+
+model = models.load_pretrained("gr00t", sys.argv[1])
+save_pretrained(model, sys.argv[2], num_shards=2, dtype=torch.float16)
+EOF
+  rm -rf "$INSTALL_DIR" && mv "$INSTALL_DIR.tmp" "$INSTALL_DIR"
+  du -sh "$INSTALL_DIR"
+}
+case "$stage" in
+  train) run_train ;; install) run_install ;;
+  all) run_train; run_install ;;
+  *) echo "usage: $0 [all|train|install]" >&2; exit 2 ;;
+esac
