@@ -182,7 +182,7 @@ def run_all(main, configs: dict[str, tuple[RSDConfig, object]], xs: list[torch.T
     engines = {name: SpeculativeDecoder(main, draft, cfg) for name, (cfg, draft) in configs.items()}
     for x in xs[:warm]:
         for eng in engines.values():
-            eng.generate(x)
+            eng.generate(*x) if isinstance(x, tuple) else eng.generate(x)
     for name, eng in engines.items():
         eng.reseed(configs[name][0].seed)
     rec: dict[str, dict[str, list]] = {
@@ -191,7 +191,7 @@ def run_all(main, configs: dict[str, tuple[RSDConfig, object]], xs: list[torch.T
     for x in xs:
         for name, eng in engines.items():
             t = time.perf_counter()
-            tokens, st = eng.generate(x)
+            tokens, st = eng.generate(*x) if isinstance(x, tuple) else eng.generate(x)
             r = rec[name]
             r["t"].append((time.perf_counter() - t) * 1e3)
             r["p"].append(st.main_passes)
@@ -213,6 +213,43 @@ def run_all(main, configs: dict[str, tuple[RSDConfig, object]], xs: list[torch.T
     return out
 
 
+def checkpoint_mode(args: argparse.Namespace) -> None:
+    """RSD vs main-only on a trained OpenVLA-RSD checkpoint, on real demonstration frames (B = 1)."""
+    from rsd.vla import load_openvla_rsd
+    from server.policies.calibration import calibration_observations
+
+    model = load_openvla_rsd(args.openvla_rsd_dir)
+    model.eval()
+    if model.draft is None:
+        raise SystemExit(f"error: {args.openvla_rsd_dir} has no draft model")
+    n = args.eval or (16 if args.quick else 64)
+    obs = calibration_observations(args.demos, n=n, seed=args.seed + 1)
+    with torch.inference_mode():
+        xs = [model.prefix(o["image"][None], [o["instruction"]]) for o in obs]
+    configs: dict[str, tuple[RSDConfig, object]] = {
+        "main-only": (RSDConfig(mode="exact", enabled=False), None),
+        "exact": (RSDConfig(mode="exact"), model.draft),
+    }
+    for r, tau in ((1, 0.9), (1, 0.8), (2, 0.9)):
+        configs[f"relaxed r={r} tau={tau}"] = (RSDConfig(mode="relaxed", relaxed_r=r, relaxed_tau=tau), model.draft)
+    with torch.inference_mode():
+        res = run_all(model.main, configs, xs, warm=min(4, len(xs)))
+    base = res["main-only"]
+    print(f"checkpoint {args.openvla_rsd_dir}: {len(xs)} demonstration frames, B=1, threads {args.threads}")
+    print(f"{'decoder':24s} {'ms/chunk':>9s} {'passes':>7s} {'speed-up':>9s} {'identical':>9s}  acceptance per layer")
+    figures: dict[str, object] = {"checkpoint": str(args.openvla_rsd_dir), "frames": len(xs)}
+    for name, r in res.items():
+        same = bool(torch.equal(r["tokens"], base["tokens"]))
+        speed = base["median_ms"] / r["median_ms"]
+        print(f"{name:24s} {r['median_ms']:9.2f} {r['passes']:7.2f} {speed:9.3f} {str(same):>9s}  "
+              f"{[round(a, 3) for a in r['acceptance']]}")
+        key = name.replace(" ", "_").replace("=", "").replace(".", "")
+        figures[f"{key}_speedup"] = round(speed, 4)
+        figures[f"{key}_main_passes"] = round(r["passes"], 3)
+    figures["exact_identical_to_main_only"] = bool(torch.equal(res["exact"]["tokens"], base["tokens"]))
+    print(json.dumps(figures))
+
+
 def main_cli() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI size")
@@ -226,11 +263,19 @@ def main_cli() -> None:
     ap.add_argument("--batch", type=int, default=8, help="batch size of the batched exact run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--openvla-rsd-dir", type=Path, default=None,
+                    help="time a trained OpenVLA-RSD checkpoint on demonstration frames instead (needs --demos)")
+    ap.add_argument("--demos", default=None, help="glob of LIBERO demonstration HDF5 files (with --openvla-rsd-dir)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.openvla_rsd_dir is not None:
+        if not args.demos:
+            ap.error("--openvla-rsd-dir needs --demos GLOB (frames to decode)")
+        checkpoint_mode(args)
+        return
     q = args.quick
     main_steps, n_distill, draft_steps = (300, 2048, 400) if q else (1500, 8192, 3000)
     n_eval = args.eval or (24 if q else 64)
