@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relaxed-tau", type=float, default=0.9)
     ap.add_argument("--only", default=None, help="comma-separated variant labels to keep")
     ap.add_argument("--device", default="cpu", help="server --device (cpu or cuda)")
+    ap.add_argument("--server-threads", type=int, default=1,
+                    help="torch CPU threads per server: many servers + simulators share the cores (also with cuda)")
     ap.add_argument("--server-python", default=default_python(".venv"))
     ap.add_argument("--client-python", default=default_python(".venv-libero"))
     ap.add_argument("--out", default="artifacts/libero_success")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                        out_dir=out, seed=args.seed, max_steps=args.max_steps, resolution=args.resolution,
                        server_python=args.server_python,
                        client_python=args.client_python,
-                       server_extra=["--device", args.device] + (["--torch-threads", "1"] if args.device == "cpu" else []))
+                       server_extra=["--device", args.device, "--torch-threads", str(args.server_threads)])
     from libero_matrix import run_matrix
 
     report = run_matrix(variants, cfg)
