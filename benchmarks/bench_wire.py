@@ -58,12 +58,54 @@ def bench_ours(n: int, warmup: int) -> dict[str, float]:
         client = PolicyClient(port=server.port, timeout_s=10)
         for _ in range(warmup):
             client.infer(obs)
-        samples = []
+        samples, server_ms = [], []
         for _ in range(n):
             t0 = time.perf_counter()
             client.infer(obs)
             samples.append((time.perf_counter() - t0) * 1000.0)
+            server_ms.append(float(client.last_reply["timing"]["server_ms"]))
         client.close()
+    return {**summarize(samples), "server_internal_p50_ms": float(np.median(server_ms))}
+
+
+def bench_raw_zmq(n: int, warmup: int) -> dict[str, float]:
+    """The floor: the same request frames through a bare DEALER -> ROUTER echo thread (no parsing, no policy)."""
+    import threading
+
+    import zmq
+
+    from client import wire
+
+    frames = wire.pack_frames(wire.make_request("infer", "bench", make_obs()))
+    reply = wire.pack_frames(wire.ok_reply("bench", actions=np.zeros((8, 7), np.float32)))
+    ctx = zmq.Context()
+    port = free_port()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port}")
+
+    def echo() -> None:
+        while True:
+            msg = router.recv_multipart(copy=False)
+            if len(msg) == 2 and msg[1].bytes == b"stop":
+                return
+            router.send_multipart([msg[0], *reply])
+
+    th = threading.Thread(target=echo, daemon=True)
+    th.start()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    samples = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        dealer.send_multipart(frames, copy=False)
+        dealer.recv_multipart()
+        if i >= warmup:
+            samples.append((time.perf_counter() - t0) * 1000.0)
+    dealer.send_multipart([b"stop"])
+    th.join(timeout=5)
+    dealer.close(0)
+    router.close(0)
+    ctx.term()
     return summarize(samples)
 
 
@@ -106,19 +148,23 @@ def main() -> None:
     warmup = 50
     # Interleave the two to share whatever the machine is doing: ours, baseline, ours, baseline.
     halves = [n // 2, n - n // 2]
-    ours, ws = [], []
+    ours, ws, raw = [], [], []
     for h in halves:
         ours.append(bench_ours(h, warmup))
         ws.append(bench_websocket(h, warmup))
+        raw.append(bench_raw_zmq(h, warmup))
     def merge(parts):
         return {k: float(np.median([p[k] for p in parts])) for k in parts[0]}
-    o, w = merge(ours), merge(ws)
-    rows = [("ours: msgpack + ZeroMQ (real server)", o), ("baseline: websocket + msgpack-numpy", w)]
+    o, w, r0 = merge(ours), merge(ws), merge(raw)
+    rows = [("ours: msgpack + ZeroMQ (real server)", o), ("baseline: websocket + msgpack-numpy", w),
+            ("floor: bare pyzmq echo, same frames", r0)]
     print(f"{'transport':40s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>8s}")
     for name, r in rows:
         print(f"{name:40s} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['mean_ms']:8.3f} {r['requests_per_s']:8.0f}")
     ratio = o["p50_ms"] / w["p50_ms"]
     print(f"p50 ratio ours/websocket: {ratio:.3f} (target <= 0.5); ours p50 {o['p50_ms']:.3f} ms (target < 1 ms)")
+    print(f"inside our server (receive -> reply, p50): {o['server_internal_p50_ms']:.3f} ms; "
+          f"bare ZeroMQ floor / websocket: {r0['p50_ms'] / w['p50_ms']:.3f}")
     print(json.dumps({
         "requests_each": n,
         "ours_p50_ms": round(o["p50_ms"], 4), "ours_p99_ms": round(o["p99_ms"], 4),
@@ -126,6 +172,9 @@ def main() -> None:
         "ours_requests_per_s": round(o["requests_per_s"], 1),
         "websocket_requests_per_s": round(w["requests_per_s"], 1),
         "p50_ratio_vs_websocket": round(ratio, 4),
+        "ours_server_internal_p50_ms": round(o["server_internal_p50_ms"], 4),
+        "raw_zmq_echo_p50_ms": round(r0["p50_ms"], 4),
+        "raw_zmq_floor_ratio_vs_websocket": round(r0["p50_ms"] / w["p50_ms"], 4),
     }))
 
 
