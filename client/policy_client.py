@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -204,3 +205,22 @@ def client_from_env(**overrides: Any) -> PolicyClient:
     }
     kwargs.update(overrides)
     return PolicyClient(**kwargs)
+
+
+def wait_until_serving(port: int, host: str = "127.0.0.1", timeout_s: float = 60.0,
+                       alive: Callable[[], bool] | None = None) -> bool:
+    """Ping until the server answers (True), ``timeout_s`` passes or ``alive()`` turns false (False).
+
+    For scripts that start a server process and must not talk to it before it has loaded its policy.
+    """
+    deadline = time.monotonic() + timeout_s
+    with PolicyClient(host, port, timeout_s=0.5, connect_retries=0) as client:
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                return False
+            try:
+                client.ping()
+                return True
+            except PolicyTimeoutError:
+                continue
+    return False

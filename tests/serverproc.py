@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,22 +46,13 @@ class ServerProcess:
         self._wait_ready(ready_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
-        from client.policy_client import PolicyClient, PolicyTimeoutError
+        from client.policy_client import wait_until_serving
 
-        deadline = time.monotonic() + timeout_s
-        client = PolicyClient(port=self.port, timeout_s=0.5)
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    self.stdout, self.stderr = self.proc.communicate()
-                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.stderr[-3000:]}")
-                try:
-                    client.ping()
-                    return
-                except PolicyTimeoutError:
-                    continue
-        finally:
-            client.close()
+        if wait_until_serving(self.port, timeout_s=timeout_s, alive=lambda: self.proc.poll() is None):
+            return
+        if self.proc.poll() is not None:
+            self.stdout, self.stderr = self.proc.communicate()
+            raise RuntimeError(f"server exited with {self.proc.returncode}: {self.stderr[-3000:]}")
         self.kill()
         raise RuntimeError(f"server not ready after {timeout_s}s: {self.stderr[-3000:]}")
 

@@ -251,3 +251,15 @@ def test_sigkill_mid_request_then_restart() -> None:
         obs = make_obs(21)
         np.testing.assert_allclose(client.infer(obs), expected_debug_actions(obs), atol=1e-6)
     client.close()
+
+
+def test_wait_until_serving_gives_up_on_a_dead_process_or_no_server() -> None:
+    from client.policy_client import wait_until_serving
+
+    port = free_port()
+    t0 = time.monotonic()
+    assert wait_until_serving(port, timeout_s=30, alive=lambda: False) is False
+    assert time.monotonic() - t0 < 5  # a dead process ends the wait at once, not at the timeout
+    assert wait_until_serving(port, timeout_s=1.0) is False  # nobody listening
+    with ServerProcess() as proc:
+        assert wait_until_serving(proc.port, timeout_s=10) is True

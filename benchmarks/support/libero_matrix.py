@@ -127,22 +127,13 @@ class _Server:
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float) -> None:
-        from client.policy_client import PolicyClient, PolicyTimeoutError
+        from client.policy_client import wait_until_serving
 
-        client = PolicyClient(port=self.port, timeout_s=1.0)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server {self.variant.label} exited with {self.proc.returncode}; "
-                                       f"see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
-                try:
-                    client.ping()
-                    return
-                except PolicyTimeoutError:
-                    continue
-        finally:
-            client.close()
+        if wait_until_serving(self.port, timeout_s=timeout_s, alive=lambda: self.proc.poll() is None):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server {self.variant.label} exited with {self.proc.returncode}; "
+                               f"see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
         raise RuntimeError(f"server {self.variant.label} not ready after {timeout_s:.0f}s; see {self.log_path}")
 
     def server_report(self) -> dict[str, Any]:

@@ -44,14 +44,12 @@ class FrameRef:
 
 def resolve_demo_files(pattern: str | Path | list[str | Path]) -> list[Path]:
     """Expand a glob (or list of globs/paths) to sorted HDF5 files; raise if nothing matches."""
-    items = pattern if isinstance(pattern, list) else [pattern]
-    paths: list[Path] = []
-    for item in items:
-        hits = sorted(globlib.glob(str(item), recursive=True))
-        paths.extend(Path(h) for h in hits if Path(h).is_file())
-    if not paths:
-        raise FileNotFoundError(f"calibration data: no files match {pattern!r}")
-    return sorted(set(paths))
+    from rsd.action_data import resolve_paths
+
+    try:
+        return resolve_paths(pattern)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"calibration data: no files match {pattern!r}") from None
 
 
 def _instruction(f: Any, demo: Any) -> str:
