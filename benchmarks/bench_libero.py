@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from client.libero.env import (  # noqa: E402
+    CameraGate,
     close_env,
     extract_obs,
     get_suite_tasks,
@@ -42,19 +43,26 @@ from client.libero.protocol import WAIT_ACTION  # noqa: E402
 WARMUP = 2
 
 
-def _step_rate(env, task, steps: int) -> dict[str, float]:
-    """Median ms/step of ``steps`` do-nothing steps after a warm-up, from init state 0."""
-    reset_to_init(env, task, 0, seed=7)
+def _step_rate(env, task, steps: int, gate: CameraGate | None = None, every: int = 8) -> dict[str, float]:
+    """Mean and median ms/step of ``steps`` small motions after a warm-up, from init state 0.
+
+    With a ``gate``, images are rendered only on every ``every``-th step, as an evaluation does with a
+    policy that replans every ``every`` actions (the mean is then the figure that matters).
+    """
+    reset_to_init(env, task, 0, seed=7, gate=gate)
     for _ in range(WARMUP):
         env.step(WAIT_ACTION.astype(np.float64))
     times = []
     for i in range(steps):
         a = np.array([0.0, 0.0, 0.2 if i % 2 else -0.2, 0, 0, 0, -1.0])
+        if gate is not None:
+            gate.open = (i + 1) % every == 0
         t0 = time.perf_counter()
         env.step(a)
         times.append((time.perf_counter() - t0) * 1000.0)
-    med = statistics.median(times)
-    return {"ms_per_step_p50": round(med, 2), "steps_per_s": round(1000.0 / med, 2), "n": steps}
+    med, mean = statistics.median(times), statistics.fmean(times)
+    return {"ms_per_step_p50": round(med, 2), "ms_per_step_mean": round(mean, 2),
+            "steps_per_s": round(1000.0 / mean, 2), "n": steps}
 
 
 def main() -> None:
@@ -87,6 +95,14 @@ def main() -> None:
         if res == 256:
             out["env_create_render256_s"] = round(time.perf_counter() - t0, 2)
         out[f"render_{res}"] = _step_rate(env, task, n_render)
+        if res == 256:
+            # what an evaluation pays with the camera gate and a policy that replans every 8 actions
+            gate = CameraGate(env)
+            out["render_256_gated_replan8"] = _step_rate(env, task, max(n_render, 16), gate=gate, every=8)
+            out["render_256_gated_renders"] = gate.rendered
+            out["gated_speedup_vs_render_every_step"] = round(
+                out["render_256"]["ms_per_step_mean"] / out["render_256_gated_replan8"]["ms_per_step_mean"], 2)
+            gate.open = True
         if res == 256:
             # client overhead on real observations: extraction (rotation + state) and wire encoding
             raw, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))
@@ -135,6 +151,9 @@ def main() -> None:
     print(f"physics only   {ph['ms_per_step_p50']:8.1f} ms/step  {ph['steps_per_s']:7.1f} steps/s")
     print(f"render 128^2   {r128['ms_per_step_p50']:8.1f} ms/step  {r128['steps_per_s']:7.1f} steps/s")
     print(f"render 256^2   {r256['ms_per_step_p50']:8.1f} ms/step  {r256['steps_per_s']:7.1f} steps/s")
+    g = out["render_256_gated_replan8"]
+    print(f"256^2 gated, images every 8th step {g['ms_per_step_mean']:8.1f} ms/step (mean)  "
+          f"{g['steps_per_s']:7.1f} steps/s  = {out['gated_speedup_vs_render_every_step']}x")
     print(f"client overhead {out['client_overhead_ms_per_query_p50']:.3f} ms/query "
           f"(extract {out['client_obs_extract_ms_p50']:.3f} + encode {out['client_wire_encode_ms_p50']:.3f})")
     ep = out["episode"]

@@ -129,3 +129,76 @@ def test_demo_file_layout(tmp_path, spatial_tasks):
     small = area_resize_half(img)
     assert small.shape == (128, 128, 3)
     assert abs(int(small[0, 0, 0]) - img[:2, :2, 0].mean()) <= 0.5
+
+
+class _RecordingClient:
+    """Stands in for the server in this unit test: records what it is sent, returns a fixed motion."""
+
+    def __init__(self, chunk_len: int) -> None:
+        self.chunk_len = chunk_len
+        self.sent: list[dict] = []
+
+    def metadata(self) -> dict:
+        return {"action_horizon": self.chunk_len, "replan_steps": self.chunk_len, "gripper_convention": "libero"}
+
+    def reset(self) -> None:
+        pass
+
+    def infer(self, obs: dict) -> np.ndarray:
+        self.sent.append({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in obs.items()})
+        k = len(self.sent)
+        t = np.arange(self.chunk_len)[:, None]
+        motion = 0.6 * np.sin(0.7 * (t + k * self.chunk_len) + np.arange(7)[None, :])
+        motion[:, 6] = -1.0
+        return motion.astype(np.float32)
+
+
+def test_camera_gate_sends_the_same_images_while_skipping_unused_renders(spatial_tasks, tmp_path):
+    """The gated episode sends bit-identical observations and renders only the frames that are sent."""
+    from client.libero.config import EvalConfig
+    from client.libero.env import CameraGate
+    from client.libero.evaluate import run_episode
+
+    task = spatial_tasks[0]
+    cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=12, num_wait_steps=3, resolution=96,
+                     save_video=False, results=str(tmp_path / "r.json"))
+    env = make_env(task, 96, cameras=True)
+    try:
+        always, gated = _RecordingClient(4), _RecordingClient(4)
+        ep_always, _ = run_episode(env, task, 0, cfg, always, {})
+        gate = CameraGate(env)
+        ep_gated, _ = run_episode(env, task, 0, cfg, gated, {}, gate)
+    finally:
+        close_env(env)
+    assert ep_always.steps == ep_gated.steps == 12 and not ep_always.errored and not ep_gated.errored
+    assert len(always.sent) == len(gated.sent) == 3  # 12 steps / chunks of 4
+    for a, g in zip(always.sent, gated.sent, strict=True):
+        for key in ("image", "wrist_image", "state"):
+            np.testing.assert_array_equal(a[key], g[key])
+        assert a["image"].std() > 10.0
+    # distinct frames were sent (the arm moved), so the gate did not serve a stale image
+    assert np.abs(gated.sent[0]["wrist_image"].astype(int) - gated.sent[2]["wrist_image"].astype(int)).max() > 0
+    # 2 cameras x (reset + 3 wait + 12 steps) sensor calls; rendered only for the 3 sent observations
+    assert gate.rendered == 2 * 3
+    assert gate.skipped >= 2 * (3 + 12 - 3)
+
+
+def test_camera_gate_keeps_the_video_camera_rendering(spatial_tasks, tmp_path):
+    """With videos on, the agent view renders every step (a fresh frame per step), the wrist camera does not."""
+    from client.libero.config import EvalConfig
+    from client.libero.env import CameraGate
+    from client.libero.evaluate import run_episode
+
+    task = spatial_tasks[0]
+    cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=6, num_wait_steps=1, resolution=64,
+                     save_video=True, results=str(tmp_path / "r.json"))
+    env = make_env(task, 64, cameras=True)
+    try:
+        gate = CameraGate(env, always_render=("agentview",))
+        ep, frames = run_episode(env, task, 0, cfg, _RecordingClient(3), {}, gate)
+    finally:
+        close_env(env)
+    assert ep.steps == 6 and len(frames) == 6
+    assert any(np.abs(frames[i].astype(int) - frames[i + 1].astype(int)).max() > 0 for i in range(5))
+    # agent view: reset + 1 wait + 6 steps = 8 renders; wrist: only the 2 sent observations
+    assert gate.rendered == 8 + 2

@@ -147,10 +147,83 @@ def make_env(task: TaskHandle, resolution: int | None = 256, *, cameras: bool = 
     return ControlEnv(bddl_file_name=task.bddl_file, has_offscreen_renderer=False, use_camera_obs=False)
 
 
-def reset_to_init(env: Any, task: TaskHandle, init_index: int, seed: int) -> dict[str, Any]:
-    """Standard episode start: ``env.seed``, ``env.reset``, ``env.set_init_state(init_states[k])``."""
+class CameraGate:
+    """Skips camera rendering on the steps whose images nobody reads.
+
+    Why: off-screen rendering is ~95% of a LIBERO step on a CPU machine (two 256x256 cameras through
+    OSMesa cost ~360 ms; the 25 physics sub-steps ~6 ms), yet a chunked policy looks at the images only
+    once per chunk. The gate wraps each camera's robosuite sensor: while ``open`` is False the sensor
+    returns its previous frame without rendering; while open it renders as usual. robosuite's own
+    sampling schedule is untouched, so a frame rendered with the gate open is bit-identical to the
+    frame an always-rendering env gives at that step (``tests/test_libero_sim.py`` checks this).
+    Physics never depends on rendering, so episodes are unchanged.
+
+    robosuite re-creates the sensors on every hard reset: call :meth:`install` after ``env.reset()``
+    (``reset_to_init`` does).
+    """
+
+    def __init__(self, env: Any, always_render: tuple[str, ...] = ()) -> None:
+        self.env = env
+        self.open = True
+        self.always_render = frozenset(always_render)  # cameras rendered at every step (e.g. for a video)
+        self.rendered = 0
+        self.skipped = 0
+        self._probing = False
+
+    def _robosuite_env(self) -> Any:
+        return getattr(self.env, "env", self.env)
+
+    def install(self) -> int:
+        """Wrap every camera image sensor (idempotent); returns how many are gated."""
+        inner = self._robosuite_env()
+        if not getattr(inner, "use_camera_obs", False):
+            return 0
+        count = 0
+        for cam, w, h in zip(inner.camera_names, inner.camera_widths, inner.camera_heights, strict=True):
+            observable = inner._observables.get(f"{cam}_image")
+            if observable is None:
+                continue
+            sensor = observable._sensor
+            if getattr(sensor, "__camera_gate__", None) is self:
+                count += 1
+                continue
+            self._probing = True  # robosuite calls a new sensor once to learn its shape: no render for that
+            try:
+                inner.modify_observable(observable_name=f"{cam}_image", attribute="sensor",
+                                        modifier=self._gated(sensor, cam, (int(h), int(w), 3)))
+            finally:
+                self._probing = False
+            count += 1
+        return count
+
+    def _gated(self, real_sensor: Any, camera: str, shape: tuple[int, int, int]) -> Any:
+        last: dict[str, np.ndarray] = {}
+        always = camera in self.always_render
+
+        def gated_sensor(obs_cache: dict[str, Any]) -> np.ndarray:
+            if (self.open or always) and not self._probing:
+                self.rendered += 1
+                last["frame"] = real_sensor(obs_cache)
+                return last["frame"]
+            self.skipped += 1
+            return last["frame"] if "frame" in last else np.zeros(shape, dtype=np.uint8)
+
+        gated_sensor.__modality__ = real_sensor.__modality__  # robosuite's @sensor attribute
+        gated_sensor.__camera_gate__ = self
+        return gated_sensor
+
+
+def reset_to_init(env: Any, task: TaskHandle, init_index: int, seed: int,
+                  gate: CameraGate | None = None) -> dict[str, Any]:
+    """Standard episode start: ``env.seed``, ``env.reset``, ``env.set_init_state(init_states[k])``.
+
+    With a ``gate``, it is (re)installed after the reset; whether the returned observation carries
+    fresh images is up to ``gate.open`` at call time.
+    """
     env.seed(seed)
     env.reset()
+    if gate is not None:
+        gate.install()
     return env.set_init_state(task.init_states[init_index % task.num_init_states])
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from client.libero.config import EvalConfig, config_from_args
-from client.libero.protocol import GRIPPER_LIBERO, WAIT_ACTION, convert_gripper
+from client.libero.protocol import GRIPPER_LIBERO, WAIT_ACTION, convert_gripper, rotate_180
 from client.libero.results import EpisodeResult, ResultsFile
 
 log = logging.getLogger("client.libero.evaluate")
@@ -46,9 +46,18 @@ def _percentile(xs: list[float], q: float) -> float | None:
 
 
 def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
-                contract_box: dict[str, Any]) -> tuple[EpisodeResult, list[np.ndarray]]:
-    """One episode; never raises for server trouble (returns an errored result instead)."""
+                contract_box: dict[str, Any], gate: Any = None) -> tuple[EpisodeResult, list[np.ndarray]]:
+    """One episode; never raises for server trouble (returns an errored result instead).
+
+    With a :class:`client.libero.env.CameraGate`, cameras render only on the steps whose observation is
+    sent to the server (the step that empties the action queue, the last wait step); the video's camera
+    renders at every step when videos are saved.
+    """
     from client.libero.env import extract_obs, reset_to_init
+
+    def need_images(needed: bool) -> None:
+        if gate is not None:
+            gate.open = needed
     from client.policy_client import PolicyClientError
 
     t0 = time.monotonic()
@@ -68,16 +77,18 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
                      c.meta.get("model_id", "?"), c.horizon, c.replan or "full chunk", c.gripper)
         contract = contract_box["c"]
         client.reset()
-        raw = reset_to_init(env, task, init_index, cfg.seed)
-        for _ in range(cfg.num_wait_steps):
+        need_images(cfg.num_wait_steps == 0)
+        raw = reset_to_init(env, task, init_index, cfg.seed, gate)
+        for i in range(cfg.num_wait_steps):
+            need_images(i == cfg.num_wait_steps - 1)
             raw, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))
         queue: list[np.ndarray] = []
         max_steps = cfg.effective_max_steps
         while steps < max_steps:
-            obs = extract_obs(raw, task.instruction)
             if cfg.save_video:
-                frames.append(obs["image"])
+                frames.append(rotate_180(raw["agentview_image"]))
             if not queue:
+                obs = extract_obs(raw, task.instruction)
                 q0 = time.perf_counter()
                 chunk = client.infer(obs)
                 latencies.append((time.perf_counter() - q0) * 1000.0)
@@ -88,12 +99,14 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
                 n = len(chunk) if contract.replan is None else min(contract.replan, len(chunk))
                 queue = list(chunk[:n])
             action = queue.pop(0)
+            # the observation after this step is sent only if the queue is now empty and steps remain
+            need_images(not queue and steps + 1 < max_steps)
             raw, _, done, _ = env.step(action.astype(np.float64))
             steps += 1
             if done:
                 success = True
                 if cfg.save_video:
-                    frames.append(extract_obs(raw, task.instruction)["image"])
+                    frames.append(rotate_180(raw["agentview_image"]))
                 break
     except PolicyClientError as e:
         errored = True
@@ -121,6 +134,7 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
 def evaluate(cfg: EvalConfig) -> int:
     """Run the whole evaluation; returns the process exit code."""
     from client.libero.env import (
+        CameraGate,
         close_env,
         get_suite_tasks,
         library_versions,
@@ -157,6 +171,7 @@ def evaluate(cfg: EvalConfig) -> int:
     bar = tqdm(total=len(todo), desc=cfg.suite, unit="ep", disable=not cfg.progress, dynamic_ncols=True)
     stopped = False
     env = None
+    gate = None
     current_task = None
     try:
         for task_id, trial in todo:
@@ -165,8 +180,10 @@ def evaluate(cfg: EvalConfig) -> int:
                 if env is not None:
                     close_env(env)
                 env = make_env(task, cfg.resolution, cameras=True)
+                gate = None if cfg.render_all_steps else CameraGate(
+                    env, always_render=("agentview",) if cfg.save_video else ())
                 current_task = task_id
-            ep, frames = run_episode(env, task, trial, cfg, client, contract_box)
+            ep, frames = run_episode(env, task, trial, cfg, client, contract_box, gate)
             if cfg.save_video and frames:
                 outcome = "errored" if ep.errored else ("success" if ep.success else "failure")
                 path = cfg.videos_path / episode_video_name(task_id, task.name, trial, outcome)
