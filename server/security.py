@@ -16,7 +16,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.thread import ThreadAuthenticator
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,11 @@ class CurveSetup:
 
     def __init__(self, public: bytes, secret: bytes, authorized: Path) -> None:
         self._public, self._secret, self._authorized = public, secret, authorized
-        self._auth: AsyncioAuthenticator | None = None
+        self._auth: ThreadAuthenticator | None = None
 
     def __call__(self, sock: zmq.Socket) -> None:
-        self._auth = AsyncioAuthenticator(sock.context)
+        # A thread, not the event loop, answers ZAP: the handshake never waits on a busy loop.
+        self._auth = ThreadAuthenticator(sock.context)
         self._auth.start()
         self._auth.configure_curve(domain="*", location=str(self._authorized))
         sock.curve_server = True

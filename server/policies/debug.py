@@ -28,9 +28,10 @@ def expected_debug_actions(obs: dict[str, Any], horizon: int = DEBUG_HORIZON) ->
     state = np.asarray(obs.get("state", np.zeros(1, np.float32)), dtype=np.float64).reshape(-1)
     if state.size == 0:
         state = np.zeros(1)
-    actions = np.zeros((horizon, DEBUG_ACTION_DIM), dtype=np.float64)
-    for j in range(DEBUG_ACTION_DIM - 1):
-        actions[:, j] = 0.01 * np.tanh(state[j % state.size]) + 0.001 * np.arange(horizon)
+    motion = DEBUG_ACTION_DIM - 1
+    per_dim = 0.01 * np.tanh(state[np.arange(motion) % state.size])
+    actions = np.empty((horizon, DEBUG_ACTION_DIM), dtype=np.float64)
+    actions[:, :motion] = per_dim[None, :] + 0.001 * np.arange(horizon)[:, None]
     image = obs.get("image")
     if isinstance(image, np.ndarray) and image.size:
         actions[:, 0] += float(image[::8, ::8].mean()) / 255.0 * 1e-3  # subsampled: keep the policy ~free
