@@ -6,6 +6,10 @@ reply 8x7 float32). Ours goes through the real server (`python -m server --polic
 
     python benchmarks/bench_wire.py [--quick] [--requests N]
 
+Two floors are measured in the same run to show where the time goes: a bare pyzmq DEALER/ROUTER echo
+of the same frames inside this process, and our client against a bare ZeroMQ echo in another process
+(``support/zmq_echo_server.py``: no validation, no batching, no policy).
+
 Last line: JSON with p50/p99 for both and ``p50_ratio_vs_websocket`` (target <= 0.5, p50 < 1 ms).
 """
 
@@ -109,6 +113,28 @@ def bench_raw_zmq(n: int, warmup: int) -> dict[str, float]:
     return summarize(samples)
 
 
+def bench_client_vs_echo_process(n: int, warmup: int) -> dict[str, float]:
+    """Our client (encode, send, poll, decode, id check) against a bare ZeroMQ echo in another process."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "support" / "zmq_echo_server.py"), str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        obs = make_obs()
+        with PolicyClient(port=port, timeout_s=10) as client:
+            for _ in range(warmup):
+                client.infer(obs)
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                client.infer(obs)
+                samples.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return summarize(samples)
+
+
 def bench_websocket(n: int, warmup: int) -> dict[str, float]:
     from websockets.sync.client import connect
     from ws_baseline_server import pack_array, unpack_array
@@ -148,23 +174,25 @@ def main() -> None:
     warmup = 50
     # Interleave the two to share whatever the machine is doing: ours, baseline, ours, baseline.
     halves = [n // 2, n - n // 2]
-    ours, ws, raw = [], [], []
+    ours, ws, raw, echo = [], [], [], []
     for h in halves:
         ours.append(bench_ours(h, warmup))
         ws.append(bench_websocket(h, warmup))
         raw.append(bench_raw_zmq(h, warmup))
+        echo.append(bench_client_vs_echo_process(h, warmup))
     def merge(parts):
         return {k: float(np.median([p[k] for p in parts])) for k in parts[0]}
-    o, w, r0 = merge(ours), merge(ws), merge(raw)
+    o, w, r0, e = merge(ours), merge(ws), merge(raw), merge(echo)
     rows = [("ours: msgpack + ZeroMQ (real server)", o), ("baseline: websocket + msgpack-numpy", w),
-            ("floor: bare pyzmq echo, same frames", r0)]
+            ("floor: bare pyzmq echo, same frames", r0), ("our client vs bare echo process", e)]
     print(f"{'transport':40s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>8s}")
     for name, r in rows:
         print(f"{name:40s} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['mean_ms']:8.3f} {r['requests_per_s']:8.0f}")
     ratio = o["p50_ms"] / w["p50_ms"]
     print(f"p50 ratio ours/websocket: {ratio:.3f} (target <= 0.5); ours p50 {o['p50_ms']:.3f} ms (target < 1 ms)")
     print(f"inside our server (receive -> reply, p50): {o['server_internal_p50_ms']:.3f} ms; "
-          f"bare ZeroMQ floor / websocket: {r0['p50_ms'] / w['p50_ms']:.3f}")
+          f"bare ZeroMQ floor / websocket: {r0['p50_ms'] / w['p50_ms']:.3f}; "
+          f"our client vs a bare echo process / websocket: {e['p50_ms'] / w['p50_ms']:.3f}")
     print(json.dumps({
         "requests_each": n,
         "ours_p50_ms": round(o["p50_ms"], 4), "ours_p99_ms": round(o["p99_ms"], 4),
@@ -175,6 +203,8 @@ def main() -> None:
         "ours_server_internal_p50_ms": round(o["server_internal_p50_ms"], 4),
         "raw_zmq_echo_p50_ms": round(r0["p50_ms"], 4),
         "raw_zmq_floor_ratio_vs_websocket": round(r0["p50_ms"] / w["p50_ms"], 4),
+        "client_vs_echo_process_p50_ms": round(e["p50_ms"], 4),
+        "client_vs_echo_process_ratio_vs_websocket": round(e["p50_ms"] / w["p50_ms"], 4),
     }))
 
 
