@@ -36,6 +36,8 @@ from libero_matrix import (  # noqa: E402
     rsd_variants,
 )
 
+from client.libero.results import mcnemar_exact_p  # noqa: E402
+
 
 def parse_tasks(spec: str) -> list[int]:
     try:
@@ -68,20 +70,50 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
     return variants
 
 
+def _reference(label: str) -> str | None:
+    if label in ("exact", "relaxed"):
+        return "main_only"
+    if label.endswith(("_rtn", "_duquant")):
+        return label.rsplit("_", 1)[0] + "_fp"
+    return None
+
+
+def comparisons(labels: list[str]) -> list[tuple[str, str]]:
+    """(variant, baseline) pairs worth a paired test: each variant vs its reference, DuQuant vs RTN."""
+    pairs = [(label, ref) for label in labels if (ref := _reference(label)) in labels]
+    pairs += [(label, label[: -len("_duquant")] + "_rtn") for label in labels
+              if label.endswith("_duquant") and label[: -len("_duquant")] + "_rtn" in labels]
+    return pairs
+
+
 def derived_figures(variants: dict) -> dict[str, float]:
-    """Ratios against the reference variant of each group (main-only; full precision)."""
+    """Ratios against the reference variant of each group (main-only; full precision), and paired tests.
+
+    Paired: on the episodes both variants ran, how many only one of them solved, and the exact McNemar
+    p-value (``*_vs_*_mcnemar_p``) — the variants run the same init states, so this is the right test.
+    """
     out: dict[str, float] = {}
     rate = {k: v["success_rate"] for k, v in variants.items()}
     for label, r in rate.items():
         if r is None:
             continue
         out[f"{label}_success_rate"] = round(r, 4)
-        ref = "main_only" if label in ("exact", "relaxed") else (
-            label.rsplit("_", 1)[0] + "_fp" if label.endswith(("_rtn", "_duquant")) else None)
+        ref = _reference(label)
         if ref and rate.get(ref) is not None:
             out[f"{label}_minus_{ref}_pts"] = round(100 * (r - rate[ref]), 2)
             if rate[ref] > 0:
                 out[f"{label}_retention_vs_{ref}_pct"] = round(100 * r / rate[ref], 1)
+    for a, b in comparisons(list(variants)):
+        oa, ob = variants[a].get("outcomes") or {}, variants[b].get("outcomes") or {}
+        shared = oa.keys() & ob.keys()
+        if not shared:
+            continue
+        only_a = sum(oa[k] and not ob[k] for k in shared)
+        only_b = sum(ob[k] and not oa[k] for k in shared)
+        out[f"{a}_vs_{b}_paired_episodes"] = len(shared)
+        out[f"{a}_vs_{b}_only_{a}"] = only_a
+        out[f"{a}_vs_{b}_only_{b}"] = only_b
+        out[f"{a}_vs_{b}_mcnemar_p"] = round(mcnemar_exact_p(only_a, only_b), 4)
     return out
 
 
@@ -141,9 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         acc = (s["server_report"].get("metadata", {}).get("rsd_totals") or {})
         if acc:
             print(f"{'':<22} rsd: {json.dumps(acc)[:200]}")
+    figures = derived_figures(report["variants"])
+    for a, b in comparisons(list(report["variants"])):
+        if f"{a}_vs_{b}_mcnemar_p" in figures:
+            print(f"paired {a} vs {b}: {figures[f'{a}_vs_{b}_paired_episodes']} episodes, only {a} "
+                  f"{figures[f'{a}_vs_{b}_only_{a}']}, only {b} {figures[f'{a}_vs_{b}_only_{b}']}, "
+                  f"exact McNemar p = {figures[f'{a}_vs_{b}_mcnemar_p']}")
     for f in report["failures"]:
         print(f"FAILED job: {f}")
-    figures = derived_figures(report["variants"])
     figures.update({"episodes_per_variant": cfg.trials * len(cfg.tasks), "wall_s": report["wall_s"],
                     "failed_jobs": len(report["failures"]), "quick": args.quick})
     print(json.dumps(figures))

@@ -88,3 +88,35 @@ def test_duplicate_labels_are_refused(tmp_path) -> None:
     cfg = lm.MatrixConfig(suite="libero_spatial", tasks=[0], trials=1, workers=1, out_dir=tmp_path)
     with pytest.raises(ValueError, match="unique"):
         lm.run_matrix([lm.Variant("a", []), lm.Variant("a", [])], cfg)
+
+
+def test_paired_comparison_counts_discordant_episodes_and_tests_them() -> None:
+    from client.libero.results import mcnemar_exact_p
+
+    fp = {f"0:{k}": k < 6 for k in range(10)}        # solves trials 0-5
+    rtn = {f"0:{k}": k in (0, 7) for k in range(10)}  # solves 0 and 7
+    dq = {f"0:{k}": k < 5 for k in range(10)}        # solves 0-4
+    variants = {
+        "gr00t_fp": {"success_rate": 0.6, "outcomes": fp},
+        "gr00t_rtn": {"success_rate": 0.2, "outcomes": rtn},
+        "gr00t_duquant": {"success_rate": 0.5, "outcomes": dq},
+    }
+    f = derived_figures(variants)
+    assert f["gr00t_duquant_vs_gr00t_rtn_only_gr00t_duquant"] == 4  # trials 1-4
+    assert f["gr00t_duquant_vs_gr00t_rtn_only_gr00t_rtn"] == 1      # trial 7
+    assert f["gr00t_duquant_vs_gr00t_fp_only_gr00t_fp"] == 1 and f["gr00t_duquant_vs_gr00t_fp_only_gr00t_duquant"] == 0
+    assert f["gr00t_rtn_vs_gr00t_fp_paired_episodes"] == 10
+    assert f["gr00t_duquant_vs_gr00t_rtn_mcnemar_p"] == pytest.approx(mcnemar_exact_p(4, 1), abs=1e-4)
+
+
+def test_mcnemar_exact_matches_the_binomial_tail() -> None:
+    from client.libero.results import mcnemar_exact_p
+
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(3, 3) == 1.0
+    # n = 17, min 5: 2 * sum_{i<=5} C(17, i) / 2^17 = 2 * 9402 / 131072
+    assert mcnemar_exact_p(12, 5) == pytest.approx(2 * 9402 / 131072)
+    assert mcnemar_exact_p(5, 12) == mcnemar_exact_p(12, 5)
+    assert mcnemar_exact_p(10, 0) == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError):
+        mcnemar_exact_p(-1, 2)

@@ -175,6 +175,7 @@ def _job_cmd(cfg: MatrixConfig, v: Variant, port: int, task: int, results: Path)
 def _summarise(results_files: Sequence[Path]) -> dict[str, Any]:
     succ = valid = errored = steps = 0
     per_task: dict[str, list[int]] = {}
+    outcomes: dict[str, bool] = {}  # "task:trial" -> success, for paired comparisons between variants
     wall: list[float] = []
     for f in results_files:
         if not f.is_file():
@@ -188,6 +189,7 @@ def _summarise(results_files: Sequence[Path]) -> dict[str, Any]:
             succ += int(bool(ep["success"]))
             steps += int(ep["steps"])
             wall.append(float(ep["wall_time_s"]))
+            outcomes[f"{ep['task_id']}:{ep['trial']}"] = bool(ep["success"])
             t = per_task.setdefault(str(ep["task_id"]), [0, 0])
             t[0] += int(bool(ep["success"]))
             t[1] += 1
@@ -200,6 +202,7 @@ def _summarise(results_files: Sequence[Path]) -> dict[str, Any]:
         "per_task": {k: f"{s}/{n}" for k, (s, n) in sorted(per_task.items(), key=lambda kv: int(kv[0]))},
         "mean_steps": (steps / valid) if valid else None,
         "median_episode_wall_s": sorted(wall)[len(wall) // 2] if wall else None,
+        "outcomes": outcomes,
     }
 
 

@@ -44,6 +44,22 @@ def wilson_ci(successes: int, n: int, z: float = 1.959963984540054) -> tuple[flo
     return lo, hi
 
 
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for a paired comparison of two policies on the same episodes.
+
+    ``only_a``/``only_b``: episodes that only policy A / only policy B solved (the discordant pairs).
+    Why: variants of a success-rate matrix run the very same init states, so the paired test uses far
+    more of the data than comparing two independent rates' intervals (which overlap at these sizes).
+    """
+    if only_a < 0 or only_b < 0:
+        raise ValueError("discordant counts must be >= 0")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
 @dataclass
 class EpisodeResult:
     """One evaluation episode. ``errored`` episodes (server down, timeout, error reply, simulator
