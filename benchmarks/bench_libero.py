@@ -103,7 +103,6 @@ def main() -> None:
             out["gated_speedup_vs_render_every_step"] = round(
                 out["render_256"]["ms_per_step_mean"] / out["render_256_gated_replan8"]["ms_per_step_mean"], 2)
             gate.open = True
-        if res == 256:
             # client overhead on real observations: extraction (rotation + state) and wire encoding
             raw, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))
             from client import wire

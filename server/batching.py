@@ -51,7 +51,6 @@ class DynamicBatcher:
         max_wait_ms: float,
         max_queue: int,
         request_timeout_s: float,
-        after_batch: Callable[[], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._worker = worker
@@ -59,7 +58,6 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
-        self._after_batch = after_batch  # e.g. the server re-checks its socket after sending replies
         self._queue: deque[PendingRequest] = deque()
         self._solo: deque[PendingRequest] = deque()  # requests of a failed batch, retried one by one
         self._busy = False
@@ -199,5 +197,3 @@ class DynamicBatcher:
                     item.respond(item, out, None, None, timing)
         finally:
             self._pump()
-            if self._after_batch is not None:
-                self._after_batch()

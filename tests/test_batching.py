@@ -50,6 +50,13 @@ async def _until(predicate, timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _finish(batcher: DynamicBatcher, worker: InferenceWorker) -> None:
+    """Close the batcher, wait for it to drain, stop the worker thread."""
+    batcher.close()
+    await batcher.drained()
+    worker.shutdown()
+
+
 def _make(recorder: Recorder, **kw: Any) -> tuple[DynamicBatcher, InferenceWorker]:
     worker = InferenceWorker(asyncio.get_running_loop())
     args = {"max_batch": 4, "max_wait_ms": 0.0, "max_queue": 64, "request_timeout_s": 30.0}
@@ -67,9 +74,7 @@ def test_a_lone_client_is_served_without_lingering() -> None:
         out, code, timing = replies[1]
         assert code is None and out.actions[0, 0] == 1 and timing["batch_size"] == 1
         assert rec.threads == {"inference"}  # ran on the worker thread, not the loop
-        batcher.close()
-        await batcher.drained()
-        worker.shutdown()
+        await _finish(batcher, worker)
 
     asyncio.run(main())
 
@@ -90,9 +95,7 @@ def test_requests_arriving_while_busy_form_one_batch_in_order() -> None:
         assert rec.batches == [[0], [1, 2, 3, 4], [5, 6]]
         assert all(replies[n][0].actions[0, 0] == n for n in range(7))
         assert replies[3][2]["batch_size"] == 4
-        batcher.close()
-        await batcher.drained()
-        worker.shutdown()
+        await _finish(batcher, worker)
 
     asyncio.run(main())
 
@@ -115,9 +118,7 @@ def test_lingers_for_recently_active_clients_then_batches_them() -> None:
         batcher.submit(_request(13, replies, client=bytes([3])))
         await _until(lambda: {11, 12, 13} <= replies.keys())
         assert rec.batches[-1] == [11, 12, 13]
-        batcher.close()
-        await batcher.drained()
-        worker.shutdown()
+        await _finish(batcher, worker)
 
     asyncio.run(main())
 
@@ -133,9 +134,7 @@ def test_linger_gives_up_after_max_wait() -> None:
         batcher.submit(_request(21, replies, client=bytes([1])))  # client 2 never sends
         await asyncio.wait_for(_until(lambda: 21 in replies), 2.0)
         assert rec.batches[-1] == [21]
-        batcher.close()
-        await batcher.drained()
-        worker.shutdown()
+        await _finish(batcher, worker)
 
     asyncio.run(main())
 
@@ -156,9 +155,7 @@ def test_a_failing_batch_is_retried_one_by_one_and_only_the_culprit_errors() -> 
         assert rec.batches == [[0], [1, 2, 3], [1], [2], [3]]
         assert replies[2][0] is None and replies[2][1] == "internal"
         assert [replies[n][0].actions[0, 0] for n in (0, 1, 3)] == [0, 1, 3]
-        batcher.close()
-        await batcher.drained()
-        worker.shutdown()
+        await _finish(batcher, worker)
 
     asyncio.run(main())
 
@@ -173,9 +170,7 @@ def test_requests_older_than_the_timeout_are_answered_timeout_not_run() -> None:
         await _until(lambda: len(replies) == 2)
         assert replies[1][1] == "timeout" and replies[2][1] is None
         assert rec.batches == [[2]]
-        batcher.close()
-        await batcher.drained()
-        worker.shutdown()
+        await _finish(batcher, worker)
 
     asyncio.run(main())
 
