@@ -1,7 +1,7 @@
 """LIBERO success rates of several server variants on the same episodes, evaluated in parallel processes.
 
 Matrices:
-* ``rsd``   — the OpenVLA-RSD policy decoded main-only, with RSD ``exact`` and with RSD ``relaxed`` (issue 8).
+* ``rsd``   — the OpenVLA-RSD policy decoded main-only, with RSD ``exact``, ``relaxed`` and ``relaxed-action``.
 * ``quant`` — full precision vs RTN W4A8 vs DuQuant W4A8 (seed defaults, calibrated on demonstrations, never on
   evaluation episodes) for each ``--quant-policy`` (issue 10).
 
@@ -52,7 +52,7 @@ def parse_tasks(spec: str) -> list[int]:
 def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
     variants: list[Variant] = []
     if args.matrix in ("rsd", "all"):
-        variants += rsd_variants(args.openvla_rsd_path, args.relaxed_r, args.relaxed_tau)
+        variants += rsd_variants(args.openvla_rsd_path, args.relaxed_r, args.relaxed_tau, args.action_eps)
     if args.matrix in ("quant", "all"):
         for policy in args.quant_policy:
             path = args.gr00t_path if policy == "gr00t" else args.openvla_rsd_path
@@ -71,7 +71,7 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
 
 
 def _reference(label: str) -> str | None:
-    if label in ("exact", "relaxed"):
+    if label in ("exact", "relaxed", "relaxed_action"):
         return "main_only"
     if label.endswith(("_rtn", "_duquant")):
         return label.rsplit("_", 1)[0] + "_fp"
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--denoising-steps", type=int, default=8)
     ap.add_argument("--relaxed-r", type=int, default=1)
     ap.add_argument("--relaxed-tau", type=float, default=0.9)
+    ap.add_argument("--action-eps", type=float, default=0.5,
+                    help="relaxed_action variant: tolerance per drafted layer in mm and degrees")
     ap.add_argument("--only", default=None, help="comma-separated variant labels to keep")
     ap.add_argument("--device", default="cpu", help="server --device (cpu or cuda)")
     ap.add_argument("--server-threads", type=int, default=1,

@@ -14,7 +14,13 @@ is *repaired* from the logits the verification pass already computed, with no ex
   layer is accepted (the draft's tokens are kept, lossy) when the fraction of passing codes is ``>= tau``, else
   repaired with main's argmax.
 
-All functions take logits shaped ``[B, C, V]`` (C codes per layer, V levels) and draft tokens ``[B, C]``.
+* ``relaxed-action``: the layer is accepted when the action chunk decoded with the draft's layer differs from
+  the chunk decoded with main's choice for it by at most a tolerance in millimetres / degrees, with the same
+  gripper sign at every step (:func:`accept_action`; the engine computes the deviations with
+  :class:`rsd.action_space.ActionSpace`), else repaired with main's argmax. Lossy, but bounded where it matters.
+
+All functions take logits shaped ``[..., C, V]`` (C codes per layer, V levels; leading dims e.g. batch and
+drafted layer, so a whole verification pass is decided at once) and draft tokens ``[..., C]``.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ def accept_relaxed(draft_tokens: Tensor, main_logits: Tensor, r: int, tau: float
     n_codes = draft_tokens.shape[-1]
     need = max(1, math.ceil(tau * n_codes - 1e-9))
     accepted = ok.sum(dim=-1) >= need
-    tokens = torch.where(accepted[:, None], draft_tokens, target)
+    tokens = torch.where(accepted[..., None], draft_tokens, target)
     return LayerDecision(tokens=tokens, accepted=accepted, code_pass=ok.float().mean(dim=-1))
 
 
@@ -108,6 +114,22 @@ def accept_sampling(
     resampled = _multinomial(residual, generator)
     tokens = torch.where(ok, draft_tokens, resampled)
     return LayerDecision(tokens=tokens, accepted=ok.all(dim=-1), code_pass=ok.float().mean(dim=-1))
+
+
+def accept_action(
+    draft_tokens: Tensor, main_logits: Tensor, pos_mm: Tensor, rot_deg: Tensor, flips: Tensor, eps_mm: float,
+    eps_deg: float,
+) -> LayerDecision:
+    """Acceptance in action space: keep the draft's layer where its chunk is within ``eps`` of main's choice.
+
+    ``pos_mm`` / ``rot_deg`` / ``flips`` ``[...]`` are the deviations between the chunk decoded with the draft's
+    layer and the chunk decoded with main's argmax for it (same decided prefix). ``code_pass`` reports the
+    fraction of codes equal to main's, as in the other modes.
+    """
+    target = main_logits.argmax(dim=-1)
+    accepted = (pos_mm <= eps_mm) & (rot_deg <= eps_deg) & (flips == 0)
+    tokens = torch.where(accepted[..., None], draft_tokens, target)
+    return LayerDecision(tokens=tokens, accepted=accepted, code_pass=(draft_tokens == target).float().mean(dim=-1))
 
 
 def decide_layer(

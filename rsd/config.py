@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-MODES: tuple[str, ...] = ("exact", "sampling", "relaxed")
+MODES: tuple[str, ...] = ("exact", "sampling", "relaxed", "relaxed-action")
 
 # field name -> (environment variable, CLI flag)
 _ENV_AND_FLAGS: dict[str, tuple[str, str]] = {
@@ -24,6 +24,12 @@ _ENV_AND_FLAGS: dict[str, tuple[str, str]] = {
     "temperature": ("RSD_TEMPERATURE", "--rsd-temperature"),
     "seed": ("RSD_SEED", "--rsd-seed"),
     "enabled": ("RSD_ENABLED", "--rsd-enabled"),
+    "decode_layers": ("RSD_DECODE_LAYERS", "--rsd-decode-layers"),
+    "action_eps_mm": ("RSD_ACTION_EPS_MM", "--rsd-action-eps-mm"),
+    "action_eps_deg": ("RSD_ACTION_EPS_DEG", "--rsd-action-eps-deg"),
+    "adaptive": ("RSD_ADAPTIVE", "--rsd-adaptive"),
+    "max_rounds": ("RSD_MAX_ROUNDS", "--rsd-max-rounds"),
+    "probe_every": ("RSD_PROBE_EVERY", "--rsd-probe-every"),
 }
 
 
@@ -42,19 +48,38 @@ class RSDConfig:
         relaxed_tau: in ``relaxed`` mode a layer is accepted when the fraction of accepted codes is ``>= tau``
             (``tau = 1`` means every code must pass). Default 0.9 with r = 1: on libero_spatial (10 tasks x 10
             trials, embedded default) it scored 9% vs main-only 3% with 5.5 main passes per chunk instead of 7.
-        draft_layers: number of coarse layers the draft proposes (k; the seed's draft has 3 heads).
+        draft_layers: most layers drafted per speculation round (k). 0 = as many as the draft can propose: every
+            remaining layer for a deep draft (rsd.draft.DeepDraftModel), its heads for the seed-shaped draft.
         temperature: softmax temperature of both models in ``sampling`` mode (ignored by greedy modes).
         seed: seed of the engine's random generator (sampling mode) so a run is reproducible.
         enabled: when false the engine decodes with the main model only (the baseline); useful for A/B.
+        decode_layers: decode only the first l RFSQ layers ("anytime" decoding: a residual code's prefix is a
+            coarser chunk; l - 1 fewer decoding steps). 0 = all layers. Applies to main-only and RSD alike.
+        action_eps_mm / action_eps_deg: ``relaxed-action`` tolerance per drafted layer: the chunk decoded with
+            the draft's layer may differ from the chunk decoded with main's choice by at most this end-effector
+            displacement (mm) and rotation (degrees) at every step, in LIBERO's OSC_POSE units
+            (rsd.action_space); the gripper sign must agree.
+        adaptive: choose the draft depth per round and batch from measured pass costs and per-layer acceptance
+            (k = 0 is a plain main step), so speculation runs only where it is expected to save time. Applies
+            to deep drafts; the seed-shaped draft always speculates once with its fixed k.
+        max_rounds: most speculation rounds per chunk (0 = no limit; 1 = speculate once, then main steps).
+        probe_every: under ``adaptive``, every n-th call speculates at full depth so acceptance estimates of
+            layers the planner stopped drafting stay current (0 = never).
     """
 
     mode: str = "exact"
     relaxed_r: int = 1
     relaxed_tau: float = 0.9
-    draft_layers: int = 3
+    draft_layers: int = 0
     temperature: float = 1.0
     seed: int = 0
     enabled: bool = True
+    decode_layers: int = 0
+    action_eps_mm: float = 0.5
+    action_eps_deg: float = 0.5
+    adaptive: bool = True
+    max_rounds: int = 0
+    probe_every: int = 16
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,8 +99,17 @@ class RSDConfig:
             raise RSDConfigError(f"{where('relaxed_r')}: must be an integer >= 0, got {self.relaxed_r!r}")
         if not (0.0 < float(self.relaxed_tau) <= 1.0):
             raise RSDConfigError(f"{where('relaxed_tau')}: must be in (0, 1], got {self.relaxed_tau!r}")
-        if not isinstance(self.draft_layers, int) or self.draft_layers < 1:
-            raise RSDConfigError(f"{where('draft_layers')}: must be an integer >= 1, got {self.draft_layers!r}")
+        if not isinstance(self.draft_layers, int) or self.draft_layers < 0:
+            raise RSDConfigError(f"{where('draft_layers')}: must be an integer >= 0 (0 = as deep as the draft "
+                                 f"proposes), got {self.draft_layers!r}")
+        for name in ("decode_layers", "max_rounds", "probe_every"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < 0:
+                raise RSDConfigError(f"{where(name)}: must be an integer >= 0, got {val!r}")
+        for name in ("action_eps_mm", "action_eps_deg"):
+            val = getattr(self, name)
+            if not isinstance(val, (int, float)) or not float(val) >= 0.0:
+                raise RSDConfigError(f"{where(name)}: must be a number >= 0, got {val!r}")
         if not (float(self.temperature) > 0.0):
             raise RSDConfigError(f"{where('temperature')}: must be > 0, got {self.temperature!r}")
         if not isinstance(self.seed, int):
@@ -94,6 +128,19 @@ class RSDConfig:
         group.add_argument("--rsd-temperature", default=None, help="sampling temperature (env RSD_TEMPERATURE)")
         group.add_argument("--rsd-seed", default=None, help="random seed (env RSD_SEED)")
         group.add_argument("--rsd-enabled", default=None, help="1/0: speculative or main-only (env RSD_ENABLED)")
+        group.add_argument("--rsd-decode-layers", default=None,
+                           help="decode only the first l RFSQ layers; 0 = all (env RSD_DECODE_LAYERS)")
+        group.add_argument("--rsd-action-eps-mm", default=None,
+                           help="relaxed-action: max end-effector deviation per drafted layer, mm (env RSD_ACTION_EPS_MM)")
+        group.add_argument("--rsd-action-eps-deg", default=None,
+                           help="relaxed-action: max rotation deviation per drafted layer, degrees "
+                                "(env RSD_ACTION_EPS_DEG)")
+        group.add_argument("--rsd-adaptive", default=None,
+                           help="1/0: choose the draft depth from measured costs and acceptance (env RSD_ADAPTIVE)")
+        group.add_argument("--rsd-max-rounds", default=None,
+                           help="most speculation rounds per chunk; 0 = no limit (env RSD_MAX_ROUNDS)")
+        group.add_argument("--rsd-probe-every", default=None,
+                           help="adaptive: full-depth probe every n calls; 0 = never (env RSD_PROBE_EVERY)")
 
     @classmethod
     def from_env_and_args(

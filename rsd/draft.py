@@ -171,7 +171,8 @@ class RFSQDraftModel(nn.Module):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        for old in [*d.glob("model-*.safetensors"), d / "model.safetensors.index.json", d / WEIGHTS_NAME]:
+        for old in [*d.glob("model-*.safetensors"), d / "model.safetensors.index.json", d / WEIGHTS_NAME,
+                    d / DEEP_CONFIG_NAME]:
             old.unlink(missing_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         total = sum(v.numel() * v.element_size() for v in state.values())
@@ -188,17 +189,149 @@ class RFSQDraftModel(nn.Module):
         d = Path(directory)
         cfg = DraftConfig(**json.loads((d / CONFIG_NAME).read_text()))
         model = cls.from_config(cfg)
-        if (d / WEIGHTS_NAME).is_file():
-            state = load_file(str(d / WEIGHTS_NAME), device=str(device))
-        else:
-            from models.common.safetensors_io import checkpoint_shards
-
-            shards, _ = checkpoint_shards(d)
-            state = {}
-            for shard in shards:
-                state.update(load_file(str(shard), device=str(device)))
+        state = _load_weights(d, device)
         model.load_state_dict(state)
         return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------- deep draft
+DEEP_CONFIG_NAME = "deep_draft_config.json"
+
+
+def draft_width_for(main_hidden: int) -> int:
+    """Width of a deep draft sized from its main model: an eighth of the main width, at least 128.
+
+    Why an eighth: the draft's cost must be a small fraction of one main decoding step. For a 4096-wide 7B
+    that is the seed's 512 (about 2 % of a step's weight traffic); for the shipped 128-wide tiny model the
+    floor of 128 keeps enough capacity, and its cost (~0.1 ms on one CPU thread) is set by per-op overhead,
+    not FLOPs.
+    """
+    return max(128, int(main_hidden) // 8)
+
+
+@dataclass
+class DeepDraftConfig:
+    """Shape of a :class:`DeepDraftModel` (saved as ``deep_draft_config.json``)."""
+
+    input_dim: int = 4096
+    hidden_dim: int = 512
+    num_layers: int = 8  # RFSQ layers L
+    codes: int = 128  # codes per layer (chunk_len x latent_dim)
+    levels: int = 7
+    num_blocks: int = 1
+    mlp_ratio: int = 2
+    kind: str = "deep"
+
+
+class DeepDraftModel(nn.Module):
+    """A draft that proposes *any* remaining RFSQ layers ``m .. L-1`` given the decided layers ``0 .. m-1``.
+
+    Input: the main model's last prefix hidden state ``h`` (what main used for layer 0) and the decided layers
+    (at least main's free layer 0), each entering as a sum of per-(layer, code, level) embeddings, plus an
+    embedding of ``m``. One residual MLP block, then one output matrix whose rows for layers ``m..m+n-1`` are
+    the only ones computed. So the same weights serve the first speculation round (m = 1) and every round after
+    a rejection (the decided prefix grows), which is what lets speculation continue instead of falling back to
+    one main step per layer. Trained by :func:`train_deep_draft` on main's own greedy layers with a random
+    prefix length per sample.
+    """
+
+    first_layer = 1
+    deep = True
+
+    def __init__(self, cfg: DeepDraftConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        d, cv = cfg.hidden_dim, cfg.codes * cfg.levels
+        self.num_layers, self.codes, self.levels = cfg.num_layers, cfg.codes, cfg.levels
+        self.input_projection = nn.Linear(cfg.input_dim, d)
+        self.prefix_embed = nn.Embedding(cfg.num_layers * cv, d)
+        nn.init.normal_(self.prefix_embed.weight, std=1.0 / cfg.codes**0.5)
+        self.depth_embed = nn.Embedding(cfg.num_layers, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
+            for _ in range(cfg.num_blocks)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, cfg.num_layers * cv)
+        offsets = torch.arange(cfg.num_layers)[:, None] * cv + torch.arange(cfg.codes)[None] * cfg.levels
+        self.register_buffer("_offsets", offsets, persistent=False)  # [L, C]
+
+    def _features(self, hidden: Tensor, prefix: Tensor, depth: Tensor) -> Tensor:
+        """``h [B, H]``, decided codes ``[B, L', C]`` (rows >= depth ignored), ``depth [B]`` -> ``[B, D]``."""
+        x = self.input_projection(hidden.to(self.input_projection.weight.dtype))
+        n = prefix.shape[1]
+        emb = self.prefix_embed(prefix.long() + self._offsets[:n]).sum(dim=-2)  # [B, L', D]
+        keep = torch.arange(n, device=prefix.device)[None] < depth[:, None]
+        x = x + (emb * keep[..., None].to(emb.dtype)).sum(dim=1) + self.depth_embed(depth)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.norm(x)
+
+    def forward(self, hidden: Tensor, prefix: Tensor, num: int | None = None) -> Tensor:
+        """Logits ``[B, num, C, V]`` (float32) for layers ``m .. m+num-1`` where ``m = prefix.shape[1]``."""
+        b, m = hidden.shape[0], prefix.shape[1]
+        if not 1 <= m < self.num_layers:
+            raise ValueError(f"a deep draft needs 1..{self.num_layers - 1} decided layers, got {m}")
+        num = self.num_layers - m if num is None else min(int(num), self.num_layers - m)
+        depth = torch.full((b,), m, dtype=torch.long, device=hidden.device)
+        x = self._features(hidden, prefix, depth)
+        cv = self.codes * self.levels
+        rows = slice(m * cv, (m + num) * cv)
+        logits = F.linear(x, self.out.weight[rows], self.out.bias[rows])
+        return logits.float().view(b, num, self.codes, self.levels)
+
+    def all_logits(self, hidden: Tensor, layers: Tensor, depth: Tensor) -> Tensor:
+        """Training view: logits for every layer ``[B, L, C, V]`` given per-sample prefix lengths ``depth``."""
+        x = self._features(hidden, layers, depth)
+        return self.out(x).float().view(-1, self.num_layers, self.codes, self.levels)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, directory: str | Path) -> Path:
+        """Weights (project sharding above 4 MB, like :meth:`RFSQDraftModel.save`) + ``deep_draft_config.json``."""
+        from models.common.safetensors_io import save_sharded
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        for old in [*d.glob("model-*.safetensors"), d / "model.safetensors.index.json", d / WEIGHTS_NAME,
+                    d / CONFIG_NAME]:
+            old.unlink(missing_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        if total <= MAX_SHARD_BYTES:
+            save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "kind": "rsd-deep-draft"})
+        else:
+            save_sharded(state, d, num_shards=-(-total // MAX_SHARD_BYTES), metadata={"kind": "rsd-deep-draft"})
+        (d / DEEP_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> DeepDraftModel:
+        d = Path(directory)
+        model = cls(DeepDraftConfig(**json.loads((d / DEEP_CONFIG_NAME).read_text())))
+        model.load_state_dict(_load_weights(d, device))
+        return model.to(device).eval()
+
+
+def _load_weights(d: Path, device: str | torch.device) -> dict[str, Tensor]:
+    if (d / WEIGHTS_NAME).is_file():
+        return load_file(str(d / WEIGHTS_NAME), device=str(device))
+    from models.common.safetensors_io import checkpoint_shards
+
+    shards, _ = checkpoint_shards(d)
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(shard), device=str(device)))
+    return state
+
+
+def load_draft(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load whichever draft ``directory`` holds: a deep draft or the seed-shaped :class:`RFSQDraftModel`."""
+    d = Path(directory)
+    if (d / DEEP_CONFIG_NAME).is_file():
+        return DeepDraftModel.load(d, device)
+    return RFSQDraftModel.load(d, device)
 
 
 # ---------------------------------------------------------------------- training
@@ -322,8 +455,33 @@ def train_draft(
     soft KL with weight ``cfg.kl_weight``. A layer-0-conditioned draft (``first_layer == 1``) takes main's layer
     0 tokens ``layer0 [N, C]`` and ``targets`` are then layers ``1..k``. Seeded, so a run is reproducible.
     """
+    device = next(draft.parameters()).device
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        logits = draft(hidden[idx].to(device), None if layer0 is None else layer0[idx].to(device))
+        k = logits.shape[1]
+        return draft_loss(
+            logits,
+            targets[idx, :k].to(device),
+            None if gt_targets is None else gt_targets[idx, :k].to(device),
+            None if teacher_logits is None else teacher_logits[idx, :k].to(device),
+            cfg.gt_weight,
+            cfg.kl_weight,
+        )
+
+    def validate() -> dict[str, float]:
+        if val is None:
+            return {}
+        m = evaluate_draft(draft, *val, layer0=val_layer0)
+        return {"val_code_acc": m.mean_code_accuracy} | {f"val_layer{j}_agree": a for j, a in enumerate(m.layer_agreement)}
+
+    return _fit(draft, hidden.shape[0], batch_loss, validate, cfg, "draft" if progress else None)
+
+
+def _fit(model: nn.Module, n: int, batch_loss, validate, cfg: DraftTrainConfig, progress: str | None) -> list[dict]:
+    """AdamW + warm-up/cosine loop shared by both draft kinds; ``batch_loss(idx)`` -> loss of those samples."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -332,40 +490,93 @@ def train_draft(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    n = hidden.shape[0]
     history: list[dict[str, float]] = []
-    draft.train()
+    model.train()
     steps = range(cfg.steps)
     if progress:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc="draft", leave=False)
-    device = next(draft.parameters()).device
+        steps = tqdm(steps, desc=progress, leave=False)
     for step in steps:
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        logits = draft(hidden[idx].to(device), None if layer0 is None else layer0[idx].to(device))
-        k = logits.shape[1]
-        loss = draft_loss(
-            logits,
-            targets[idx, :k].to(device),
-            None if gt_targets is None else gt_targets[idx, :k].to(device),
-            None if teacher_logits is None else teacher_logits[idx, :k].to(device),
-            cfg.gt_weight,
-            cfg.kl_weight,
-        )
+        loss = batch_loss(torch.randint(0, n, (cfg.batch_size,), generator=gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"step": float(step + 1), "loss": float(loss.detach())}
-            if val is not None:
-                m = evaluate_draft(draft, *val, layer0=val_layer0)
-                rec["val_code_acc"] = m.mean_code_accuracy
-                for j, a in enumerate(m.layer_agreement):
-                    rec[f"val_layer{j}_agree"] = a
+            rec = {"step": float(step + 1), "loss": float(loss.detach())} | validate()
             history.append(rec)
-            logger.info("draft step %d: %s", step + 1, rec)
-    draft.eval()
+            logger.info("%s step %d: %s", progress or "draft", step + 1, rec)
+    model.eval()
     return history
+
+
+def train_deep_draft(
+    draft: DeepDraftModel,
+    hidden: Tensor,
+    layers: Tensor,
+    cfg: DraftTrainConfig,
+    val: tuple[Tensor, Tensor] | None = None,
+    progress: bool = False,
+) -> list[dict[str, float]]:
+    """Distil a :class:`DeepDraftModel` from main's greedy layers ``[N, L, C]`` and last hidden states ``[N, H]``.
+
+    Each sample gets a random number m of decided layers (1..L-1): the draft sees layers ``0..m-1`` and is trained
+    with cross-entropy on layers ``m..L-1`` -- the situation of any speculation round.
+    """
+    device = next(draft.parameters()).device
+    n_layers = draft.num_layers
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    rows = torch.arange(n_layers)
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        depth = torch.randint(1, n_layers, (idx.shape[0],), generator=gen)
+        lay = layers[idx].to(device)
+        logits = draft.all_logits(hidden[idx].to(device), lay, depth.to(device))
+        target_mask = (rows[None] >= depth[:, None]).to(device)  # [B, L]
+        ce = F.cross_entropy(logits.reshape(-1, draft.levels), lay.reshape(-1).long(), reduction="none")
+        ce = ce.view(idx.shape[0], n_layers, -1).mean(-1)
+        return (ce * target_mask).sum() / target_mask.sum()
+
+    def validate() -> dict[str, float]:
+        if val is None:
+            return {}
+        m = evaluate_deep_draft(draft, *val)
+        return {"val_round1_code_acc": sum(m["round1_code_accuracy"]) / len(m["round1_code_accuracy"])}
+
+    return _fit(draft, hidden.shape[0], batch_loss, validate, cfg, "deep draft" if progress else None)
+
+
+@torch.no_grad()
+def evaluate_deep_draft(draft: DeepDraftModel, hidden: Tensor, layers: Tensor, batch_size: int = 256) -> dict:
+    """Per-layer agreement of a deep draft with main's greedy layers, in the two situations the engine meets.
+
+    ``round1_*``: every layer 1..L-1 proposed at once from layer 0 (the first round); ``given_prefix_*``: layer j
+    proposed from main's layers 0..j-1 (a round that starts at j after a rejection).
+    """
+    was = draft.training
+    draft.eval()
+    n, n_layers = hidden.shape[0], draft.num_layers
+    r1_code = torch.zeros(n_layers - 1, dtype=torch.float64)
+    r1_layer = torch.zeros_like(r1_code)
+    gp_code = torch.zeros_like(r1_code)
+    gp_layer = torch.zeros_like(r1_code)
+    for i in range(0, n, batch_size):
+        h, lay = hidden[i : i + batch_size], layers[i : i + batch_size].to(hidden.device)
+        b = h.shape[0]
+        eq = draft(h, lay[:, :1]).argmax(-1) == lay[:, 1:]
+        r1_code += eq.double().mean(-1).sum(0).cpu()
+        r1_layer += eq.all(-1).double().sum(0).cpu()
+        for j in range(1, n_layers):
+            logits = draft.all_logits(h, lay, torch.full((b,), j, dtype=torch.long, device=h.device))[:, j]
+            eqj = logits.argmax(-1) == lay[:, j]
+            gp_code[j - 1] += eqj.double().mean(-1).sum().cpu()
+            gp_layer[j - 1] += eqj.all(-1).double().sum().cpu()
+    draft.train(was)
+    return {
+        "round1_code_accuracy": (r1_code / n).tolist(),
+        "round1_layer_agreement": (r1_layer / n).tolist(),
+        "given_prefix_code_accuracy": (gp_code / n).tolist(),
+        "given_prefix_layer_agreement": (gp_layer / n).tolist(),
+    }

@@ -198,34 +198,60 @@ def _distillation_set(model: OpenVLARSD, samples: VLASamples, n: int, batch: int
 
 
 def train_draft_stage(args: argparse.Namespace) -> dict:
-    from rsd.draft import DraftConfig, DraftTrainConfig, RFSQDraftModel, evaluate_draft, train_draft
-    from rsd.rfsq import RFSQTokenizer  # noqa: F401  (tokenizer comes with the model dir)
+    """Distil the draft from the frozen main model's greedy layers on demonstration frames; save it into the model.
+
+    ``--kind deep`` (default): :class:`rsd.draft.DeepDraftModel` sized from the main model, proposing any
+    remaining layers given the decided ones. ``--kind seed``: the seed's 3-layer draft (512-wide decoder).
+    """
+    from rsd.draft import (
+        DeepDraftConfig,
+        DeepDraftModel,
+        DraftConfig,
+        DraftTrainConfig,
+        RFSQDraftModel,
+        draft_width_for,
+        evaluate_deep_draft,
+        evaluate_draft,
+        train_deep_draft,
+        train_draft,
+    )
 
     torch.manual_seed(args.seed)
     model = load_openvla_rsd(args.model, device=args.device, with_draft=False)
     samples = load_vla_samples(args.demos, max_demos_per_file=args.max_demos_per_task)
     train, held = samples.split_by_demo(args.heldout_frac, args.seed)
-    h_train, t_train, j_train = _distillation_set(model, train, args.max_samples, 64, args.seed)
     if not len(held):
         raise SystemExit("draft: no held-out demonstrations (raise --heldout-frac or add demonstrations)")
+    h_train, t_train, j_train = _distillation_set(model, train, args.max_samples, 64, args.seed)
     h_held, t_held, _ = _distillation_set(model, held, max(256, args.max_samples // 8), 64, args.seed)
-    k = 3
-    cfg = DraftConfig(input_dim=model.hidden_size, num_coarse_layers=k, num_decoder_layers=args.draft_layers)
-    draft = RFSQDraftModel.from_config(cfg)
-    gt = _tokens_for(train.subset(j_train), model.tokenizer)[:, :k]
     tcfg = DraftTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            gt_weight=args.gt_weight, warmup_steps=min(200, args.steps // 10))
-    train_draft(draft, h_train, t_train[:, :k], tcfg, gt_targets=gt, val=(h_held, t_held[:, :k]), progress=True)
-    metrics = evaluate_draft(draft, h_held, t_held[:, :k])
+                            gt_weight=args.gt_weight, warmup_steps=min(200, args.steps // 10),
+                            log_every=max(1, args.steps // 10))
+    report: dict = {"kind": args.kind, "train_samples": int(len(h_train)), "heldout_samples": int(len(h_held)),
+                    "steps": args.steps}
+    if args.kind == "deep":
+        width = args.width or draft_width_for(model.hidden_size)
+        cfg = DeepDraftConfig(input_dim=model.hidden_size, hidden_dim=width, num_layers=model.main.num_layers,
+                              codes=model.main.codes_per_layer, levels=model.main.levels, num_blocks=args.blocks)
+        draft = DeepDraftModel(cfg)
+        train_deep_draft(draft, h_train, t_train, tcfg, val=(h_held, t_held), progress=True)
+        report |= {"width": width, "blocks": args.blocks, "parameters": draft.num_parameters(),
+                   **evaluate_deep_draft(draft, h_held, t_held)}
+    else:
+        k = 3
+        cfg_seed = DraftConfig(input_dim=model.hidden_size, num_coarse_layers=k, num_decoder_layers=args.draft_layers)
+        draft = RFSQDraftModel.from_config(cfg_seed)
+        gt = _tokens_for(train.subset(j_train), model.tokenizer)[:, :k]
+        train_draft(draft, h_train, t_train[:, :k], tcfg, gt_targets=gt, val=(h_held, t_held[:, :k]), progress=True)
+        metrics = evaluate_draft(draft, h_held, t_held[:, :k])
+        report |= {
+            "heldout_code_accuracy_per_layer": metrics.code_accuracy,
+            "heldout_layer_agreement_per_layer": metrics.layer_agreement,
+            "heldout_mean_code_accuracy": metrics.mean_code_accuracy,
+        }
     # Stored in float16 when asked (the shipped default keeps the repository small); loading casts it back.
     model.draft = (draft.half() if args.save_dtype == "float16" else draft).eval()
     model.save_rsd(args.model)
-    report = {
-        "heldout_code_accuracy_per_layer": metrics.code_accuracy,
-        "heldout_layer_agreement_per_layer": metrics.layer_agreement,
-        "heldout_mean_code_accuracy": metrics.mean_code_accuracy,
-        "train_samples": int(len(h_train)), "heldout_samples": int(len(h_held)), "steps": args.steps,
-    }
     (Path(args.model) / "rsd" / "train_draft_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -261,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--gt-weight", type=float, default=0.0)
-    d.add_argument("--draft-layers", type=int, default=2)
+    d.add_argument("--kind", default="deep", choices=["deep", "seed"],
+                   help="deep: proposes any remaining layers (default); seed: the seed's 3-layer draft")
+    d.add_argument("--width", type=int, default=0, help="deep draft width (0 = sized from the main model)")
+    d.add_argument("--blocks", type=int, default=1, help="deep draft residual MLP blocks")
+    d.add_argument("--draft-layers", type=int, default=2, help="seed draft: decoder blocks")
     d.add_argument("--max-samples", type=int, default=20000)
     d.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
     return p

@@ -117,7 +117,7 @@ def load_openvla_rsd(path: str | Path, device: str | torch.device = "cpu", dtype
     """Load backbone (streamed, via models.load_pretrained), head, RFSQ tokenizer and draft from ``path``."""
     import models
     from models import CheckpointError
-    from rsd.draft import RFSQDraftModel
+    from rsd.draft import load_draft
     from rsd.rfsq import RFSQTokenizer
 
     root = Path(path)
@@ -140,14 +140,14 @@ def load_openvla_rsd(path: str | Path, device: str | torch.device = "cpu", dtype
     model.main.to(device=device, dtype=dtype)
     model.tokenizer = RFSQTokenizer.from_pretrained(rsd_root / cfg.rfsq_dir)
     if with_draft and (rsd_root / cfg.draft_dir).is_dir():
-        model.draft = RFSQDraftModel.load(rsd_root / cfg.draft_dir, device=device).to(dtype).eval()
+        model.draft = load_draft(rsd_root / cfg.draft_dir, device=device).to(dtype).eval()
     return model.eval()
 
 
-def chunk_actions_from_tokens(model: OpenVLARSD, layers: Tensor) -> np.ndarray:
-    """RFSQ layers ``[B, L, 128]`` -> unnormalised action chunks ``[B, H, 7]`` (float32)."""
+def chunk_actions_from_tokens(model: OpenVLARSD, layers: Tensor, depth: int | None = None) -> np.ndarray:
+    """RFSQ layers ``[B, L, 128]`` -> unnormalised action chunks ``[B, H, 7]`` (float32) from the first ``depth``."""
     from rsd.rfsq import layers_to_tokens
 
     tok = model.tokenizer
-    actions = tok.decode(layers_to_tokens(layers.cpu(), tok.chunk_len, tok.config.latent_dim))
+    actions = tok.decode(layers_to_tokens(layers.cpu(), tok.chunk_len, tok.config.latent_dim), depth)
     return np.asarray(actions.detach().cpu().numpy() if isinstance(actions, Tensor) else actions, dtype=np.float32)

@@ -3,7 +3,8 @@
 #   demos  -> scripted-expert LIBERO demonstrations (HDF5, LIBERO layout)        [.venv-libero, hours on 2 cores]
 #   rfsq   -> robust RFSQ action tokenizer on the demonstrations' actions
 #   main   -> tiny OpenVLA backbone + RFSQ layer head, trained on (image, instruction) -> RFSQ layers
-#   draft  -> the seed's draft model, distilled from the frozen main model's greedy coarse layers
+#   draft  -> the deep draft (sized from the main model; proposes any remaining layers), distilled from the frozen
+#             main model's greedy layers
 #   install-> copy the trained checkpoint (released layout + rsd/) to models/checkpoints/openvla-rsd-libero-spatial
 # Usage: scripts/train_default_model.sh [all|demos|rfsq|main|draft|install] ; every stage resumes.
 # Knobs (env): SUITE, DEMOS (glob), OUT, TRIALS_PER_TASK, RFSQ_STEPS, MAIN_STEPS, DRAFT_STEPS, PRESET, DEVICE,
@@ -35,8 +36,8 @@ run_main() {
     --steps "${MAIN_STEPS:-4000}" --device "$DEVICE" --eval-every 1000 --resume "${init[@]}"
 }
 run_draft() {
-  $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-3000}" --device "$DEVICE" \
-    --draft-layers 1 --save-dtype float16
+  $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-6000}" --device "$DEVICE" \
+    --kind deep --save-dtype float16
 }
 run_install() {
   rm -rf "$INSTALL_DIR.tmp" && mkdir -p "$INSTALL_DIR.tmp"

@@ -72,7 +72,7 @@ def test_distillation_improves_agreement():
 
 def test_config_defaults_and_env():
     cfg = RSDConfig.from_env_and_args(env={})
-    assert cfg.mode == "exact" and cfg.draft_layers == 3
+    assert cfg.mode == "exact" and cfg.draft_layers == 0  # 0 = as deep as the draft proposes
     cfg = RSDConfig.from_env_and_args(env={"RSD_MODE": "Relaxed", "RSD_RELAXED_R": "2", "RSD_RELAXED_TAU": "0.9"})
     assert (cfg.mode, cfg.relaxed_r, cfg.relaxed_tau) == ("relaxed", 2, 0.9)
 
@@ -94,7 +94,11 @@ def test_config_cli_overrides_env():
         ({"RSD_RELAXED_R": "-1"}, "RSD_RELAXED_R"),
         ({"RSD_RELAXED_TAU": "0"}, "RSD_RELAXED_TAU"),
         ({"RSD_RELAXED_TAU": "1.5"}, "RSD_RELAXED_TAU"),
-        ({"RSD_DRAFT_LAYERS": "0"}, "RSD_DRAFT_LAYERS"),
+        ({"RSD_DRAFT_LAYERS": "-1"}, "RSD_DRAFT_LAYERS"),
+        ({"RSD_DECODE_LAYERS": "-2"}, "RSD_DECODE_LAYERS"),
+        ({"RSD_ACTION_EPS_MM": "wide"}, "RSD_ACTION_EPS_MM"),
+        ({"RSD_ACTION_EPS_DEG": "-1"}, "RSD_ACTION_EPS_DEG"),
+        ({"RSD_ADAPTIVE": "sometimes"}, "RSD_ADAPTIVE"),
         ({"RSD_TEMPERATURE": "0"}, "RSD_TEMPERATURE"),
         ({"RSD_ENABLED": "maybe"}, "RSD_ENABLED"),
     ],

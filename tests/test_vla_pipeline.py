@@ -70,7 +70,7 @@ def trained(tmp_path_factory) -> Path:
     assert state["step"] == 9
     draft = run(["-m", "rsd.train_vla", "draft", "--model", str(root / "model"), "--demos", str(demos),
                  "--steps", "20", "--max-samples", "64", "--heldout-frac", "0.34"])
-    assert len(draft["heldout_code_accuracy_per_layer"]) == 3
+    assert draft["kind"] == "deep" and len(draft["round1_code_accuracy"]) == 7  # layers 1..7 given layer 0
     return root / "model"
 
 

@@ -64,14 +64,16 @@ def default_python(venv: str) -> str:
     return str(p) if p.exists() else sys.executable
 
 
-def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float) -> list[Variant]:
-    """Main-only vs RSD exact vs RSD relaxed on the OpenVLA-RSD policy (issue 8's LIBERO table)."""
+def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float, action_eps: float = 0.5) -> list[Variant]:
+    """Main-only vs RSD exact vs RSD relaxed (code distance) vs RSD relaxed-action on the OpenVLA-RSD policy."""
     base = ["--policy", "openvla-rsd"] + (["--model-path", model_path] if model_path else [])
     return [
         Variant("main_only", base + ["--rsd-enabled", "0"]),
         Variant("exact", base + ["--rsd-mode", "exact"]),
         Variant("relaxed", base + ["--rsd-mode", "relaxed", "--rsd-relaxed-r", str(relaxed_r),
                                    "--rsd-relaxed-tau", str(relaxed_tau)]),
+        Variant("relaxed_action", base + ["--rsd-mode", "relaxed-action", "--rsd-action-eps-mm", str(action_eps),
+                                          "--rsd-action-eps-deg", str(action_eps)]),
     ]
 
 

@@ -195,8 +195,21 @@ class OpenVLARSDPolicy(Policy):
         self.tokenizer = model.tokenizer
         self._chunks = 0
         self._passes = 0
-        self._accepted = [0.0] * rsd_config.draft_layers
-        self._reached = [0.0] * rsd_config.draft_layers
+        self._accepted: list[float] = []
+        self._reached: list[float] = []
+        self._chosen_k: dict[int, int] = {}
+        self._dev_mm_sum = 0.0
+        self._dev_mm_max = 0.0
+        self.pass_costs = self._calibrate() if model.draft is not None and rsd_config.enabled else {}
+
+    def _calibrate(self) -> dict[str, float]:
+        """Time prefill, n-token passes and the draft once at start-up (the adaptive planner's first costs)."""
+        torch = self.torch
+        with torch.inference_mode():  # any image size: the processor resizes
+            embeds, mask = self.model.prefix(np.zeros((1, 128, 128, 3), np.uint8), ["calibrate the pass costs"])
+            costs = self.engine.calibrate(embeds, mask)
+        logger.info("RSD pass costs at start-up (ms): %s", {k: round(v, 3) for k, v in costs.items()})
+        return costs
 
     def validate(self, obs: dict[str, Any]) -> None:
         _check_image(obs, "image", required=True)
@@ -213,18 +226,33 @@ class OpenVLARSDPolicy(Policy):
             embeds, mask = self.model.prefix(None, [o["instruction"] for o in observations],
                                              pixel_values=pixel_values)
             layers, stats = self.engine.generate(embeds, mask)
-            actions = chunk_actions_from_tokens(self.model, layers)
+            actions = chunk_actions_from_tokens(self.model, layers, stats.decoded_layers)
         summary = stats.to_dict()
+        summary.pop("action_dev_mm", None)
+        summary.pop("action_dev_deg", None)
         self._chunks += len(observations)
         self._passes += sum(stats.main_passes_per_sample)
-        for j in range(len(self._accepted)):
+        width = stats.accepted.shape[1]
+        if len(self._accepted) < width:
+            self._accepted += [0.0] * (width - len(self._accepted))
+            self._reached += [0.0] * (width - len(self._reached))
+        for j in range(width):
             self._accepted[j] += float(stats.accepted[:, j].float().sum())
             self._reached[j] += float(stats.reached[:, j].float().sum())
+        for k in stats.chosen_k:
+            self._chosen_k[k] = self._chosen_k.get(k, 0) + 1
+        if stats.action_dev_mm is not None:
+            self._dev_mm_sum += float(stats.action_dev_mm.sum())
+            self._dev_mm_max = max(self._dev_mm_max, float(stats.action_dev_mm.max()))
         outputs = []
         for i, a in enumerate(actions):
             info = dict(summary)
             info["main_passes_this_sample"] = stats.main_passes_per_sample[i]
             info["accepted_this_sample"] = [bool(x) for x in stats.accepted[i].tolist()]
+            if stats.action_dev_mm is not None and stats.action_dev_deg is not None:
+                # relaxed-action: deviation from main's choices summed over the kept drafted layers
+                info["action_dev_mm"] = round(float(stats.action_dev_mm[i]), 4)
+                info["action_dev_deg"] = round(float(stats.action_dev_deg[i]), 4)
             outputs.append(PolicyOutput(actions=a, info={"rsd": info}))
         return outputs
 
@@ -239,6 +267,10 @@ class OpenVLARSDPolicy(Policy):
             "per_layer_acceptance": [a / n for a in self._accepted] if self._chunks else None,
             "per_layer_acceptance_given_reached": [a / r if r else None for a, r in
                                                    zip(self._accepted, self._reached, strict=True)],
+            "chosen_k_counts": {str(k): v for k, v in sorted(self._chosen_k.items())},
+            "mean_action_dev_mm": self._dev_mm_sum / n if self._chunks else None,
+            "max_action_dev_mm": self._dev_mm_max if self._chunks else None,
+            "estimated_acceptance": [round(a, 4) for a in self.engine.costs.acceptance],
         }}
 
     def metadata(self) -> dict[str, Any]:
@@ -253,5 +285,7 @@ class OpenVLARSDPolicy(Policy):
             "gripper_convention": "libero",
             "rsd_config": dataclasses.asdict(self.rsd_config),
             "has_draft": self.model.draft is not None,
+            "draft_kind": "deep" if getattr(self.model.draft, "deep", False) else "seed",
+            "pass_costs_ms": {k: round(v, 4) for k, v in self.pass_costs.items()},
             "quantization": self.quantization,
         }
