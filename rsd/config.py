@@ -30,6 +30,7 @@ _ENV_AND_FLAGS: dict[str, tuple[str, str]] = {
     "adaptive": ("RSD_ADAPTIVE", "--rsd-adaptive"),
     "max_rounds": ("RSD_MAX_ROUNDS", "--rsd-max-rounds"),
     "probe_every": ("RSD_PROBE_EVERY", "--rsd-probe-every"),
+    "jacobi": ("RSD_JACOBI", "--rsd-jacobi"),
 }
 
 
@@ -65,6 +66,8 @@ class RSDConfig:
         max_rounds: most speculation rounds per chunk (0 = no limit; 1 = speculate once, then main steps).
         probe_every: under ``adaptive``, every n-th call speculates at full depth so acceptance estimates of
             layers the planner stopped drafting stay current (0 = never).
+        jacobi: after a rejection, propose the layers past it from main's own logits of the last pass (computed
+            on the rejected prefix; Jacobi / fixed-point iteration) instead of calling the draft again.
     """
 
     mode: str = "exact"
@@ -80,6 +83,7 @@ class RSDConfig:
     adaptive: bool = True
     max_rounds: int = 0
     probe_every: int = 16
+    jacobi: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +143,8 @@ class RSDConfig:
                            help="1/0: choose the draft depth from measured costs and acceptance (env RSD_ADAPTIVE)")
         group.add_argument("--rsd-max-rounds", default=None,
                            help="most speculation rounds per chunk; 0 = no limit (env RSD_MAX_ROUNDS)")
+        group.add_argument("--rsd-jacobi", default=None,
+                           help="1/0: re-propose layers past a rejection from main's last logits (env RSD_JACOBI)")
         group.add_argument("--rsd-probe-every", default=None,
                            help="adaptive: full-depth probe every n calls; 0 = never (env RSD_PROBE_EVERY)")
 

@@ -273,8 +273,13 @@ class DeepDraftModel(nn.Module):
         if not 1 <= m < self.num_layers:
             raise ValueError(f"a deep draft needs 1..{self.num_layers - 1} decided layers, got {m}")
         num = self.num_layers - m if num is None else min(int(num), self.num_layers - m)
-        depth = torch.full((b,), m, dtype=torch.long, device=hidden.device)
-        x = self._features(hidden, prefix, depth)
+        # inference: every given layer is decided, so one embedding_bag sums them (no mask, one op)
+        x = self.input_projection(hidden.to(self.input_projection.weight.dtype))
+        idx = (prefix.long() + self._offsets[:m]).reshape(b, -1)
+        x = x + F.embedding_bag(idx, self.prefix_embed.weight, mode="sum") + self.depth_embed.weight[m]
+        for block in self.blocks:
+            x = x + block(x)
+        x = self.norm(x)
         cv = self.codes * self.levels
         rows = slice(m * cv, (m + num) * cv)
         logits = F.linear(x, self.out.weight[rows], self.out.bias[rows])
@@ -519,22 +524,27 @@ def train_deep_draft(
     cfg: DraftTrainConfig,
     val: tuple[Tensor, Tensor] | None = None,
     progress: bool = False,
+    layer_weights: list[float] | None = None,
 ) -> list[dict[str, float]]:
     """Distil a :class:`DeepDraftModel` from main's greedy layers ``[N, L, C]`` and last hidden states ``[N, H]``.
 
     Each sample gets a random number m of decided layers (1..L-1): the draft sees layers ``0..m-1`` and is trained
-    with cross-entropy on layers ``m..L-1`` -- the situation of any speculation round.
+    with cross-entropy on layers ``m..L-1`` -- the situation of any speculation round. ``layer_weights`` (one per
+    layer) weight each layer's cross-entropy, e.g. by how far a wrong code of that layer moves the action.
     """
     device = next(draft.parameters()).device
     n_layers = draft.num_layers
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     rows = torch.arange(n_layers)
+    weights = torch.ones(n_layers) if layer_weights is None else torch.as_tensor(layer_weights, dtype=torch.float32)
+    if weights.shape != (n_layers,):
+        raise ValueError(f"layer_weights needs {n_layers} values, got {tuple(weights.shape)}")
 
     def batch_loss(idx: Tensor) -> Tensor:
         depth = torch.randint(1, n_layers, (idx.shape[0],), generator=gen)
         lay = layers[idx].to(device)
         logits = draft.all_logits(hidden[idx].to(device), lay, depth.to(device))
-        target_mask = (rows[None] >= depth[:, None]).to(device)  # [B, L]
+        target_mask = ((rows[None] >= depth[:, None]) * weights[None]).to(device)  # [B, L]
         ce = F.cross_entropy(logits.reshape(-1, draft.levels), lay.reshape(-1).long(), reduction="none")
         ce = ce.view(idx.shape[0], n_layers, -1).mean(-1)
         return (ce * target_mask).sum() / target_mask.sum()

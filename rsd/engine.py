@@ -11,6 +11,9 @@ One chunk, ``L`` RFSQ layers (8), layer 0 free from the prefill:
    is cropped to the tokens whose input is final. ``k = 0`` is a plain main step.
    * a **deep draft** (:class:`rsd.draft.DeepDraftModel`) proposes any remaining layers given the decided
      prefix, so after a rejection the next round speculates again from the repaired prefix;
+   * **Jacobi** (``jacobi``, deep drafts): main's logits for the layers past a rejected one were computed on a
+     slightly wrong prefix, and are the next round's proposals for those layers (fixed-point iteration as in
+     PD-VLA / CEED-VLA) -- no draft call, and main's own guesses for its fine layers;
    * the **seed-shaped draft** (:class:`rsd.draft.RFSQDraftModel`) proposes a fixed set of coarse layers from
      ``h`` once (layers ``0..k-1``, or ``1..k`` given layer 0); its layer 0 is checked against ``p_0`` with no
      pass; later layers are main steps.
@@ -133,15 +136,18 @@ class CostModel:
         self.pass_ms: dict[int, float] = {}
         self.draft_ms: float | None = None
         self.acceptance = [prior_acceptance] * num_layers  # P(drafted layer j accepted | reached), per sample
+        self.frozen_costs = False  # keep pass / draft costs as set (tests, projections); acceptance still updates
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.momentum) * old + self.momentum * new
 
     def observe_pass(self, n: int, ms: float) -> None:
-        self.pass_ms[n] = self._ema(self.pass_ms.get(n), ms)
+        if not self.frozen_costs:
+            self.pass_ms[n] = self._ema(self.pass_ms.get(n), ms)
 
     def observe_draft(self, ms: float) -> None:
-        self.draft_ms = self._ema(self.draft_ms, ms)
+        if not self.frozen_costs:
+            self.draft_ms = self._ema(self.draft_ms, ms)
 
     def observe_acceptance(self, layer: int, rate: float) -> None:
         m = self.momentum
@@ -386,7 +392,9 @@ class SpeculativeDecoder:
         self._calls += 1
         cache: LayerCache = pre.cache
         passes, rounds, chosen = 0, 0, []
-        m = 1
+        guess: Tensor | None = None  # Jacobi proposals [B, L, C, V] from the last verification pass
+        guess_ok = torch.zeros(b, n_layers, dtype=torch.bool, device=dev)
+        m = ahead = 1  # fewest / most decided layers over the batch
         while m < depth:
             if not speculate:
                 k = 0
@@ -403,13 +411,19 @@ class SpeculativeDecoder:
                 ms = (time.perf_counter() - tp) * 1e3
                 self.costs.observe_pass(m - f, ms)
                 timings["decode"] += ms
-                need = decided <= m
                 new = main_select(logits, select_mode, cfg.temperature, gen)
+                passes += 1
+                chosen.append(0)
+                if ahead <= m:  # every sample needs this layer (always so without speculation): no masking
+                    layers[:, m] = new
+                    progress += 1
+                    decided.fill_(m + 1)
+                    m = ahead = m + 1
+                    continue
+                need = decided <= m
                 layers[:, m] = torch.where(need[:, None], new, layers[:, m])
                 progress += need.long()
                 decided = torch.where(need, torch.full_like(decided, m + 1), decided)
-                passes += 1
-                chosen.append(0)
                 m = int(decided.min())
                 continue
 
@@ -417,11 +431,18 @@ class SpeculativeDecoder:
             idx = torch.arange(m, m + k, device=dev)
             forced = idx[None] < decided[:, None]  # samples ahead: their decided layers stand in for drafts
             if self.deep:
-                d_logits = self.draft(pre.hidden_last, layers[:, :m], k)
+                have = None if guess is None else guess_ok[:, m : m + k]
+                if have is not None and bool(have.all()):
+                    d_logits = guess[:, m : m + k]  # Jacobi: main's own guesses from the last pass, no draft call
+                else:
+                    d_logits = self.draft(pre.hidden_last, layers[:, :m], k)
+                    if have is not None and bool(have.any()):
+                        d_logits = torch.where(have[..., None, None], guess[:, m : m + k], d_logits)
                 tok, probs = draft_propose(d_logits.float(), select_mode, cfg.temperature, gen)
                 self._sync(tok)
                 ms = (time.perf_counter() - tp) * 1e3
-                self.costs.observe_draft(ms)
+                if have is None or not bool(have.all()):
+                    self.costs.observe_draft(ms)
                 timings["draft"] += ms
             else:
                 tok, probs = seed_tok[:, :k], None if seed_probs is None else seed_probs[:, :k]
@@ -431,6 +452,15 @@ class SpeculativeDecoder:
             feed = torch.cat([layers[:, f:m], proposals if not last else proposals[:, : k - 1]], dim=1)
             ver = main.step(feed, cache)[:, m - 1 - f :]  # ver[:, i] predicts layer m + i
             dec, mm, deg = self._decide(proposals, probs, ver[:, :k], layers, m)
+            if cfg.jacobi and self.deep and ver.shape[1] > 1:
+                # main's logits past a rejected layer were computed on a slightly wrong prefix: they are the
+                # next round's proposals for those layers (Jacobi iteration), better than a draft that never
+                # saw main's fine layers
+                if guess is None:
+                    guess = torch.zeros(b, n_layers, n_codes, main.levels, device=dev)
+                    guess_ok = torch.zeros(b, n_layers, dtype=torch.bool, device=dev)
+                guess[:, m + 1 : m + ver.shape[1]] = ver[:, 1:]
+                guess_ok[:, m + 1 : m + ver.shape[1]] = True
             ok = dec.accepted | forced
             chain = ok.long().cumprod(dim=1).bool()  # [B, k] every layer up to i accepted
             n_acc = chain.sum(dim=1)
@@ -468,7 +498,7 @@ class SpeculativeDecoder:
             passes += 1
             rounds += 1
             chosen.append(k)
-            m = int(decided.min())
+            m, ahead = int(decided.min()), int(decided.max())
 
         timings["total"] = (time.perf_counter() - t0) * 1e3
         stats = RSDStats(
