@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log one structured line per infer request at INFO (id, client, batch, latencies)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="policy-specific option, repeatable (e.g. --policy-option rsd_mode=exact)")
+                   help="policy-specific option, repeatable (e.g. --policy-option calib_data=GLOB; debug: horizon=16)")
     p.add_argument("--list-policies", action="store_true", help="print the registered policies and exit")
     RSDConfig.add_cli_args(p)
     return p

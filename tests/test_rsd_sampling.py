@@ -128,3 +128,50 @@ def test_power_uncorrected_draft_is_detected(setup):
     d, _ = draft_propose(setup["draft_logits"].expand(N, -1, -1, -1), "sampling", 1.0, g)
     pvals = [chi2_two_sample(d[:, 1, c], setup["ref"][:, 1, c], 7)[2] for c in range(4)]
     assert min(pvals) < ALPHA / 20
+
+
+class SoftDeepDraft(torch.nn.Module):
+    """A deep draft returning fixed soft logits ``[1, L, C, V]`` for the requested layers, whatever the prefix."""
+
+    deep = True
+    first_layer = 1
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", logits)
+
+    def forward(self, hidden, prefix, num=None):
+        m = prefix.shape[1]
+        num = self.table.shape[1] - m if num is None else num
+        return self.table[:, m : m + num].expand(hidden.shape[0], -1, -1, -1)
+
+
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_deep_sampling_rounds_are_exact_samples_of_main(jacobi):
+    """Multi-round speculative sampling with a deep draft (and Jacobi re-proposals) samples main exactly."""
+    main = tiny_main(seed=5, num_layers=4, codes=4, sharpen=15.0)
+    x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    greedy = main.decode_greedy(x)
+    with torch.no_grad():
+        _, tf = main(x, greedy)
+    noise = torch.randn(tf.shape, generator=torch.Generator().manual_seed(2))
+    draft = SoftDeepDraft(tf * 0.8 + 0.5 * noise)
+    eng = SpeculativeDecoder(main, draft, RSDConfig(mode="sampling", seed=321, adaptive=False, jacobi=jacobi))
+    out, rounds = [], 0
+    for _ in range(N // BATCH):
+        tokens, stats = eng.generate(x.expand(BATCH, -1, -1))
+        out.append(tokens)
+        rounds += stats.rounds
+    rsd = torch.cat(out)
+    g = torch.Generator().manual_seed(654)
+    ref = torch.cat([main.decode_sample(x.expand(BATCH, -1, -1), generator=g) for _ in range(N // BATCH)])
+    assert rounds > N // BATCH  # more than one round per chunk happened
+    level = ALPHA / (3 * 4 + 1)
+    for layer in range(1, 4):
+        for code in range(4):
+            stat, dof, pval = chi2_two_sample(rsd[:, layer, code], ref[:, layer, code], 7)
+            assert pval > level, f"layer {layer} code {code}: chi2={stat:.1f} dof={dof} p={pval:.2e}"
+    joint_rsd = rsd[:, 1, 0] * 7 + rsd[:, 3, 3]
+    joint_ref = ref[:, 1, 0] * 7 + ref[:, 3, 3]
+    stat, dof, pval = chi2_two_sample(joint_rsd, joint_ref, 49)
+    assert pval > level, f"joint layer 1 / layer 3: chi2={stat:.1f} dof={dof} p={pval:.2e}"

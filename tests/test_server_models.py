@@ -136,7 +136,31 @@ def test_embedded_default_model_is_served_without_arguments() -> None:
     assert meta["policy"] == "openvla-rsd" and meta["has_draft"] and meta["action_horizon"] == 8
     assert actions.shape == (8, 7) and np.isfinite(actions).all()
     assert set(np.unique(actions[:, -1])) <= {-1.0, 1.0}  # the RFSQ decoder keeps the gripper binary
-    assert 5 <= rsd["main_passes_incl_prefill"] - 1 <= 7
+    assert 1 <= rsd["main_passes_incl_prefill"] - 1 <= 7  # a deep draft can decide the chunk in one pass
+    assert meta["draft_kind"] == "deep" and meta["pass_costs_ms"]["pass1_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--rsd-mode", "relaxed-action", "--rsd-action-eps-mm", "0.5", "--rsd-action-eps-deg", "0.5"],
+        ["--rsd-enabled", "0", "--rsd-decode-layers", "3"],
+    ],
+    ids=["relaxed-action", "truncated-main-only"],
+)
+def test_embedded_model_decoder_modes_over_the_wire(args) -> None:
+    """The new decoders are reachable from the command line and report what they did in every reply."""
+    with ServerProcess(args=["--policy", "openvla-rsd", *args]) as proc, \
+            PolicyClient(port=proc.port, timeout_s=60) as client:
+        actions = [client.infer(libero_obs(seed=s)) for s in range(3)]
+        rsd = client.last_reply["rsd"]
+        totals = client.metadata()["rsd_totals"]
+    assert all(a.shape == (8, 7) and np.isfinite(a).all() for a in actions)
+    assert totals["chunks"] == 3 and sum(totals["chosen_k_counts"].values()) >= 1
+    if "relaxed-action" in args:
+        assert rsd["mode"] == "relaxed-action" and rsd["action_dev_mm"] >= 0.0 and rsd["decoded_layers"] == 8
+    else:
+        assert rsd["decoded_layers"] == 3 and rsd["main_passes"] == 2 and rsd["rounds"] == 0
 
 
 SHIPPED_GR00T = REPO / "models" / "checkpoints" / "gr00t-n1.5-tiny-libero-spatial"
