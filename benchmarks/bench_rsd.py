@@ -122,7 +122,7 @@ def deviation(space: ActionSpace, layers: torch.Tensor, ref: torch.Tensor, depth
             "max_deg": float(d.rot_deg.max()), "flips": int(d.gripper_flips.sum())}
 
 
-def project_7b(acceptance: list[float], k_max: int, num_layers: int = 8) -> dict[str, float]:
+def project_7b(acceptance: list[float], num_layers: int = 8) -> dict[str, float]:
     """Expected speed-up on OpenVLA-7B from measured per-layer acceptance and *assumed* 7B cost ratios.
 
     Assumed (B = 1, one GPU, memory-bound decoding; not measured here): one decoding step = 1, a verification
@@ -133,8 +133,58 @@ def project_7b(acceptance: list[float], k_max: int, num_layers: int = 8) -> dict
     cm.pass_ms = {n: 1.0 + 0.02 * (n - 1) for n in range(1, num_layers)}
     cm.draft_ms = 0.03
     cm.acceptance = [0.0] + list(acceptance) + [0.0] * (num_layers - 1 - len(acceptance))
-    plan = cm.plan(num_layers, k_max, 1)
-    # expected decoding time under that plan (value iteration again, keeping the value)
+    value = [0.0, _expected_time(cm, num_layers)]
+    base = 2.5 + (num_layers - 1) * 1.0
+    return {"projected_speedup": round(base / (2.5 + value[1]), 4),
+            "projected_decode_only_speedup": round((num_layers - 1) / value[1], 4)}
+
+
+def shape_costs(hidden: int, blocks: int, heads: int, inter: int, prefix_len: int, device: str,
+                dtype: torch.dtype, reps: int = 10) -> dict[str, float]:
+    """Pass costs of an OpenVLA-RSD main model of the given Llama shape with random weights (cost only).
+
+    7B shape: hidden 4096, 32 blocks, 32 heads, MLP 11008, prefix ~290 tokens (256 image patches + prompt);
+    the deep draft is sized from it (``draft_width_for``: 512 wide).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rsd.draft import DeepDraftConfig, DeepDraftModel, draft_width_for
+    from rsd.layer_head import RFSQLayerHeadModel
+
+    cfg = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            main = RFSQLayerHeadModel(LlamaForCausalLM(cfg)).eval()
+            draft = DeepDraftModel(DeepDraftConfig(input_dim=hidden, hidden_dim=draft_width_for(hidden))).eval()
+    finally:
+        torch.set_default_dtype(default)
+    eng = SpeculativeDecoder(main, draft, RSDConfig(mode="exact"))
+    x = torch.randn(1, prefix_len, hidden, device=device, dtype=dtype) * 0.02
+    with torch.inference_mode():
+        costs = eng.calibrate(x, reps=reps)
+    costs["draft_params_m"] = sum(p.numel() for p in draft.parameters()) / 1e6
+    del main, draft, eng
+    return costs
+
+
+def projected_from_costs(costs: dict[str, float], acceptance: list[float], num_layers: int = 8,
+                         vision_ms: float = 0.0) -> float:
+    """Expected main-only / RSD chunk time for measured pass costs and measured per-layer acceptance."""
+    ratio = {"pass": {n: costs[f"pass{n}_ms"] / costs["pass1_ms"] for n in range(1, num_layers)},
+             "draft": costs["draft_ms"] / costs["pass1_ms"]}
+    cm = CostModel(num_layers)
+    cm.pass_ms, cm.draft_ms = ratio["pass"], ratio["draft"]
+    cm.acceptance = [0.0] + list(acceptance) + [0.0] * (num_layers - 1 - len(acceptance))
+    fixed = (costs["prefill_ms"] + vision_ms) / costs["pass1_ms"]
+    return (fixed + num_layers - 1) / (fixed + _expected_time(cm, num_layers))
+
+
+def _expected_time(cm: CostModel, num_layers: int) -> float:
+    """Expected decoding time (after the prefill) under the cost model's own plan, in its cost units."""
+    plan = cm.plan(num_layers, num_layers - 1, 1)
     value = [0.0] * (num_layers + 1)
     for m in range(num_layers - 1, 0, -1):
         k = min(plan[m], num_layers - m)
@@ -149,9 +199,7 @@ def project_7b(acceptance: list[float], k_max: int, num_layers: int = 8) -> dict
             exp += p_stop * value[m + (i + 1 if i < k else (k if last else k + 1))]
             reach *= a
         value[m] = cm.draft_cost() + cm.pass_cost(k if last else k + 1) + exp
-    base = 2.5 + (num_layers - 1) * 1.0
-    return {"projected_speedup": round(base / (2.5 + value[1]), 4),
-            "projected_decode_only_speedup": round((num_layers - 1) / value[1], 4)}
+    return value[1]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -304,15 +352,26 @@ def main_cli() -> None:
     if args.batch in results_by_batch:
         same = same and bool(torch.equal(results_by_batch[args.batch]["exact"]["layers"],
                                          results_by_batch[args.batch]["main-only"]["layers"]))
-    proj_exact = project_7b(exact1["acceptance"], n_layers - 1, n_layers)
-    proj_relaxed = project_7b(chosen["acceptance"], n_layers - 1, n_layers)
+    proj_exact = project_7b(exact1["acceptance"], n_layers)
+    proj_relaxed = project_7b(chosen["acceptance"], n_layers)
     print(f"exact identical to main-only: {same}; chosen relaxed-action setting: {chosen['name']} "
           f"({chosen['speedup']:.3f}x, {chosen['dev']['mean_mm']:.3f} mm mean, vs {chosen['vs_truncated_ref']} "
           f"{chosen['vs_truncated']:.3f}x); slowest adaptive config: {worst['name']} B={worst['batch']} "
           f"{worst['speedup']:.3f}x")
     print(f"7B projection (assumed cost ratios, measured acceptance): exact {proj_exact['projected_speedup']:.3f}x, "
           f"{chosen['name']} {proj_relaxed['projected_speedup']:.3f}x (decode only "
-          f"{proj_relaxed['projected_decode_only_speedup']:.3f}x); no CUDA device here, so no measured 7B pass costs")
+          f"{proj_relaxed['projected_decode_only_speedup']:.3f}x)")
+    gpu: dict[str, float] = {}
+    if torch.cuda.is_available() and not args.quick:
+        c7 = shape_costs(4096, 32, 32, 11008, 290, "cuda", torch.bfloat16)
+        gpu = {"gpu_7b_" + k: round(v, 4) for k, v in c7.items()}
+        gpu["gpu_7b_exact_speedup_measured_costs"] = round(projected_from_costs(c7, exact1["acceptance"]), 4)
+        gpu["gpu_7b_relaxed_action_speedup_measured_costs"] = round(
+            projected_from_costs(c7, chosen["acceptance"]), 4)
+        print(f"7B-shaped OpenVLA-RSD on {torch.cuda.get_device_name()} (bf16, random weights; pass costs measured, "
+              f"acceptance from this checkpoint): {json.dumps(gpu)}")
+    else:
+        print("7B pass costs on a GPU: skipped (no CUDA device" + (", or --quick)" if args.quick else ")"))
     plot(rows, args.plot, f"RSD on {args.checkpoint.name}, {n} held-out frames, B=1, {args.threads} CPU thread")
     print(f"plot: {args.plot}; total {time.perf_counter() - t_start:.1f}s")
     b8 = [r for r in rows if r["batch"] == args.batch]
@@ -337,6 +396,7 @@ def main_cli() -> None:
         "projected_7b_speedup_relaxed_action": proj_relaxed["projected_speedup"],
         "frames": n,
         "quick": args.quick,
+        **gpu,
     }
     print(json.dumps(summary))
 
