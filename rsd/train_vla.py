@@ -234,8 +234,9 @@ def train_draft_stage(args: argparse.Namespace) -> dict:
         cfg = DeepDraftConfig(input_dim=model.hidden_size, hidden_dim=width, num_layers=model.main.num_layers,
                               codes=model.main.codes_per_layer, levels=model.main.levels, num_blocks=args.blocks)
         draft = DeepDraftModel(cfg)
-        train_deep_draft(draft, h_train, t_train, tcfg, val=(h_held, t_held), progress=True)
-        report |= {"width": width, "blocks": args.blocks, "parameters": draft.num_parameters(),
+        weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
+        train_deep_draft(draft, h_train, t_train, tcfg, val=(h_held, t_held), progress=True, layer_weights=weights)
+        report |= {"width": width, "blocks": args.blocks, "parameters": draft.num_parameters(), "layer_weights": weights,
                    **evaluate_deep_draft(draft, h_held, t_held)}
     else:
         k = 3
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deep: proposes any remaining layers (default); seed: the seed's 3-layer draft")
     d.add_argument("--width", type=int, default=0, help="deep draft width (0 = sized from the main model)")
     d.add_argument("--blocks", type=int, default=1, help="deep draft residual MLP blocks")
+    d.add_argument("--layer-weights", default="0,4,4,2,1,0.5,0.5,0.5",
+                   help="deep draft: cross-entropy weight per RFSQ layer (comma-separated; '' = equal). Default: "
+                        "the layers whose wrong codes move the action most (1-3 on the shipped model) weigh most")
     d.add_argument("--draft-layers", type=int, default=2, help="seed draft: decoder blocks")
     d.add_argument("--max-samples", type=int, default=20000)
     d.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
