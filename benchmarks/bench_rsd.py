@@ -73,8 +73,9 @@ def load_frames(path: Path) -> tuple[np.ndarray, list[str]]:
 
 
 # ---------------------------------------------------------------------- timing
-def run_configs(model, configs: dict[str, RSDConfig], prefixes: list, warm: int) -> dict[str, dict]:
-    """Decode every prefix with every config (interleaved); returns times, layers, stats per config."""
+def run_configs(model, configs: dict[str, RSDConfig], prefixes: list, warm: int, reps: int = 1) -> dict[str, dict]:
+    """Decode every prefix ``reps`` times with every config (interleaved); returns times, layers (first
+    repetition), stats per config."""
     engines = {}
     for name, cfg in configs.items():
         eng = SpeculativeDecoder(model.main, model.draft if cfg.enabled else None, cfg, tokenizer=model.tokenizer)
@@ -83,7 +84,7 @@ def run_configs(model, configs: dict[str, RSDConfig], prefixes: list, warm: int)
         engines[name] = eng
     rec = {n: {"ms": [], "layers": [], "passes": [], "rounds": [], "acc": [], "reach": [], "k": []} for n in engines}
     order = list(engines)
-    for i, (emb, mask) in enumerate(prefixes[:warm] + prefixes):
+    for i, (emb, mask) in enumerate(prefixes[:warm] + prefixes * reps):
         for name in order:
             eng = engines[name]
             t = time.perf_counter()
@@ -94,7 +95,8 @@ def run_configs(model, configs: dict[str, RSDConfig], prefixes: list, warm: int)
                 continue
             r = rec[name]
             r["ms"].append(ms)
-            r["layers"].append(layers)
+            if i < warm + len(prefixes):
+                r["layers"].append(layers)
             r["passes"].append(st.main_passes)
             r["rounds"].append(st.rounds)
             r["k"].extend(st.chosen_k)
@@ -137,6 +139,29 @@ def project_7b(acceptance: list[float], num_layers: int = 8) -> dict[str, float]
     base = 2.5 + (num_layers - 1) * 1.0
     return {"projected_speedup": round(base / (2.5 + value[1]), 4),
             "projected_decode_only_speedup": round((num_layers - 1) / value[1], 4)}
+
+
+@torch.no_grad()
+def draft_layer_deviation(model, space: ActionSpace, prefixes: list) -> list[dict[str, float]]:
+    """Per layer j: how far the deep draft's proposal (given main's layers 0..j-1) moves the chunk against main's
+    own layer j -- the quantity relaxed-action acceptance thresholds. Tells which layers a tolerance can pass."""
+    n_layers = model.main.num_layers
+    devs: list[list[float]] = [[] for _ in range(n_layers)]
+    codes: list[list[float]] = [[] for _ in range(n_layers)]
+    for emb, mask in prefixes:
+        pre = model.main.prefill(emb, mask)
+        greedy = model.main.decode_greedy(emb, mask)
+        for j in range(1, n_layers):
+            prop = model.draft(pre.hidden_last, greedy[:, :j], 1).argmax(-1)
+            base = space.dequantize(greedy[:, :j], 0).sum(1)
+            x = base + space.dequantize(prop, j)[:, 0]
+            y = base + space.dequantize(greedy[:, j : j + 1], j)[:, 0]
+            ch = space.decode_latent(torch.cat([x, y]))
+            n = x.shape[0]
+            devs[j].extend(space.deviation(ch[:n], ch[n:]).pos_mm.tolist())
+            codes[j].extend((prop[:, 0] == greedy[:, j]).float().mean(-1).tolist())
+    return [{"layer": j, "median_mm": float(np.median(devs[j])), "p90_mm": float(np.percentile(devs[j], 90)),
+             "code_accuracy": float(np.mean(codes[j]))} for j in range(1, n_layers)]
 
 
 def shape_costs(hidden: int, blocks: int, heads: int, inter: int, prefix_len: int, device: str,
@@ -221,7 +246,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.annotate(r["label"], (r["dev"]["mean_mm"], r["speedup"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.axhline(1.0, color="k", lw=0.5)
-    ax.set_xscale("symlog", linthresh=0.05)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(0, 1.5 * max(r["dev"]["mean_mm"] for r in rows if r["batch"] == 1) + 0.01)
     ax.set_xlabel("mean deviation from main-only (mm, max over the chunk's steps)")
     ax.set_ylabel("speed-up vs main-only (B = 1, decoder)")
     ax.set_title(title, fontsize=9)
@@ -240,6 +266,8 @@ def main_cli() -> None:
     ap.add_argument("--frames", type=Path, default=FRAMES)
     ap.add_argument("--n", type=int, default=None, help="frames to decode (default 16 quick, all otherwise)")
     ap.add_argument("--batch", type=int, default=8, help="the batched run's size")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="times each input is decoded (medians over all; default 1 at B=1, 4 batched)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plot", type=Path, default=ROOT / "artifacts" / "benchmarks" / "rsd_speed_vs_deviation.png")
     ap.add_argument("--make-frames", action="store_true", help="write --frames from --demos and exit")
@@ -299,7 +327,8 @@ def main_cli() -> None:
                     continue
             names = list(configs) if batch == 1 else ["main-only", "exact", "relaxed r1 t0.9"] + [
                 f"relaxed-action e{e}" for e in eps_grid]
-            res = run_configs(model, {k: configs[k] for k in names}, bp, warm=min(3, len(bp)))
+            reps = args.reps or (1 if batch == 1 else 4)
+            res = run_configs(model, {k: configs[k] for k in names}, bp, warm=min(3, len(bp)), reps=reps)
             results_by_batch[batch] = res
             ref = res["main-only"]
             for name, r in res.items():
@@ -372,6 +401,13 @@ def main_cli() -> None:
               f"acceptance from this checkpoint): {json.dumps(gpu)}")
     else:
         print("7B pass costs on a GPU: skipped (no CUDA device" + (", or --quick)" if args.quick else ")"))
+    layer_dev: list[dict[str, float]] = []
+    if deep:
+        with torch.inference_mode():
+            layer_dev = draft_layer_deviation(model, space, prefixes)
+        print("deep draft vs main per layer (given main's prefix): " + "; ".join(
+            f"L{d['layer']} codes {d['code_accuracy']:.3f} dev {d['median_mm']:.3f} mm (p90 {d['p90_mm']:.3f})"
+            for d in layer_dev))
     plot(rows, args.plot, f"RSD on {args.checkpoint.name}, {n} held-out frames, B=1, {args.threads} CPU thread")
     print(f"plot: {args.plot}; total {time.perf_counter() - t_start:.1f}s")
     b8 = [r for r in rows if r["batch"] == args.batch]
@@ -394,6 +430,7 @@ def main_cli() -> None:
         "prefill_ms": round(costs["prefill_ms"], 4),
         "projected_7b_speedup_exact": proj_exact["projected_speedup"],
         "projected_7b_speedup_relaxed_action": proj_relaxed["projected_speedup"],
+        "draft_layer_median_dev_mm": [round(d["median_mm"], 4) for d in layer_dev],
         "frames": n,
         "quick": args.quick,
         **gpu,

@@ -167,21 +167,7 @@ class RFSQDraftModel(nn.Module):
         sharding (``model-0000K-of-0000N.safetensors`` + index, shards of at most ``MAX_SHARD_BYTES``), the
         same mechanism the backbone uses, so no single shipped file grows past a few MB.
         """
-        from models.common.safetensors_io import save_sharded
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        for old in [*d.glob("model-*.safetensors"), d / "model.safetensors.index.json", d / WEIGHTS_NAME,
-                    d / DEEP_CONFIG_NAME]:
-            old.unlink(missing_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        if total <= MAX_SHARD_BYTES:
-            save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "kind": "rsd-draft"})
-        else:
-            save_sharded(state, d, num_shards=-(-total // MAX_SHARD_BYTES), metadata={"kind": "rsd-draft"})
-        (d / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        return d
+        return _save_draft(self, directory, CONFIG_NAME, asdict(self.config), "rsd-draft")
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> RFSQDraftModel:
@@ -295,21 +281,7 @@ class DeepDraftModel(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Weights (project sharding above 4 MB, like :meth:`RFSQDraftModel.save`) + ``deep_draft_config.json``."""
-        from models.common.safetensors_io import save_sharded
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        for old in [*d.glob("model-*.safetensors"), d / "model.safetensors.index.json", d / WEIGHTS_NAME,
-                    d / CONFIG_NAME]:
-            old.unlink(missing_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        if total <= MAX_SHARD_BYTES:
-            save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "kind": "rsd-deep-draft"})
-        else:
-            save_sharded(state, d, num_shards=-(-total // MAX_SHARD_BYTES), metadata={"kind": "rsd-deep-draft"})
-        (d / DEEP_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        return d
+        return _save_draft(self, directory, DEEP_CONFIG_NAME, asdict(self.config), "rsd-deep-draft")
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> DeepDraftModel:
@@ -317,6 +289,28 @@ class DeepDraftModel(nn.Module):
         model = cls(DeepDraftConfig(**json.loads((d / DEEP_CONFIG_NAME).read_text())))
         model.load_state_dict(_load_weights(d, device))
         return model.to(device).eval()
+
+
+def _save_draft(model: nn.Module, directory: str | Path, config_name: str, config: dict, kind: str) -> Path:
+    """Weights in one file up to ``MAX_SHARD_BYTES``, else the project's checkpoint sharding, + the config JSON.
+
+    Files of the other draft kind are removed first, so a directory always holds exactly one draft.
+    """
+    from models.common.safetensors_io import save_sharded
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for old in [*d.glob("model-*.safetensors"), d / "model.safetensors.index.json", d / WEIGHTS_NAME,
+                d / CONFIG_NAME, d / DEEP_CONFIG_NAME]:
+        old.unlink(missing_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    if total <= MAX_SHARD_BYTES:
+        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "kind": kind})
+    else:
+        save_sharded(state, d, num_shards=-(-total // MAX_SHARD_BYTES), metadata={"kind": kind})
+    (d / config_name).write_text(json.dumps(config, indent=2) + "\n")
+    return d
 
 
 def _load_weights(d: Path, device: str | torch.device) -> dict[str, Tensor]:
