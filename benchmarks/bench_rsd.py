@@ -135,10 +135,10 @@ def project_7b(acceptance: list[float], num_layers: int = 8) -> dict[str, float]
     cm.pass_ms = {n: 1.0 + 0.02 * (n - 1) for n in range(1, num_layers)}
     cm.draft_ms = 0.03
     cm.acceptance = [0.0] + list(acceptance) + [0.0] * (num_layers - 1 - len(acceptance))
-    value = [0.0, _expected_time(cm, num_layers)]
+    rsd = cm.solve(num_layers, num_layers - 1, 1)[1][1]
     base = 2.5 + (num_layers - 1) * 1.0
-    return {"projected_speedup": round(base / (2.5 + value[1]), 4),
-            "projected_decode_only_speedup": round((num_layers - 1) / value[1], 4)}
+    return {"projected_speedup": round(base / (2.5 + rsd), 4),
+            "projected_decode_only_speedup": round((num_layers - 1) / rsd, 4)}
 
 
 @torch.no_grad()
@@ -204,27 +204,7 @@ def projected_from_costs(costs: dict[str, float], acceptance: list[float], num_l
     cm.pass_ms, cm.draft_ms = ratio["pass"], ratio["draft"]
     cm.acceptance = [0.0] + list(acceptance) + [0.0] * (num_layers - 1 - len(acceptance))
     fixed = (costs["prefill_ms"] + vision_ms) / costs["pass1_ms"]
-    return (fixed + num_layers - 1) / (fixed + _expected_time(cm, num_layers))
-
-
-def _expected_time(cm: CostModel, num_layers: int) -> float:
-    """Expected decoding time (after the prefill) under the cost model's own plan, in its cost units."""
-    plan = cm.plan(num_layers, num_layers - 1, 1)
-    value = [0.0] * (num_layers + 1)
-    for m in range(num_layers - 1, 0, -1):
-        k = min(plan[m], num_layers - m)
-        if k == 0:
-            value[m] = cm.pass_cost(1) + value[m + 1]
-            continue
-        last = m + k == num_layers
-        exp, reach = 0.0, 1.0
-        for i in range(k + 1):
-            a = cm.acceptance[m + i] if i < k else 0.0
-            p_stop = reach * (1 - a) if i < k else reach
-            exp += p_stop * value[m + (i + 1 if i < k else (k if last else k + 1))]
-            reach *= a
-        value[m] = cm.draft_cost() + cm.pass_cost(k if last else k + 1) + exp
-    return value[1]
+    return (fixed + num_layers - 1) / (fixed + cm.solve(num_layers, num_layers - 1, 1)[1][1])
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -166,7 +166,11 @@ class CostModel:
         return 0.2 * self.pass_cost(1) if self.draft_ms is None else self.draft_ms
 
     def plan(self, depth: int, k_max: int, batch: int) -> list[int]:
-        """Best draft depth per number of decided layers ``m`` (index m, 1..depth-1), minimising expected time.
+        """Best draft depth per number of decided layers ``m`` (index m, 1..depth-1); see :meth:`solve`."""
+        return self.solve(depth, k_max, batch)[0]
+
+    def solve(self, depth: int, k_max: int, batch: int) -> tuple[list[int], list[float]]:
+        """``(best k, expected remaining time)`` per number of decided layers ``m``, minimising expected time.
 
         Value iteration from the last layer back: ``V[m] = min_k cost(k) + E[V[m + progress]]`` where progress is
         ``n_acc + 1`` (accepted layers plus the repaired or free one), ``P(n_acc >= i) = prod_{t<i} a_{m+t}^B``.
@@ -191,7 +195,7 @@ class CostModel:
                 if c < cost - 1e-12:
                     choice, cost = k, c
             value[m], best[m] = cost, choice
-        return best
+        return best, value
 
 
 class SpeculativeDecoder:
