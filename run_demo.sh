@@ -16,20 +16,8 @@ mkdir -p "$out"
 server_pid=$!
 trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid 2>/dev/null || true' EXIT
 echo "[demo] waiting for the server (log: $out/server.log)"
-.venv/bin/python - "$port" <<'PY'
-import sys, time
-from client.policy_client import PolicyClient, PolicyTimeoutError
-client = PolicyClient(port=int(sys.argv[1]), timeout_s=1.0)
-deadline = time.monotonic() + 600
-while time.monotonic() < deadline:
-    try:
-        meta = client.metadata()
-        print(f"[demo] server ready: policy={meta['policy']} model={meta['model_id']}")
-        sys.exit(0)
-    except PolicyTimeoutError:
-        time.sleep(1)
-sys.exit("[demo] server did not become ready; see artifacts/demo/server.log")
-PY
+.venv/bin/python -m client.policy_client wait --port "$port" --timeout 600 --pid "$server_pid" | sed 's/^/[demo] /' \
+  || { echo "[demo] server did not become ready; see $out/server.log" >&2; exit 1; }
 ./run_libero_eval.sh "$suite" --headless --port "$port" --video-dir "$out/videos" --results "$out/results.json" \
   "${extra[@]}"
 echo "[demo] results: $out/results.json, videos: $out/videos/"

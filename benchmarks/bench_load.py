@@ -1,6 +1,6 @@
 """Checkpoint load benchmark: peak RSS and time of ``models.load_pretrained`` in a fresh interpreter.
 
-``python benchmarks/bench_load.py [--quick] [--model-path DIR --policy P] [--dtype float32]``
+``python -m benchmarks.bench_load [--quick] [--model-path DIR --policy P] [--dtype float32]``
 
 Without ``--model-path`` it first builds an OpenVLA checkpoint under ``artifacts/bench_load/``: the tiny preset
 (``--quick``, ~4 MB) or the medium preset (~320 MB fp32, 6 Llama layers of width 1024). The load then runs in a
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from client.testing import REPO
 
 
 def _rss_kb(field: str) -> int:
@@ -83,11 +82,10 @@ def main() -> None:
         build_checkpoint(path, preset)
         args.policy = "openvla"
     weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", "--model-path", str(path),
+        [sys.executable, "-m", "benchmarks.bench_load", "--child", "--model-path", str(path),
          "--policy", args.policy, "--dtype", args.dtype],
-        check=True, capture_output=True, text=True, cwd=REPO, env=env,
+        check=True, capture_output=True, text=True, cwd=REPO,
     )
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     delta = (r["peak_kb"] - r["baseline_kb"]) * 1024

@@ -1,6 +1,6 @@
 """Load and soak: N client processes hammering ``infer`` on the real server.
 
-    python benchmarks/bench_load_server.py [--quick] [--policy NAME] [--requests-per-level N]
+    python -m benchmarks.bench_load_server [--quick] [--policy NAME] [--requests-per-level N]
 
 For each client count (1, 2, 4, 8, 16) the same total number of requests is spread over N client
 processes; reported: throughput, p50/p99 latency, lost/mismatched replies (exact check with the
@@ -15,25 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from client.testing import ServerProcess, libero_observation
 
 
 def make_obs(k: int, image_size: int) -> dict:
-    rng = np.random.default_rng(k)
-    return {
-        "image": rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8),
-        "wrist_image": rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8),
-        "state": rng.standard_normal(8).astype(np.float32),
-        "instruction": "pick up the black bowl between the plate and the ramekin and place it on the plate",
-    }
+    return libero_observation(k, image_size)
 
 
 def client_worker(port: int, worker: int, n: int, exact: bool, image_size: int, start_at: float, out) -> None:
@@ -94,7 +84,6 @@ def run_level(port: int, n_clients: int, total: int, exact: bool, image_size: in
 
 def overload_phase(policy_args: list[str], image_size: int, burst: int) -> dict:
     import zmq
-    from serverproc import ServerProcess
 
     from client import wire
 
@@ -135,7 +124,6 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     ns = p.parse_args()
     import psutil
-    from serverproc import ServerProcess
 
     from client.policy_client import PolicyClient
 

@@ -3,7 +3,7 @@
 For each available policy (GR00T N1.5 from ``--gr00t-dir``, OpenVLA-RSD from ``--openvla-rsd-dir``):
 
 * action error: mean |a_q - a_fp| of the 16 (GR00T) / 8 (RSD) step action chunks in raw env units, and in the
-  normalised [-1, 1] space, RTN W4A8 and DuQuant W4A8 (seed defaults) each against FP. GR00T's flow-matching
+  normalised [-1, 1] space, RTN W4A8 and DuQuant W4A8 (default settings) each against FP. GR00T's flow-matching
   sampler gets the *same* initial noise for every variant, so the difference is quantisation alone;
 * latency: median wall time of one single-observation action (FP / RTN / DuQuant; fake quantisation, so this is
   the simulation overhead, not an int4 kernel speed);
@@ -18,20 +18,28 @@ Observations: calibration frames from even-numbered demonstrations and held-out 
 ``--demos`` (never evaluation episodes), else synthetic observations (said in the output). ``--quick`` with no
 directories builds a random tiny GR00T: its numbers measure quantisation noise of an untrained network only.
 
+Policies are the server's own: every variant is built by ``server.policies.create_policy`` from server flags and
+read through its public ``infer``/``metadata`` (``reset`` before each action, so GR00T's sampler noise is the
+same); RTN/DuQuant swap the policy model's Linears with quant's API and calibrate through ``infer``, as the
+server's start-up calibration does. Normalised errors use the model's own normalisation (GR00T data config,
+RSD tokenizer).
+
+    .venv/bin/python -m benchmarks.bench_quant_policy [--quick] [--gr00t-dir DIR] [--demos GLOB] [--out FILE]
+
 The last stdout line is one JSON object of key figures; ``--out`` also writes the full report.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
 import logging
+import os
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +47,10 @@ import numpy as np
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks" / "support"))
-
-from libero_matrix import DUQUANT_SEED_ENV as SEED_ENV  # noqa: E402
-from libero_matrix import RTN_ENV  # noqa: E402
-
-from quant import DuQuantConfig, calibrate, quantized_layers, replace_linear_layers  # noqa: E402
+from benchmarks.support.libero_matrix import DUQUANT_SEED_ENV as SEED_ENV
+from benchmarks.support.libero_matrix import RTN_ENV
+from client.testing import REPO
+from quant import DuQuantConfig, calibrate, quantized_layers, replace_linear_layers
 
 LOG = logging.getLogger("bench_quant_policy")
 INSTRUCTIONS = [
@@ -55,7 +59,7 @@ INSTRUCTIONS = [
     "pick up the black bowl on the wooden cabinet and place it on the plate",
     "pick up the black bowl in the top drawer of the wooden cabinet and place it on the plate",
 ]
-# SEED_ENV: the seed's W4A8 defaults; RTN_ENV: DuQuant with every transform off == RTN (per-row symmetric
+# SEED_ENV: the published recipe's W4A8 defaults (docs/duquant.md); RTN_ENV: DuQuant with every transform off == RTN (per-row symmetric
 # weights without clip search, per-tensor activations).
 
 
@@ -82,63 +86,76 @@ def synthetic_observations(n: int, seed: int, size: int = 128) -> list[dict[str,
 def split_observations(demos: str | None, n_calib: int, n_eval: int, seed: int) -> tuple[list, list, str]:
     """Calibration frames from even demonstrations, held-out frames from odd ones (or synthetic)."""
     if demos:
-        from server.policies.calibration import calibration_observations
+        from client.dataset import sample_observations
 
-        calib = calibration_observations(demos, n_calib, seed, lambda _p, d: int(d.split("_")[1]) % 2 == 0)
-        held = calibration_observations(demos, n_eval, seed + 1, lambda _p, d: int(d.split("_")[1]) % 2 == 1)
+        calib = sample_observations(demos, n_calib, seed, lambda _p, d: int(d.split("_")[1]) % 2 == 0)
+        held = sample_observations(demos, n_eval, seed + 1, lambda _p, d: int(d.split("_")[1]) % 2 == 1)
         return calib, held, f"demonstrations {demos} (calibration: even demos, held-out: odd demos)"
     return (synthetic_observations(n_calib, seed), synthetic_observations(n_eval, seed + 1000),
             "synthetic observations (no --demos)")
 
 
 # ---------------------------------------------------------------------------------------------- policies
+@contextlib.contextmanager
+def _without_duquant_env() -> Iterator[None]:
+    """The policy factory reads GR00T_DUQUANT_* from the environment; the benchmark builds full-precision policies
+    and quantises them itself with explicit configurations, so a caller's variables must not apply."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("GR00T_DUQUANT_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 class PolicyUnderTest:
-    """A model plus ``act(model, observations) -> [B, H, 7]`` with deterministic sampling noise."""
+    """How to build one server policy (``server.policies.create_policy``) and read its actions.
 
-    def __init__(self, name: str, model: nn.Module, act: Callable[[nn.Module, list[dict]], np.ndarray],
-                 normalize: Callable[[np.ndarray], np.ndarray], note: str) -> None:
-        self.name, self.model, self.act, self.normalize, self.note = name, model, act, normalize, note
+    Every variant (FP, RTN, DuQuant) is a fresh policy from the same server flags, so what is measured is what the
+    server would serve; ``act`` resets the policy first, so GR00T's flow-matching sampler starts from the same
+    noise for every variant and the difference is quantisation alone.
+    """
+
+    def __init__(self, name: str, server_args: list[str], normalize: Callable[[Any, np.ndarray], np.ndarray],
+                 note: str) -> None:
+        self.name, self.server_args, self._normalize, self.note = name, server_args, normalize, note
+
+    def build(self) -> Any:
+        from server.config import parse_server_config
+        from server.policies import create_policy
+
+        config, _ = parse_server_config(self.server_args, environ={})
+        with _without_duquant_env():
+            return create_policy(config)
+
+    @staticmethod
+    def act(policy: Any, observations: list[dict[str, Any]]) -> np.ndarray:
+        """``[B, H, action_dim]`` actions from the policy's public ``infer`` (after ``reset``)."""
+        policy.reset()
+        return np.stack([out.actions for out in policy.infer(observations)])
+
+    def normalize(self, policy: Any, actions: np.ndarray) -> np.ndarray:
+        return self._normalize(policy, actions)
 
 
-def gr00t_policy(path: str | None, denoising_steps: int, seed: int) -> PolicyUnderTest:
-    import models
-
+def gr00t_policy(path: str | None, denoising_steps: int, workdir: Path) -> PolicyUnderTest:
     if path:
-        model = models.load_pretrained("gr00t", path)
         note = f"GR00T N1.5 from {path}"
     else:
-        from models.gr00t.tiny import build_tiny
+        from models.gr00t.tiny import build_tiny, save_pretrained
 
-        model = build_tiny(seed=0)
+        path = str(save_pretrained(build_tiny(seed=0), workdir / "gr00t_tiny"))
         note = "random tiny GR00T N1.5 (untrained: quantisation noise only; pass --gr00t-dir for a trained one)"
-    model.eval()
-    dc = model.data_config
-
-    def act(m: nn.Module, obs: list[dict]) -> np.ndarray:
-        batch = dc.from_libero(np.stack([o["image"] for o in obs]), np.stack([o["wrist_image"] for o in obs]),
-                               np.stack([o["state"] for o in obs]), [o["instruction"] for o in obs])
-        gen = torch.Generator().manual_seed(seed)  # same initial noise for every variant
-        return m.get_action(batch, denoising_steps=denoising_steps, generator=gen).numpy()
-
-    return PolicyUnderTest("gr00t", model, act, lambda a: dc.normalize_action(a, model.metadata), note)
+    # The model's own normalisation (models/gr00t/data_config.py), reached through the policy.
+    return PolicyUnderTest("gr00t", ["--policy", "gr00t", "--model-path", path, "--denoising-steps",
+                                     str(denoising_steps)],
+                           lambda p, a: p.data_config.normalize_action(a, p.model.metadata), note)
 
 
 def openvla_rsd_policy(path: str) -> PolicyUnderTest:
-    from rsd.vla import chunk_actions_from_tokens, load_openvla_rsd
-
-    model = load_openvla_rsd(path, with_draft=False)
-
-    def act(m: nn.Module, obs: list[dict]) -> np.ndarray:
-        embeds, mask = m.prefix(np.stack([o["image"] for o in obs]), [o["instruction"] for o in obs])
-        return chunk_actions_from_tokens(m, m.main.decode_greedy(embeds, mask))
-
-    def normalize(a: np.ndarray) -> np.ndarray:
-        key = next(iter(model.backbone.norm_stats))
-        s = model.backbone.norm_stats[key]["action"]
-        lo, hi = np.asarray(s["q01"]), np.asarray(s["q99"])
-        return 2 * (a - lo) / np.where(hi - lo == 0, 1, hi - lo) - 1
-
-    return PolicyUnderTest("openvla_rsd", model, act, normalize, f"OpenVLA-RSD (main-model greedy) from {path}")
+    # Main-model greedy decoding (RSD off); the RFSQ tokenizer's own normalisation (rsd/normalization.py).
+    return PolicyUnderTest("openvla_rsd", ["--policy", "openvla-rsd", "--model-path", path, "--rsd-enabled", "0"],
+                           lambda p, a: p.model.tokenizer.normalizer.normalize(a),
+                           f"OpenVLA-RSD (main-model greedy) from {path}")
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -157,23 +174,25 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), leaf
 
 
-def quantise(p: PolicyUnderTest, cfg: DuQuantConfig, method: str, calib_obs: list[dict]) -> nn.Module:
-    m = copy.deepcopy(p.model)
-    replace_linear_layers(m, cfg, method=method, force=True)
-    calibrate(m, [[o] for o in calib_obs], lambda mm, b: p.act(mm, b), steps=len(calib_obs))
-    return m
+def quantise(p: PolicyUnderTest, cfg: DuQuantConfig, method: str, calib_obs: list[dict]) -> Any:
+    """A fresh policy with its model's selected Linears swapped (quant's public API) and calibrated through the
+    policy's own ``infer`` on ``calib_obs``, one observation per batch, as the server's start-up calibration."""
+    policy = p.build()
+    replace_linear_layers(policy.model, cfg, method=method, force=True)
+    calibrate(policy.model, [[o] for o in calib_obs], lambda _m, b: policy.infer(b), steps=len(calib_obs))
+    policy.reset()
+    return policy
 
 
-def sensitivity(p: PolicyUnderTest, quantised: nn.Module, held: list[dict], a_fp: np.ndarray) -> dict[str, float]:
-    """Action error of the FP model with exactly one layer swapped for its calibrated quantised module."""
+def sensitivity(fp: Any, quantised: Any, held: list[dict], a_fp: np.ndarray) -> dict[str, float]:
+    """Action error of the FP policy with exactly one layer swapped for its calibrated quantised module."""
     out: dict[str, float] = {}
-    for name, qmod in quantized_layers(quantised).items():
-        parent, leaf = _parent(p.model, name)
+    for name, qmod in quantized_layers(quantised.model).items():
+        parent, leaf = _parent(fp.model, name)
         orig = getattr(parent, leaf)
         setattr(parent, leaf, qmod)
         try:
-            with torch.no_grad():
-                out[name] = float(np.abs(p.act(p.model, held) - a_fp).mean())
+            out[name] = float(np.abs(PolicyUnderTest.act(fp, held) - a_fp).mean())
         finally:
             setattr(parent, leaf, orig)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
@@ -182,19 +201,21 @@ def sensitivity(p: PolicyUnderTest, quantised: nn.Module, held: list[dict], a_fp
 def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: argparse.Namespace) -> dict[str, Any]:
     cfg = DuQuantConfig.from_env({**SEED_ENV, "GR00T_DUQUANT_CALIB_STEPS": str(len(calib))})
     rtn_env_cfg = DuQuantConfig.from_env({**SEED_ENV, **RTN_ENV, "GR00T_DUQUANT_CALIB_STEPS": str(len(calib))})
-    with torch.no_grad():
-        a_fp = p.act(p.model, held)
-    res: dict[str, Any] = {"note": p.note, "heldout_observations": len(held), "calibration_observations": len(calib)}
+    fp = p.build()
+    act = PolicyUnderTest.act
+    a_fp = act(fp, held)
+    meta = fp.metadata()
+    res: dict[str, Any] = {"note": p.note, "heldout_observations": len(held), "calibration_observations": len(calib),
+                           "model_id": meta.get("model_id"), "action_horizon": meta.get("action_horizon")}
     variants = {}
     for label, c, method in (("rtn", cfg, "rtn"), ("duquant", cfg, "duquant"), ("rtn_env", rtn_env_cfg, "duquant")):
         t = time.perf_counter()
-        m = quantise(p, c, method, calib)
-        with torch.no_grad():
-            a = p.act(m, held)
-        variants[label] = (m, a)
-        res[f"{label}_layers"] = len(quantized_layers(m))
+        q = quantise(p, c, method, calib)
+        a = act(q, held)
+        variants[label] = (q, a)
+        res[f"{label}_layers"] = len(quantized_layers(q.model))
         res[f"{label}_action_err"] = float(np.abs(a - a_fp).mean())
-        res[f"{label}_action_err_normalized"] = float(np.abs(p.normalize(a) - p.normalize(a_fp)).mean())
+        res[f"{label}_action_err_normalized"] = float(np.abs(p.normalize(fp, a) - p.normalize(fp, a_fp)).mean())
         res[f"{label}_action_err_max"] = float(np.abs(a - a_fp).max())
         res[f"{label}_build_calibrate_s"] = round(time.perf_counter() - t, 2)
     if "rtn_env" in variants:
@@ -208,16 +229,14 @@ def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: 
         res[f"{label}_action_err_rel_spread"] = res[f"{label}_action_err"] / max(spread, 1e-12)
     res["duquant_to_rtn_error_ratio"] = res["duquant_action_err"] / max(res["rtn_action_err"], 1e-12)
     one = held[:1]
-    with torch.no_grad():
-        res["latency_ms_fp"] = _median_ms(lambda: p.act(p.model, one), args.repeats)
-        res["latency_ms_rtn"] = _median_ms(lambda: p.act(variants["rtn"][0], one), args.repeats)
-        res["latency_ms_duquant"] = _median_ms(lambda: p.act(variants["duquant"][0], one), args.repeats)
+    res["latency_ms_fp"] = _median_ms(lambda: act(fp, one), args.repeats)
+    res["latency_ms_rtn"] = _median_ms(lambda: act(variants["rtn"][0], one), args.repeats)
+    res["latency_ms_duquant"] = _median_ms(lambda: act(variants["duquant"][0], one), args.repeats)
     if not args.no_sensitivity:
         sens_obs = held[: args.sensitivity_obs]
-        with torch.no_grad():
-            a_fp_s = p.act(p.model, sens_obs)
-        res["sensitivity_duquant"] = sensitivity(p, variants["duquant"][0], sens_obs, a_fp_s)
-        res["sensitivity_rtn"] = sensitivity(p, variants["rtn"][0], sens_obs, a_fp_s)
+        a_fp_s = act(fp, sens_obs)
+        res["sensitivity_duquant"] = sensitivity(fp, variants["duquant"][0], sens_obs, a_fp_s)
+        res["sensitivity_rtn"] = sensitivity(fp, variants["rtn"][0], sens_obs, a_fp_s)
         res["sensitivity_top_duquant"] = list(res["sensitivity_duquant"].items())[: args.top]
         res["sensitivity_top_rtn"] = list(res["sensitivity_rtn"].items())[: args.top]
     return res
@@ -226,7 +245,7 @@ def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: 
 # ---------------------------------------------------------------------------------------------- LIBERO
 def libero_success(policy: str, path: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """FP / RTN / DuQuant servers evaluated on the same LIBERO episodes (benchmarks/support/libero_matrix.py)."""
-    from libero_matrix import MatrixConfig, quant_variants, run_matrix
+    from benchmarks.support.libero_matrix import MatrixConfig, quant_variants, run_matrix
 
     if not (REPO / ".venv-libero" / "bin" / "python").exists():
         return {"skipped": ".venv-libero is missing (scripts/setup.sh libero)"}
@@ -283,11 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"observations": source, "quick": args.quick}
     skipped = []
     targets: list[tuple[str, Callable[[], PolicyUnderTest], str | None]] = []
+    tmp = tempfile.TemporaryDirectory(prefix="bench_quant_policy_")
     embedded = REPO / "models" / "checkpoints" / "openvla-rsd-libero-spatial"
     if args.openvla_rsd_dir is None and (embedded / "config.json").is_file():
         args.openvla_rsd_dir = str(embedded)
     if args.gr00t_dir or args.quick:
-        targets.append(("gr00t", lambda: gr00t_policy(args.gr00t_dir, args.denoising_steps, args.seed), args.gr00t_dir))
+        targets.append(("gr00t", lambda: gr00t_policy(args.gr00t_dir, args.denoising_steps, Path(tmp.name)), args.gr00t_dir))
     else:
         skipped.append("gr00t (no --gr00t-dir)")
     if args.openvla_rsd_dir:
@@ -332,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             if lib.get("skipped"):
                 skipped.append(f"LIBERO for {key}: {lib['skipped']}")
         del p
+    tmp.cleanup()
     for s in skipped:
         print(f"skipped: {s}")
     summary["skipped"] = skipped

@@ -1,6 +1,6 @@
 """Naive vs robust RFSQ on the same action chunks: reconstruction error per layer depth and in physical units.
 
-    python benchmarks/bench_rfsq.py [--quick] [--data GLOB] [--steps N] [--seed S]
+    python -m benchmarks.bench_rfsq [--quick] [--data GLOB] [--steps N] [--seed S]
 
 Both tokenizers are trained in one run with the same data split, steps, seed and architecture; only the
 quantiser differs. Data (first that exists): ``--data``, ``data/libero_spatial_actions.hdf5``,
@@ -26,7 +26,6 @@ import glob
 import importlib.util
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from rsd.action_data import load_demos  # noqa: E402
-from rsd.rfsq import RFSQTokenizer  # noqa: E402
-from rsd.train_rfsq import Dataset, TrainConfig, prepare_dataset, train_rfsq  # noqa: E402
+from client.dataset import load_demos
+from client.testing import REPO
+from rsd.rfsq import RFSQTokenizer
+from rsd.train_rfsq import Dataset, TrainConfig, prepare_dataset, train_rfsq
 
 POS_MM_PER_UNIT = 50.0  # robosuite OSC_POSE output_max 0.05 m at input 1.0
 ROT_RAD_PER_UNIT = 0.5  # robosuite OSC_POSE output_max 0.5 rad at input 1.0
@@ -141,7 +137,7 @@ def _pct(naive: float, robust: float) -> float:
 
 
 def print_report(n: dict[str, Any], r: dict[str, Any], header: str) -> None:
-    """The human-readable tables (the seed's layout plus per-layer detail)."""
+    """The human-readable tables (naive vs robust summary plus per-layer detail)."""
     print(header)
     print()
     print("| metric | naive | robust | change |")

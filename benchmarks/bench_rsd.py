@@ -1,8 +1,8 @@
 """RSD against main-only decoding on the shipped default checkpoint, on real LIBERO observations.
 
-    python benchmarks/bench_rsd.py --quick         # CI size (~1 min on 2 CPU cores)
-    python benchmarks/bench_rsd.py                 # all 64 frames, full epsilon grid, B = 1 and B = 8
-    python benchmarks/bench_rsd.py --make-frames --demos 'artifacts/demos/libero_spatial/*.hdf5'
+    python -m benchmarks.bench_rsd --quick         # CI size (~1 min on 2 CPU cores)
+    python -m benchmarks.bench_rsd                 # all 64 frames, full epsilon grid, B = 1 and B = 8
+    python -m benchmarks.bench_rsd --make-frames --demos 'artifacts/demos/libero_spatial/*.hdf5'
                                                    # rebuild the shipped frames file from rendered demos
 
 Frames: ``benchmarks/data/libero_spatial_heldout_frames.npz`` (agent-view images as the client sends them,
@@ -46,9 +46,9 @@ MAX_FRAMES_BYTES = 16 * 1024 * 1024
 # ---------------------------------------------------------------------- frames
 def make_frames(demos: str, out: Path, n: int, seed: int = 0) -> None:
     """Pick ``n`` frames spread over the held-out demonstrations and write them (uint8 images + instructions)."""
-    from rsd.vla_data import load_vla_samples
+    from client.dataset import load_samples
 
-    samples = load_vla_samples(demos)
+    samples = load_samples(demos)
     _, held = samples.split_by_demo(0.1, seed)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(held), size=min(n, len(held)), replace=False))

@@ -1,14 +1,14 @@
 """Round-trip latency of our msgpack-over-ZeroMQ wire vs a websocket + msgpack-numpy baseline.
 
 Both servers run as separate processes on loopback; the same client process measures both, side
-by side, with the DESIGN §4 observation (two 256x256x3 uint8 images + 8 floats + an instruction;
+by side, with the LIBERO observation of docs/wire_protocol.md (two 256x256x3 uint8 images + 8 floats + an instruction;
 reply 8x7 float32). Ours goes through the real server (`python -m server --policy debug`).
 
-    python benchmarks/bench_wire.py [--quick] [--requests N]
+    python -m benchmarks.bench_wire [--quick] [--requests N]
 
 Two floors are measured in the same run to show where the time goes: a bare pyzmq DEALER/ROUTER echo
 of the same frames inside this process, and our client against a bare ZeroMQ echo in another process
-(``support/zmq_echo_server.py``: no validation, no batching, no policy).
+(``benchmarks/support/zmq_echo_server.py``: no validation, no batching, no policy).
 
 Last line: JSON with p50/p99 for both and ``p50_ratio_vs_websocket`` (target <= 0.5, p50 < 1 ms).
 """
@@ -20,29 +20,16 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks" / "support"))
-
-from serverproc import ServerProcess, free_port  # noqa: E402
-
-from client.policy_client import PolicyClient  # noqa: E402
+from client.policy_client import PolicyClient
+from client.testing import REPO, ServerProcess, free_port, libero_observation
 
 
 def make_obs() -> dict:
-    rng = np.random.default_rng(0)
-    return {
-        "image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-        "wrist_image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-        "state": rng.standard_normal(8).astype(np.float32),
-        "instruction": "pick up the black bowl between the plate and the ramekin and place it on the plate",
-    }
+    return libero_observation(0)
 
 
 def summarize(samples_ms: list[float]) -> dict[str, float]:
@@ -116,7 +103,7 @@ def bench_raw_zmq(n: int, warmup: int) -> dict[str, float]:
 def bench_client_vs_echo_process(n: int, warmup: int) -> dict[str, float]:
     """Our client (encode, send, poll, decode, id check) against a bare ZeroMQ echo in another process."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "support" / "zmq_echo_server.py"), str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.support.zmq_echo_server", str(port)],
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -137,11 +124,11 @@ def bench_client_vs_echo_process(n: int, warmup: int) -> dict[str, float]:
 
 def bench_websocket(n: int, warmup: int) -> dict[str, float]:
     from websockets.sync.client import connect
-    from ws_baseline_server import pack_array, unpack_array
+
+    from benchmarks.support.ws_baseline_server import pack_array, unpack_array
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "support" / "ws_baseline_server.py"), str(port)],
-                            cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.support.ws_baseline_server", str(port)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

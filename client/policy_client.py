@@ -13,15 +13,18 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zmq
 
 from client import wire
+from client.settings import SettingError, above, check_fields, from_sources, in_range, setting
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +199,32 @@ class PolicyClient:
         return np.asarray(actions, dtype=np.float32)
 
 
+class ClientConfigError(SettingError):
+    """A ``POLICY_SERVER_*`` value is invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where a script's client finds its server: the ``POLICY_SERVER_*`` variables (:mod:`client.settings`)."""
+
+    host: str = setting("127.0.0.1", env="POLICY_SERVER_HOST", help="policy server address")
+    port: int = setting(5555, env="POLICY_SERVER_PORT", check=in_range(1, 65535), help="policy server port")
+    timeout_s: float = setting(30.0, env="POLICY_SERVER_TIMEOUT", check=above(0), help="per-call deadline, seconds")
+
+    def __post_init__(self) -> None:
+        check_fields(self, ClientConfigError)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ClientConfig:
+        """Defaults < ``POLICY_SERVER_*``; a bad value raises :class:`ClientConfigError` naming the variable."""
+        return from_sources(cls, None, env, error=ClientConfigError)
+
+
 def client_from_env(**overrides: Any) -> PolicyClient:
-    """Build a client from ``POLICY_SERVER_HOST``/``POLICY_SERVER_PORT``/``POLICY_SERVER_TIMEOUT``."""
-    kwargs: dict[str, Any] = {
-        "host": os.environ.get("POLICY_SERVER_HOST", "127.0.0.1"),
-        "port": int(os.environ.get("POLICY_SERVER_PORT", "5555")),
-        "timeout_s": float(os.environ.get("POLICY_SERVER_TIMEOUT", "30")),
-    }
+    """Build a client from ``POLICY_SERVER_HOST``/``POLICY_SERVER_PORT``/``POLICY_SERVER_TIMEOUT``
+    (:class:`ClientConfig`); keyword ``overrides`` win (``connect_retries``, CURVE keys, ...)."""
+    cfg = ClientConfig.from_env()
+    kwargs: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "timeout_s": cfg.timeout_s}
     kwargs.update(overrides)
     return PolicyClient(**kwargs)
 
@@ -224,3 +246,44 @@ def wait_until_serving(port: int, host: str = "127.0.0.1", timeout_s: float = 60
             except PolicyTimeoutError:
                 continue
     return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m client.policy_client wait --port P [--timeout S] [--pid PID]``: block until a server serves.
+
+    The one readiness wait for shell scripts (run_demo.sh): exit 0 and print the served policy once it answers,
+    1 when ``--timeout`` passes or the server process ``--pid`` exits first.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m client.policy_client", description="policy server client tools")
+    sub = ap.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("wait", help="wait until a server answers a ping, then print its policy")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=5555)
+    w.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    w.add_argument("--pid", type=int, default=None, help="give up as soon as this server process exits")
+    ns = ap.parse_args(argv)
+    alive = (lambda: _pid_alive(ns.pid)) if ns.pid is not None else None
+    if not wait_until_serving(ns.port, ns.host, ns.timeout, alive):
+        why = "exited" if alive is not None and not alive() else f"did not answer within {ns.timeout:g}s"
+        print(f"server on {ns.host}:{ns.port} {why}", file=sys.stderr)
+        return 1
+    with PolicyClient(ns.host, ns.port, timeout_s=10.0) as client:
+        meta = client.metadata()
+    print(f"server ready: policy={meta.get('policy')} model={meta.get('model_id')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,7 +6,7 @@ unpickles: arrays are an allow-listed dtype code, a shape and raw little-endian 
 zero-copy with ``np.frombuffer`` after the declared size has been checked against the bytes that
 actually arrived (a message that *claims* a 10 GB array is refused before anything is allocated).
 
-Message schema (DESIGN §4)::
+Message schema (docs/wire_protocol.md)::
 
     request  {"v": 1, "type": "infer"|"ping"|"metadata"|"reset"|"stats", "id": str|int, "obs": {...}}
     reply    {"v": 1, "id": <echo>, "ok": True, ...payload}

@@ -7,11 +7,14 @@ Public entry points:
   eval-mode ``nn.Module``.
 - ``build_for_scan(policy, path)``: the same architecture from ``config.json`` alone, parameters on ``meta``
   (for ``python -m quant.scan``: names and shapes without memory).
+- ``shipped_checkpoint(name)``: the directory of a checkpoint shipped inside this package (``EMBEDDED_OPENVLA_RSD``,
+  ``EMBEDDED_GR00T``), found through the package, not the repository layout.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.common.errors import CheckpointError
@@ -21,8 +24,19 @@ if TYPE_CHECKING:
     from torch import nn
 
 POLICIES = ("openvla", "openvla-rsd", "gr00t")
+CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
+#: The embedded default (a trained tiny OpenVLA-RSD) and the tiny GR00T N1.5, both for libero_spatial.
+EMBEDDED_OPENVLA_RSD = "openvla-rsd-libero-spatial"
+EMBEDDED_GR00T = "gr00t-n1.5-tiny-libero-spatial"
 
-__all__ = ["POLICIES", "CheckpointError", "build_for_scan", "load_pretrained"]
+__all__ = ["CHECKPOINTS_DIR", "EMBEDDED_GR00T", "EMBEDDED_OPENVLA_RSD", "POLICIES", "CheckpointError",
+           "build_for_scan", "load_pretrained", "shipped_checkpoint"]
+
+
+def shipped_checkpoint(name: str = EMBEDDED_OPENVLA_RSD) -> Path:
+    """Directory of a checkpoint shipped with the package (it may be absent in a stripped install: check
+    ``(path / "config.json").is_file()``)."""
+    return CHECKPOINTS_DIR / name
 
 
 def _family(policy: str) -> str:

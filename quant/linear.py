@@ -27,7 +27,7 @@ from quant.profile import PROFILER
 
 LOG = logging.getLogger("quant")
 
-#: Weight refinement: ``clip`` data-free clipping search (seed), ``act`` activation-weighted clipping search,
+#: Weight refinement: ``clip`` data-free clipping search (the recipe's), ``act`` activation-weighted clipping search,
 #: ``gptq`` activation-weighted clipping + GPTQ error feedback (both use the calibration batches).
 WOPT_MODES = ("clip", "act", "gptq")
 
@@ -118,7 +118,7 @@ class FakeQuantLinear(nn.Module):
         self.act_pct = act_pct
         if act_gran not in ("tensor", "token"):
             raise ValueError(f"act_gran must be tensor|token, got {act_gran!r}")
-        # tensor: one static scale from the ACT_PCT percentile (seed); token: dynamic per-token absmax (DuQuant
+        # tensor: one static scale from the ACT_PCT percentile (the recipe's); token: dynamic per-token absmax (DuQuant
         # paper), which isolates the few tokens with massive activations instead of clipping them.
         self.act_gran = act_gran
         self.calib_steps = calib_steps

@@ -1,16 +1,16 @@
 """Default layer-selection regexes, checked against the real GR00T N1.5 and OpenVLA module names.
 
-Why not the seed's regexes: the seed selected
+Why not the regexes of the published GR00T DuQuant recipe (see docs/duquant.md): it selected
 ``.*(backbone\\..*\\.(q_proj|...|down_proj)|action_head\\..*\\.mlp\\.(gate_proj|up_proj|down_proj)).*`` and excluded
 ``(?:^|\\.)(vision|radio|norm|ln|layernorm|embed|lm_head)(?:\\.|$)|action_head\\..*\\.self_attn\\.``. Against the
-real GR00T N1.5 module tree (``reference/architectures.md``) that is wrong twice:
+real GR00T N1.5 module tree (``models/fixtures/gr00t_n15_3b_keys.json``) that is wrong twice:
 
 * the action head has no ``mlp.{gate,up,down}_proj``: its DiT MLP Linears are
   ``action_head.model.transformer_blocks.N.ff.net.0.proj`` and ``...ff.net.2`` (diffusers ``FeedForward``), so the
-  seed's action-head branch matches **nothing** and the DiT MLP is never quantised;
+  recipe's action-head branch matches **nothing** and the DiT MLP is never quantised;
 * the exclude names ``vision`` only as a whole dotted component, but the SigLIP tower lives under
   ``backbone.eagle_model.vision_model.vision_model.encoder.layers.N.self_attn.{q,k,v}_proj`` (component
-  ``vision_model``), so the seed **does** quantise the vision tower's q/k/v projections (``out_proj`` and
+  ``vision_model``), so the recipe **does** quantise the vision tower's q/k/v projections (``out_proj`` and
   ``mlp.fc1/fc2`` escape only because their names are not in the include list).
 
 The defaults below select, by construction (an allow-list, then a safety-net deny-list):
@@ -29,7 +29,7 @@ encoders, the timestep embedder, ``lm_head``, embeddings and norms (incl. ada-no
 The vision→LLM projector (GR00T ``backbone.eagle_model.mlp1.0``, OpenVLA ``projector.fc{1,2,3}``) is *not*
 selected: it is < 1 % of the FLOPs (one pass over 256 patch tokens), while every visual token the policy sees goes
 through it, and its input is raw vision-tower features with a wider dynamic range than the LLM residual stream;
-the seed (and the openpi recipe it follows) keep it in floating point too. Add it with ``INCLUDE`` if wanted.
+the published recipe (and the openpi one it follows) keeps it in floating point too. Add it with ``INCLUDE`` if wanted.
 
 Both regexes are applied with ``re.search`` to the module's full dotted name.
 """
@@ -49,7 +49,7 @@ DEFAULT_EXCLUDE = (
     r"|lm_head|embed_tokens|embeddings|\w*embed\w*|\w*norm\w*|layernorm|ln_\w+)(?:\.|$)"
 )
 
-#: The seed's own regexes, kept only so tests can document what they (fail to) select on the real trees.
+#: The published recipe's own regexes, kept only so tests can document what they (fail to) select on the real trees.
 SEED_INCLUDE = (
     r".*(backbone\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     r"|action_head\..*\.mlp\.(gate_proj|up_proj|down_proj)).*"

@@ -4,6 +4,11 @@
 The CLI builds the architecture on the meta device through ``models.build_for_scan(policy, model_path)`` (owned by
 ``models/``; imported lazily so ``quant`` works without it) and prints one
 ``[GR00T-DUQUANT][DRYRUN] <name>: Linear(in->out) W4 A8 ...`` line per selected layer and the total.
+Without ``--model-path``, ``gr00t`` and ``openvla-rsd`` scan the checkpoints shipped in ``models/checkpoints``
+(``models.shipped_checkpoint``), so ``./test_duquant_dryrun.sh`` alone lists the shipped GR00T N1.5.
+
+This is the one place the dry run happens: ``python -m server`` with ``GR00T_DUQUANT_DRYRUN=1`` hands over to
+:func:`main` instead of serving.
 """
 
 from __future__ import annotations
@@ -46,10 +51,19 @@ def _build(policy: str, model_path: str | None) -> nn.Module:
     return build_for_scan(policy, model_path)
 
 
+def _shipped_model_path(policy: str) -> str | None:
+    """The checkpoint shipped for ``policy`` (``gr00t``, ``openvla-rsd``), or ``None`` when none is."""
+    import models
+
+    names = {"gr00t": models.EMBEDDED_GR00T, "openvla-rsd": models.EMBEDDED_OPENVLA_RSD}
+    return str(models.shipped_checkpoint(names[policy])) if policy in names else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: prints the dry-run listing; exit 0 on success, 2 on a configuration error."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-path", "--model_path", dest="model_path", default=None)
+    ap.add_argument("--model-path", "--model_path", dest="model_path", default=None,
+                    help="checkpoint directory (default for gr00t / openvla-rsd: the checkpoint shipped in models/)")
     ap.add_argument("--policy", choices=POLICIES, default="gr00t")
     ap.add_argument("--debug", action="store_true", help="also log every Linear and why it was (not) selected")
     args = ap.parse_args(argv)
@@ -62,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except DuQuantConfigError as exc:
         print(f"quant.scan: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.model_path is None and not args.policy.startswith("demo-"):
+        args.model_path = _shipped_model_path(args.policy)
+        if args.model_path is None:
+            print(f"quant.scan: --policy {args.policy} needs --model-path DIR (no checkpoint of it is shipped)",
+                  file=sys.stderr)
+            return 2
     try:
         model = _build(args.policy, args.model_path)
     except SystemExit:

@@ -10,7 +10,7 @@ Rules (in order):
 4. every ``WBITS`` entry must name a selected layer, so a per-layer override can never silently miss.
 
 Errors raise :class:`~quant.config.DuQuantConfigError` naming the variable. See :mod:`quant.patterns` for the
-defaults and why the seed's regexes did not fit the real GR00T N1.5 names.
+defaults and why the published recipe's regexes did not fit the real GR00T N1.5 names.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Small module trees with the *real* GR00T N1.5 and OpenVLA module names (see ``reference/architectures.md``).
+"""Small module trees with the *real* GR00T N1.5 and OpenVLA module names (see ``models/fixtures/*_keys.json``).
 
 Used by the tests and by ``python -m quant.scan --policy demo-gr00t|demo-openvla`` so that layer selection can be
 checked without ``models/`` or any checkpoint. Widths are tiny; only names, nesting and module types matter.

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-#: Clipping ratios tried per output row (1.0 = plain max scaling). Small on purpose: the seed's "small search".
+#: Clipping ratios tried per output row (1.0 = plain max scaling). Small on purpose: the recipe's "small search".
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
@@ -34,7 +34,7 @@ def channel_energy(weight: torch.Tensor, ls: float) -> torch.Tensor:
     """Per input channel energy ``e_j = mean_i W[i, j]^2`` smoothed as ``e <- (1-LS) e + LS mean(e)``.
 
     The smoothing is affine and increasing, so it never changes the *order* of channels; with zigzag dealing (which
-    uses only the order) LS therefore cannot change the permutation. It is kept because the seed exposes it, it is
+    uses only the order) LS therefore cannot change the permutation. It is kept because the recipe exposes it, it is
     part of the pack key, and it matters for any value-based dealing.
     """
     e = weight.detach().float().pow(2).mean(dim=0)

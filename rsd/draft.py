@@ -1,4 +1,4 @@
-"""Draft model of RSD (seed architecture) and its training helpers.
+"""Draft models of RSD (the fixed-k draft and the deep draft) and their training helpers.
 
 The draft maps the backbone's last hidden state (4096-d for OpenVLA-7B) to logits for the first ``k = 3`` RFSQ
 layers in one cheap pass: Linear projection -> 512 -> small transformer decoder -> 3 classification heads
@@ -12,7 +12,7 @@ one 7B decoding step, so the draft stays negligible in FLOPs and weight traffic,
 enough non-linearity to imitate a few layers of the main model from its hidden state. ``num_decoder_layers`` is
 configurable and saved with the weights.
 
-Training (DESIGN section 8): "all 128 codes equal" is a strict bar (0.99 per-code agreement gives ~28 % layer
+Training: "all 128 codes equal" is a strict bar (0.99 per-code agreement gives ~28 % layer
 acceptance), so the draft is trained to imitate the *main model's own greedy tokens* (distillation), optionally
 mixed with ground-truth cross-entropy and a soft KL to main's distribution (which is what sampling-mode acceptance
 rewards). We report per-layer per-code accuracy and per-layer whole-layer agreement.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from models.common import training
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class DraftConfig:
 
 
 class DraftTransformerDecoder(nn.Module):
-    """The seed's small transformer decoder: pre-norm self-attention blocks (causal; here over one token)."""
+    """The fixed-k draft's small transformer decoder: pre-norm self-attention blocks (causal; here over one token)."""
 
     def __init__(self, hidden_dim: int, num_heads: int, feedforward_dim: int, num_layers: int, dropout: float) -> None:
         super().__init__()
@@ -77,7 +78,7 @@ class DraftTransformerDecoder(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[B, S, D] -> [B, S, D]`` with a causal mask (the seed feeds S = 1)."""
+        """``[B, S, D] -> [B, S, D]`` with a causal mask (the fixed-k draft feeds S = 1)."""
         s = x.shape[1]
         mask = nn.Transformer.generate_square_subsequent_mask(s, device=x.device, dtype=x.dtype) if s > 1 else None
         for layer in self.layers:
@@ -120,7 +121,7 @@ class RFSQDraftModel(nn.Module):
         self.grid_size = grid_size
         self.num_coarse_layers = num_coarse_layers
         self.input_projection = nn.Linear(input_dim, hidden_dim)
-        # DESIGN section 8 variant: main's layer 0 is free from the prefill, so a draft that proposes layers
+        # Layer-0-conditioned variant: main's layer 0 is free from the prefill, so a draft that proposes layers
         # 1..k given layer 0 saves one more pass; layer 0 enters as a sum of per-(code, level) embeddings
         self.first_layer = 1 if condition_on_layer0 else 0
         self.layer0_embed = nn.Embedding(self.codes * grid_size, hidden_dim) if condition_on_layer0 else None
@@ -188,7 +189,7 @@ def draft_width_for(main_hidden: int) -> int:
     """Width of a deep draft sized from its main model: an eighth of the main width, at least 128.
 
     Why an eighth: the draft's cost must be a small fraction of one main decoding step. For a 4096-wide 7B
-    that is the seed's 512 (about 2 % of a step's weight traffic); for the shipped 128-wide tiny model the
+    that is the fixed-k draft's 512 (about 2 % of a step's weight traffic); for the shipped 128-wide tiny model the
     floor of 128 keeps enough capacity, and its cost (~0.1 ms on one CPU thread) is set by per-op overhead,
     not FLOPs.
     """
@@ -326,7 +327,7 @@ def _load_weights(d: Path, device: str | torch.device) -> dict[str, Tensor]:
 
 
 def load_draft(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load whichever draft ``directory`` holds: a deep draft or the seed-shaped :class:`RFSQDraftModel`."""
+    """Load whichever draft ``directory`` holds: a deep draft or the fixed-k :class:`RFSQDraftModel`."""
     d = Path(directory)
     if (d / DEEP_CONFIG_NAME).is_file():
         return DeepDraftModel.load(d, device)
@@ -336,7 +337,7 @@ def load_draft(directory: str | Path, device: str | torch.device = "cpu") -> nn.
 # ---------------------------------------------------------------------- training
 @dataclass
 class DraftTrainConfig:
-    """Optimiser settings (the seed's: AdamW 1e-4, wd 1e-5, clip 1.0, cosine with warm-up)."""
+    """Optimiser settings (AdamW 1e-4, wd 1e-5, clip 1.0, cosine with warm-up)."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -456,7 +457,8 @@ def train_draft(
     """
     device = next(draft.parameters()).device
 
-    def batch_loss(idx: Tensor) -> Tensor:
+    def batch_loss(batch: training.Batch) -> Tensor:
+        idx = torch.from_numpy(batch.index)
         logits = draft(hidden[idx].to(device), None if layer0 is None else layer0[idx].to(device))
         k = logits.shape[1]
         return draft_loss(
@@ -469,46 +471,20 @@ def train_draft(
         )
 
     def validate() -> dict[str, float]:
-        if val is None:
-            return {}
         m = evaluate_draft(draft, *val, layer0=val_layer0)
         return {"val_code_acc": m.mean_code_accuracy} | {f"val_layer{j}_agree": a for j, a in enumerate(m.layer_agreement)}
 
-    return _fit(draft, hidden.shape[0], batch_loss, validate, cfg, "draft" if progress else None)
+    result = training.fit(draft, hidden.shape[0], _fit_config(cfg, "draft", progress), batch_loss,
+                          validate=None if val is None else validate)
+    return result.history
 
 
-def _fit(model: nn.Module, n: int, batch_loss, validate, cfg: DraftTrainConfig, progress: str | None) -> list[dict]:
-    """AdamW + warm-up/cosine loop shared by both draft kinds; ``batch_loss(idx)`` -> loss of those samples."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    history: list[dict[str, float]] = []
-    model.train()
-    steps = range(cfg.steps)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=progress, leave=False)
-    for step in steps:
-        loss = batch_loss(torch.randint(0, n, (cfg.batch_size,), generator=gen))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"step": float(step + 1), "loss": float(loss.detach())} | validate()
-            history.append(rec)
-            logger.info("%s step %d: %s", progress or "draft", step + 1, rec)
-    model.eval()
-    return history
+def _fit_config(cfg: DraftTrainConfig, desc: str, progress: bool) -> training.TrainConfig:
+    """Both draft kinds train with the shared loop; validation runs at every logged step."""
+    return training.TrainConfig(
+        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed, log_every=cfg.log_every,
+        eval_every=cfg.log_every, progress=progress, desc=desc)
 
 
 def train_deep_draft(
@@ -528,14 +504,14 @@ def train_deep_draft(
     """
     device = next(draft.parameters()).device
     n_layers = draft.num_layers
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
     rows = torch.arange(n_layers)
     weights = torch.ones(n_layers) if layer_weights is None else torch.as_tensor(layer_weights, dtype=torch.float32)
     if weights.shape != (n_layers,):
         raise ValueError(f"layer_weights needs {n_layers} values, got {tuple(weights.shape)}")
 
-    def batch_loss(idx: Tensor) -> Tensor:
-        depth = torch.randint(1, n_layers, (idx.shape[0],), generator=gen)
+    def batch_loss(batch: training.Batch) -> Tensor:
+        idx = torch.from_numpy(batch.index)
+        depth = torch.randint(1, n_layers, (idx.shape[0],), generator=batch.generator)
         lay = layers[idx].to(device)
         logits = draft.all_logits(hidden[idx].to(device), lay, depth.to(device))
         target_mask = ((rows[None] >= depth[:, None]) * weights[None]).to(device)  # [B, L]
@@ -544,12 +520,12 @@ def train_deep_draft(
         return (ce * target_mask).sum() / target_mask.sum()
 
     def validate() -> dict[str, float]:
-        if val is None:
-            return {}
         m = evaluate_deep_draft(draft, *val)
         return {"val_round1_code_acc": sum(m["round1_code_accuracy"]) / len(m["round1_code_accuracy"])}
 
-    return _fit(draft, hidden.shape[0], batch_loss, validate, cfg, "deep draft" if progress else None)
+    result = training.fit(draft, hidden.shape[0], _fit_config(cfg, "deep draft", progress), batch_loss,
+                          validate=None if val is None else validate)
+    return result.history
 
 
 @torch.no_grad()

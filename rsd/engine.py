@@ -14,7 +14,7 @@ One chunk, ``L`` RFSQ layers (8), layer 0 free from the prefill:
    * **Jacobi** (``jacobi``, deep drafts): main's logits for the layers past a rejected one were computed on a
      slightly wrong prefix, and are the next round's proposals for those layers (fixed-point iteration as in
      PD-VLA / CEED-VLA) -- no draft call, and main's own guesses for its fine layers;
-   * the **seed-shaped draft** (:class:`rsd.draft.RFSQDraftModel`) proposes a fixed set of coarse layers from
+   * the **fixed-k draft** (:class:`rsd.draft.RFSQDraftModel`) proposes a fixed set of coarse layers from
      ``h`` once (layers ``0..k-1``, or ``1..k`` given layer 0); its layer 0 is checked against ``p_0`` with no
      pass; later layers are main steps.
 3. ``adaptive`` (deep drafts): the depth of every round is chosen by a small dynamic programme over the
@@ -351,7 +351,7 @@ class SpeculativeDecoder:
         dev_mm = torch.zeros(b, device=dev) if self.action_space is not None and speculate else None
         dev_deg = torch.zeros(b, device=dev) if dev_mm is not None else None
 
-        # seed-shaped drafts propose once, from h (and layer 0); a deep draft proposes every round
+        # fixed-k drafts propose once, from h (and layer 0); a deep draft proposes every round
         seed_tok: Tensor | None = None
         seed_probs: Tensor | None = None
         width = 0
@@ -405,7 +405,7 @@ class SpeculativeDecoder:
             elif self.deep:
                 k = plan[m] if (not cfg.max_rounds or rounds < cfg.max_rounds) else 0
                 k = min(k, depth - m)
-            else:  # seed-shaped: its proposals are for layers 1..; only usable in the first round
+            else:  # fixed-k: its proposals are for layers 1..; only usable in the first round
                 k = min(seed_tok.shape[1], depth - m) if (rounds == 0 and m == 1 and seed_tok is not None) else 0
             f = cache.num_fed
             tp = time.perf_counter()

@@ -5,7 +5,7 @@ L=8 residual layers each quantise every latent scalar to one of K=7 uniform leve
 straight-through estimator (STE); the tokens are the level indices, an int64 array [B, H, D, L] in 0..K-1.
 One layer is H·D = 128 codes: the unit the speculative decoder (rsd/engine) predicts per step, coarse to fine.
 
-Modes (DESIGN.md §7):
+Modes:
 
 * ``naive``: q_l = Q(r_l), r_{l+1} = r_l − q_l. Once |r_l| < 1/(K−1) every scalar rounds to the middle level,
   so after the first layer or two the residual lies inside one quantisation cell and the later layers carry
@@ -14,7 +14,7 @@ Modes (DESIGN.md §7):
   ([L, H, D]). While training they are running statistics of the residual (mean, ``robust_range``·std, and
   on one layer the full observed range so nothing is clipped for good); they are recalibrated once on training
   latents and frozen, and the rest of training adapts to them. Being constants in the checkpoint, ``decode``
-  works from tokens alone — a policy predicts tokens, never statistics. (The seed's per-sample LayerNorm
+  works from tokens alone — a policy predicts tokens, never statistics. (Per-sample LayerNorm
   statistics would have to be sent next to every chunk.)
 
 What makes every one of the 8 layers count (measured in benchmarks/bench_rfsq.py):

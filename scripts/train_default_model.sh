@@ -41,7 +41,8 @@ run_draft() {
 }
 run_install() {
   rm -rf "$INSTALL_DIR.tmp" && mkdir -p "$INSTALL_DIR.tmp"
-  (cd "$OUT/model" && find . -path ./train_state -prune -o -type f -print) | while read -r f; do
+  # train_state/ (and a train_state.tmp/.old left by an interrupted checkpoint save) is the resume state, not the model
+  (cd "$OUT/model" && find . \( -path ./train_state -o -path './train_state.*' \) -prune -o -type f -print) | while read -r f; do
     mkdir -p "$INSTALL_DIR.tmp/$(dirname "$f")" && cp "$OUT/model/$f" "$INSTALL_DIR.tmp/$f"
   done
   rm -rf "$INSTALL_DIR" && mv "$INSTALL_DIR.tmp" "$INSTALL_DIR"

@@ -23,11 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from server.policies import available_policies, create_policy
+    from server.policies import DryRunRequested, available_policies, create_policy, describe_policies
 
     if ns.list_policies:
-        for name, desc in available_policies().items():
-            sys.stdout.write(f"{name:16s} {desc}\n")
+        sys.stdout.write(describe_policies())
         return 0
     if config.policy not in available_policies():
         sys.stderr.write(
@@ -54,16 +53,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(config.torch_threads)
+    from models.common.errors import CheckpointError
+
     try:
         policy = create_policy(config)
-    except SystemExit as exc:  # a policy may finish the job itself (e.g. the DuQuant dry-run)
-        return int(exc.code or 0)
+    except DryRunRequested as exc:  # GR00T_DUQUANT_DRYRUN=1: list the layers (the scan command), serve nothing
+        from quant.scan import main as scan
+
+        return scan(exc.scan_argv)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"python -m server: error: {exc}\n")
         return 2
-    except Exception as exc:  # noqa: BLE001 - e.g. CheckpointError: one clear line, not a traceback
-        if type(exc).__name__ != "CheckpointError":
-            raise
+    except CheckpointError as exc:  # a bad checkpoint: one clear line naming the file, not a traceback
         sys.stderr.write(f"python -m server: error: --model-path: {exc}\n")
         return 2
     if config.policy == "debug":

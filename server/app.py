@@ -273,9 +273,7 @@ class PolicyServer:
             "max_message_bytes": self.config.max_message_bytes,
             "max_image_pixels": self.config.max_image_pixels,
         }
-        live = getattr(self.policy, "live_metadata", None)
-        if callable(live):
-            meta.update(live())
+        meta.update(self.policy.live_metadata())
         return meta
 
     def stats_snapshot(self) -> dict[str, Any]:

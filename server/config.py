@@ -1,9 +1,10 @@
-"""``ServerConfig``: every server setting, filled from CLI flags and environment in one place.
+"""``ServerConfig``: every server setting, declared once as a field with its flag and variable.
 
-Flag spellings follow the user's GR00T command line: ``--model_path`` and ``--model-path`` (and the
-other underscore forms) are both accepted; ``--server`` is accepted and ignored (this process is
-always a server). Environment variables ``VLA_SERVER_<FLAG>`` (e.g. ``VLA_SERVER_PORT``) provide
-defaults that flags override. Any invalid value stops start-up with a message naming the flag.
+Each field says its flag spellings, its ``VLA_SERVER_<NAME>`` environment variable, its default and its check
+(:mod:`client.settings`); flags override variables, which override the field's default. Flag spellings follow the
+user's GR00T command line: ``--model_path`` and ``--model-path`` (and the other underscore forms) are both
+accepted; ``--server`` is accepted and ignored (this process is always a server). An unknown ``VLA_SERVER_*``
+variable or any invalid value stops start-up with a message naming the flag or variable.
 """
 
 from __future__ import annotations
@@ -14,14 +15,24 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from client.settings import (
+    SettingError,
+    add_arguments,
+    at_least,
+    check_fields,
+    from_sources,
+    in_range,
+    setting,
+    unknown_variables,
+    variables,
+)
+from models import shipped_checkpoint
 from rsd.config import RSDConfig, RSDConfigError
 
 ENV_PREFIX = "VLA_SERVER_"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# The embedded default model: a trained tiny OpenVLA-RSD checkpoint shipped in the repository.
-EMBEDDED_MODEL_DIR = REPO_ROOT / "models" / "checkpoints" / "openvla-rsd-libero-spatial"
+# The embedded default model: a trained tiny OpenVLA-RSD checkpoint shipped inside the models package.
+EMBEDDED_MODEL_DIR = shipped_checkpoint()
 
 
 def default_policy() -> str:
@@ -32,33 +43,70 @@ def default_policy() -> str:
 DEFAULT_POLICY = default_policy()
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingError):
     """An invalid setting; the message names the flag or variable."""
+
+
+def _device(value: str) -> str | None:
+    return None if value == "cpu" or value.startswith("cuda") else "must be cpu, cuda or cuda:N"
+
+
+def _directory(value: str) -> str | None:
+    return None if Path(value).is_dir() else "is not a directory"
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 5555
-    policy: str = DEFAULT_POLICY
-    model_path: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_batch: int = 8
-    max_wait_ms: float = 2.0
-    max_queue: int = 64
-    max_message_bytes: int = 8 * 1024 * 1024
-    max_image_pixels: int = 1024 * 1024
-    request_timeout_s: float = 30.0
-    data_config: str | None = None
-    denoising_steps: int | None = None
-    embodiment_tag: str | None = None
-    curve_keys: str | None = None
-    log_level: str = "INFO"
-    policy_options: dict[str, Any] = field(default_factory=dict)
+    """Every setting of one server process (built by :func:`parse_server_config`; tests may construct it)."""
+
+    host: str = setting("127.0.0.1", "--host", env="VLA_SERVER_HOST",
+                        help="bind address (0.0.0.0, every interface, must be asked for)")
+    port: int = setting(5555, "--port", env="VLA_SERVER_PORT", check=in_range(1, 65535), help="TCP port")
+    policy: str = setting(DEFAULT_POLICY, "--policy", env="VLA_SERVER_POLICY",
+                          help="registered policy name (see --list-policies)")
+    model_path: str | None = setting(None, "--model-path", "--model_path", env="VLA_SERVER_MODEL_PATH",
+                                     check=_directory, help="local checkpoint directory (no hub downloads)")
+    device: str = setting("cpu", "--device", env="VLA_SERVER_DEVICE", check=_device, help="cpu | cuda | cuda:N")
+    dtype: str = setting("float32", "--dtype", env="VLA_SERVER_DTYPE", choices=("float32", "bfloat16", "float16"),
+                         help="model dtype")
+    max_batch: int = setting(8, "--max-batch", "--max_batch", env="VLA_SERVER_MAX_BATCH", check=at_least(1),
+                             help="most requests served by one forward pass")
+    max_wait_ms: float = setting(2.0, "--max-wait-ms", "--max_wait_ms", env="VLA_SERVER_MAX_WAIT_MS",
+                                 check=at_least(0.0),
+                                 help="how long a batch may wait for more concurrent requests (0 = never wait)")
+    max_queue: int = setting(64, "--max-queue", env="VLA_SERVER_MAX_QUEUE", check=at_least(1),
+                             help="queued infer requests beyond which new ones get an 'overloaded' error")
+    max_message_bytes: int = setting(8 * 1024 * 1024, "--max-message-bytes", env="VLA_SERVER_MAX_MESSAGE_BYTES",
+                                     check=at_least(1), help="largest request accepted")
+    max_image_pixels: int = setting(1024 * 1024, "--max-image-pixels", env="VLA_SERVER_MAX_IMAGE_PIXELS",
+                                    check=at_least(1), help="largest image (height x width) accepted")
+    request_timeout_s: float = setting(30.0, "--request-timeout-s", env="VLA_SERVER_REQUEST_TIMEOUT_S",
+                                       check=at_least(0.0),
+                                       help="a request still queued after this long is answered with a 'timeout' "
+                                            "error")
+    data_config: str | None = setting(None, "--data-config", "--data_config", env="VLA_SERVER_DATA_CONFIG",
+                                      help="GR00T data config name")
+    denoising_steps: int | None = setting(None, "--denoising-steps", "--denoising_steps",
+                                          env="VLA_SERVER_DENOISING_STEPS", check=at_least(1),
+                                          help="GR00T flow-matching steps (default: the checkpoint's)")
+    embodiment_tag: str | None = setting(None, "--embodiment-tag", "--embodiment_tag",
+                                         env="VLA_SERVER_EMBODIMENT_TAG", help="GR00T embodiment tag")
+    curve_keys: str | None = setting(None, "--curve-keys", env="VLA_SERVER_CURVE_KEYS", check=_directory,
+                                     help="directory with server.key_secret and authorized client keys "
+                                          "(enables CURVE)")
+    log_level: str = setting("INFO", "--log-level", env="VLA_SERVER_LOG_LEVEL",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    torch_threads: int = setting(0, "--torch-threads", env="VLA_SERVER_TORCH_THREADS", check=at_least(0),
+                                 help="CPU threads for torch inference (0 = torch's choice)")
+    log_requests: bool = setting(False, "--log-requests", env="VLA_SERVER_LOG_REQUESTS",
+                                 help="log one structured line per infer request at INFO (id, client, batch, "
+                                      "latencies)")
+    # Raw ``--policy-option KEY=VALUE`` text; each policy parses its own typed options from it.
+    policy_options: dict[str, str] = field(default_factory=dict)
     rsd: RSDConfig = field(default_factory=RSDConfig)
-    torch_threads: int = 0
-    log_requests: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, ConfigError)
 
     @property
     def endpoint(self) -> str:
@@ -75,111 +123,26 @@ class ServerConfig:
             return False
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
-        return value
-
-    return parse
-
-
-def _non_negative_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text}")
-        return value
-
-    return parse
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--port must be an integer, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"--port must be in 1..65535, got {value}")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of :class:`ServerConfig` and :class:`RSDConfig`, plus the few that are actions, not settings."""
     p = _Parser(prog="python -m server", description="VLA policy inference server (ZeroMQ + msgpack).")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 is explicit)")
-    p.add_argument("--port", type=_port, default=5555)
-    p.add_argument("--policy", default=DEFAULT_POLICY, help="registered policy name (see --list-policies)")
-    p.add_argument("--model-path", "--model_path", dest="model_path", default=None,
-                   help="local checkpoint directory (no hub downloads)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-batch", "--max_batch", dest="max_batch", type=_positive_int("--max-batch"), default=8)
-    p.add_argument("--max-wait-ms", "--max_wait_ms", dest="max_wait_ms", type=_non_negative_float("--max-wait-ms"),
-                   default=2.0, help="how long a batch may wait for more concurrent requests (0 = never wait)")
-    p.add_argument("--max-queue", dest="max_queue", type=_positive_int("--max-queue"), default=64,
-                   help="queued infer requests beyond which new ones get an 'overloaded' error")
-    p.add_argument("--max-message-bytes", dest="max_message_bytes", type=_positive_int("--max-message-bytes"),
-                   default=8 * 1024 * 1024)
-    p.add_argument("--max-image-pixels", dest="max_image_pixels", type=_positive_int("--max-image-pixels"),
-                   default=1024 * 1024)
-    p.add_argument("--request-timeout-s", dest="request_timeout_s",
-                   type=_non_negative_float("--request-timeout-s"), default=30.0,
-                   help="a request still queued after this long is answered with a 'timeout' error")
-    p.add_argument("--data-config", "--data_config", dest="data_config", default=None)
-    p.add_argument("--denoising-steps", "--denoising_steps", dest="denoising_steps",
-                   type=_positive_int("--denoising-steps"), default=None)
-    p.add_argument("--embodiment-tag", "--embodiment_tag", dest="embodiment_tag", default=None)
-    p.add_argument("--curve-keys", dest="curve_keys", default=None,
-                   help="directory with server.key_secret and authorized client keys (enables CURVE)")
+    add_arguments(p, ServerConfig)
     p.add_argument("--server", action="store_true", help="accepted for compatibility with GR00T's command line")
-    p.add_argument("--torch-threads", dest="torch_threads", type=_positive_int("--torch-threads"), default=None,
-                   help="CPU threads for torch inference (default: torch's choice)")
-    p.add_argument("--log-requests", action="store_true",
-                   help="log one structured line per infer request at INFO (id, client, batch, latencies)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="policy-specific option, repeatable (e.g. --policy-option calib_data=GLOB; debug: horizon=16)")
+                   help="option of the chosen policy, repeatable; each policy's options (type, default, "
+                        "meaning) are printed by --list-policies")
     p.add_argument("--list-policies", action="store_true", help="print the registered policies and exit")
     RSDConfig.add_cli_args(p)
     return p
 
 
-def _env_args(environ: Mapping[str, str], parser: argparse.ArgumentParser) -> list[str]:
-    """Turn ``VLA_SERVER_*`` variables into flags placed before the real ones (flags win)."""
-    known = {a.dest: a for a in parser._actions if a.option_strings}
-    args: list[str] = []
-    for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        dest = key[len(ENV_PREFIX):].lower()
-        action = known.get(dest)
-        if action is None or dest in ("list_policies", "policy_option", "help") or dest.startswith("rsd_"):
-            raise ConfigError(f"unknown environment variable {key}")
-        flag = action.option_strings[0]
-        if isinstance(action, argparse._StoreTrueAction):
-            if value not in ("0", "1", "", "false", "true"):
-                raise ConfigError(f"{key} must be 0 or 1, got {value!r}")
-            if value in ("1", "true"):
-                args.append(flag)
-        else:
-            args.extend([flag, value])
-    return args
-
-
-def _parse_policy_options(items: Sequence[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+def _parse_policy_options(items: Sequence[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--policy-option expects KEY=VALUE, got {item!r}")
@@ -190,46 +153,18 @@ def _parse_policy_options(items: Sequence[str]) -> dict[str, Any]:
 
 def parse_server_config(argv: Sequence[str] | None = None,
                         environ: Mapping[str, str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
-    """Parse flags + environment into a validated :class:`ServerConfig`."""
+    """Parse flags + environment into a validated :class:`ServerConfig` (raises :class:`ConfigError`)."""
     environ = os.environ if environ is None else environ
-    parser = build_parser()
-    argv = list(argv) if argv is not None else []
-    try:
-        ns = parser.parse_args(_env_args(environ, parser) + argv)
-    except argparse.ArgumentTypeError as exc:  # pragma: no cover - argparse routes these to error()
-        raise ConfigError(str(exc)) from None
-    device = ns.device
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if ns.model_path is not None and not Path(ns.model_path).is_dir():
-        raise ConfigError(f"--model-path {ns.model_path!r} is not a directory")
-    if ns.curve_keys is not None and not Path(ns.curve_keys).is_dir():
-        raise ConfigError(f"--curve-keys {ns.curve_keys!r} is not a directory")
+    unknown = unknown_variables(environ, ENV_PREFIX, ServerConfig)
+    if unknown:
+        raise ConfigError(f"unknown environment variable {', '.join(unknown)}; known: "
+                          f"{', '.join(variables(ServerConfig))} (RSD reads RSD_*)")
+
+    ns = build_parser().parse_args(list(argv) if argv is not None else [])
     try:
         rsd = RSDConfig.from_env_and_args(ns, environ)
     except RSDConfigError as exc:
         raise ConfigError(str(exc)) from None
-    config = ServerConfig(
-        host=ns.host,
-        port=ns.port,
-        policy=ns.policy,
-        model_path=ns.model_path,
-        device=device,
-        dtype=ns.dtype,
-        max_batch=ns.max_batch,
-        max_wait_ms=ns.max_wait_ms,
-        max_queue=ns.max_queue,
-        max_message_bytes=ns.max_message_bytes,
-        max_image_pixels=ns.max_image_pixels,
-        request_timeout_s=ns.request_timeout_s,
-        data_config=ns.data_config,
-        denoising_steps=ns.denoising_steps,
-        embodiment_tag=ns.embodiment_tag,
-        curve_keys=ns.curve_keys,
-        log_level=ns.log_level,
-        policy_options=_parse_policy_options(ns.policy_option),
-        rsd=rsd,
-        torch_threads=ns.torch_threads or 0,
-        log_requests=ns.log_requests,
-    )
+    config = from_sources(ServerConfig, ns, environ, error=ConfigError,
+                          policy_options=_parse_policy_options(ns.policy_option), rsd=rsd)
     return config, ns

@@ -16,8 +16,7 @@ import pytest
 
 pytest.importorskip("libero.libero", reason="needs the LIBERO simulator (.venv-libero: scripts/setup.sh libero)")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serverproc import REPO, SERVER_PYTHON, ServerProcess, free_port  # noqa: E402
+from client.testing import REPO, SERVER_PYTHON, ServerProcess, free_port  # noqa: E402
 
 pytestmark = pytest.mark.libero
 

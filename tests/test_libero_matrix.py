@@ -8,17 +8,12 @@ through ``benchmarks/bench_libero_success.py --quick``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks" / "support"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import libero_matrix as lm  # noqa: E402
-from bench_libero_success import derived_figures  # noqa: E402
+import benchmarks.support.libero_matrix as lm
+from benchmarks.bench_libero_success import derived_figures
 
 
 def _write_results(path: Path, episodes: list[tuple[int, int, bool, bool]]) -> None:

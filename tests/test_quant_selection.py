@@ -40,7 +40,7 @@ def test_openvla_defaults_select_llama_projections_only() -> None:
 
 
 def test_seed_regexes_miss_the_real_action_head_and_hit_the_vision_tower() -> None:
-    """Documents why the defaults differ from the seed's regexes (see quant.patterns)."""
+    """Documents why the defaults differ from the published recipe's regexes (see quant.patterns)."""
     names = _names(gr00t_like(), DuQuantConfig(enabled=True, include=SEED_INCLUDE, exclude=SEED_EXCLUDE))
     assert not [n for n in names if n.startswith("action_head.")]
     assert [n for n in names if ".vision_model." in n]

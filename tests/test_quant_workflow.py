@@ -14,16 +14,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from serverproc import REPO, free_port
 from test_gr00t_train import write_demo_hdf5
 
-from server.policies.calibration import (
-    calibration_observations,
-    pop_calibration_options,
-    quantize_policy,
-    read_observations,
-    sample_frames,
-)
+from client.testing import REPO, free_port
+from server.config import ConfigError
+from server.policies.calibration import calibration_observations, read_observations, sample_frames
+from server.policies.options import CalibrationOptions, parse_options
+from server.policies.quantize import quantize_policy
 
 LAYER_LINE = re.compile(r"^\[GR00T-DUQUANT\]\[DRYRUN\] (\S+): Linear\((\d+)->(\d+)\) W(\d+) A(\d+|off)\b")
 TOTAL_LINE = re.compile(r"^\[GR00T-DUQUANT\] Dry-run total layers listed: (\d+)$", re.M)
@@ -82,27 +79,28 @@ def test_calibration_errors_and_options(tmp_path: Path, demos: str) -> None:
         f.create_dataset("success", data=np.ones(3))
     with pytest.raises(ValueError, match="not a LIBERO demonstration file"):
         calibration_observations(str(bogus), 4)
-    opts = {"calib_data": demos, "calib_n": "5", "other": "x"}
-    c = pop_calibration_options(opts)
-    assert (c.data, c.n) == (demos, 5) and opts == {"other": "x"}
-    assert pop_calibration_options({}).data is None and pop_calibration_options({}).n == 32
+    c = parse_options(CalibrationOptions, {"calib_data": demos, "calib_n": "5"}, "gr00t")
+    assert (c.calib_data, c.calib_n) == (demos, 5)
+    assert parse_options(CalibrationOptions, {}, "gr00t").calib_data is None
+    assert parse_options(CalibrationOptions, {}, "gr00t").calib_n == 32
+    with pytest.raises(ConfigError, match="other"):
+        parse_options(CalibrationOptions, {"calib_data": demos, "other": "x"}, "gr00t")
     with pytest.raises(ValueError, match="calib_n"):
-        pop_calibration_options({"calib_n": "many"})
+        parse_options(CalibrationOptions, {"calib_n": "many"}, "gr00t")
     with pytest.raises(ValueError, match="no files match"):
-        pop_calibration_options({"calib_data": str(tmp_path / "missing*.hdf5")})
+        parse_options(CalibrationOptions, {"calib_data": str(tmp_path / "missing*.hdf5")}, "gr00t")
 
 
 def test_startup_calibration_through_policy(tiny_dir: Path, demos: str) -> None:
     import models
     from quant import DuQuantConfig, quantized_layers
-    from server.policies.calibration import CalibrationOptions
     from server.policies.model_policies import GR00TPolicy
 
     model = models.load_pretrained("gr00t", tiny_dir)
     model.denoising_steps = 2
     policy = GR00TPolicy(model, str(tiny_dir), "libero", {})
     dq = DuQuantConfig(enabled=True, calib_steps=3)
-    summary = quantize_policy(policy, model, dq, CalibrationOptions(demos, 3))
+    summary = quantize_policy(policy, model, dq, CalibrationOptions(calib_data=demos, calib_n=3))
     assert summary["enabled"] and summary["calibrated_at_startup"] and summary["calibration_observations"] == 3
     layers = quantized_layers(model)
     assert len(layers) == summary["layers"] == TINY_GR00T_LAYERS
@@ -119,12 +117,12 @@ def test_startup_calibration_through_policy(tiny_dir: Path, demos: str) -> None:
 def test_startup_calibration_openvla(demos: str) -> None:
     from models.openvla.tiny import build_tiny
     from quant import DuQuantConfig, quantized_layers
-    from server.policies.calibration import CalibrationOptions
     from server.policies.model_policies import OpenVLAPolicy
 
     model = build_tiny("tiny", seed=0).eval()
     policy = OpenVLAPolicy(model, "tiny-openvla", None, False, None, {})
-    summary = quantize_policy(policy, model, DuQuantConfig(enabled=True, calib_steps=2), CalibrationOptions(demos, 2))
+    summary = quantize_policy(policy, model, DuQuantConfig(enabled=True, calib_steps=2),
+                              CalibrationOptions(calib_data=demos, calib_n=2))
     assert summary["calibrated_at_startup"] and summary["calibration_observations"] == 2
     layers = quantized_layers(model)
     assert layers and all(m.calib_state == "frozen" for m in layers.values())
@@ -176,7 +174,7 @@ def test_quant_script_starts_calibrated_server(tiny_dir: Path, demos: str, tmp_p
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     out = log.read_text()
-    # the effective configuration: seed defaults, except what the environment set (CALIB_STEPS)
+    # the effective configuration: recipe defaults, except what the environment set (CALIB_STEPS)
     for line in ("WBITS_DEFAULT=4", "ABITS=8", "BLOCK=16", "PERMUTE=1", "ROW_ROT=restore", "ACT_PCT=99.9",
                  "CALIB_STEPS=3", "LS=0.15", f"PACKDIR={tmp_path / 'packs'}"):
         assert re.search(rf"^\s+{re.escape(line)}$", out, re.M), line

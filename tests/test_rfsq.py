@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsd.action_data import chunk_actions, load_demos, split_demos
+from client.dataset import chunk_actions, load_demos, split_demos
 from rsd.normalization import ActionNormalizer
 from rsd.rfsq import RFSQAutoencoder, RFSQConfig, RFSQTokenizer, layers_to_tokens, tokens_to_layers
 from rsd.train_rfsq import TrainConfig, prepare_dataset, train_rfsq

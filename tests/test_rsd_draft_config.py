@@ -114,7 +114,7 @@ def test_config_error_names_flag():
 
 
 def test_layer0_conditioned_draft_roundtrip_and_training(tmp_path):
-    """DESIGN section 8 variant: proposes layers 1..3 given layer 0; persists its flag; trains on layer0 input."""
+    """Layer-0-conditioned variant (docs/rsd.md): proposes layers 1..3 given layer 0; persists its flag; trains on layer0 input."""
     draft = RFSQDraftModel(
         input_dim=16, hidden_dim=32, feedforward_dim=64, num_heads=4, chunk_len=2, action_hidden_dim=2,
         condition_on_layer0=True,

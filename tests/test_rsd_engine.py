@@ -232,7 +232,7 @@ def test_draft_length_pass_counting(main, k, passes):
 
 
 class Layer0Draft(torch.nn.Module):
-    """Oracle-style draft proposing layers 1..k given layer 0 (DESIGN section 8 variant)."""
+    """Oracle-style draft proposing layers 1..k given layer 0 (the layer-0-conditioned variant, docs/rsd.md)."""
 
     first_layer = 1
 

@@ -12,21 +12,12 @@ import time
 import numpy as np
 import pytest
 import zmq
-from serverproc import REPO, ServerProcess, free_port
 
 from client import wire
 from client.policy_client import PolicyClient, PolicyServerError, PolicyTimeoutError
+from client.testing import REPO, ServerProcess, free_port
+from client.testing import libero_observation as make_obs
 from server.policies.debug import FAIL_INSTRUCTION, expected_debug_actions
-
-
-def make_obs(seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-        "wrist_image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-        "state": rng.standard_normal(8).astype(np.float32),
-        "instruction": "pick up the black bowl between the plate and the ramekin and place it on the plate",
-    }
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serverproc import REPO, ServerProcess
 
 from client.policy_client import PolicyClient, PolicyTimeoutError
+from client.testing import REPO, ServerProcess, free_port, server_python
 from server.policies.debug import expected_debug_actions
 
 
@@ -59,10 +59,8 @@ class _curve_server:
         import time
 
         import zmq.auth
-        from serverproc import SERVER_PYTHON, free_port
-
         self.port = free_port()
-        python = SERVER_PYTHON if Path(SERVER_PYTHON).exists() else sys.executable
+        python = server_python()
         self.proc = subprocess.Popen([python, "-m", "server", "--port", str(self.port), "--policy", "debug",
                                       "--curve-keys", str(keys)],
                                      cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -91,9 +89,7 @@ class _curve_server:
 
 
 def test_curve_keys_dir_validated_at_startup(tmp_path: Path) -> None:
-    from serverproc import SERVER_PYTHON
-
-    python = SERVER_PYTHON if Path(SERVER_PYTHON).exists() else sys.executable
+    python = server_python()
     result = subprocess.run([python, "-m", "server", "--policy", "debug", "--curve-keys", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--curve-keys" in result.stderr and "server.key_secret" in result.stderr

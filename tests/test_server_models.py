@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serverproc import REPO, SERVER_PYTHON, ServerProcess
 
 from client.policy_client import PolicyClient
+from client.testing import REPO, ServerProcess, server_python
+from client.testing import libero_observation as libero_obs
 
-PY = SERVER_PYTHON if Path(SERVER_PYTHON).exists() else sys.executable
+PY = server_python()
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +28,6 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         subprocess.run([PY, "-m", f"models.{family}.tiny", "--out", str(out)], cwd=REPO, check=True,
                        capture_output=True, timeout=300)
     return dirs
-
-
-def libero_obs(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-        "wrist_image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-        "state": rng.standard_normal(8).astype(np.float32),
-        "instruction": "pick up the black bowl between the plate and the ramekin and place it on the plate",
-    }
 
 
 def test_openvla_policy_serves_actions(tiny_dirs) -> None:

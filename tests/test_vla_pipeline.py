@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from serverproc import REPO, SERVER_PYTHON, ServerProcess
 
 from client.policy_client import PolicyClient
+from client.testing import REPO, ServerProcess, libero_observation, server_python
 
-PY = SERVER_PYTHON if Path(SERVER_PYTHON).exists() else sys.executable
+PY = server_python()
 INSTRUCTIONS = ["pick up the black bowl and place it on the plate", "put the bowl on the cookie box"]
 
 
@@ -75,10 +74,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def obs(seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-            "wrist_image": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
-            "state": rng.standard_normal(8).astype(np.float32), "instruction": INSTRUCTIONS[seed % 2]}
+    return libero_observation(seed, instruction=INSTRUCTIONS[seed % 2])
 
 
 def test_checkpoint_layout(trained: Path) -> None:

@@ -16,21 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.testing import REPO, ServerProcess, venv_python
+
 log = logging.getLogger("bench.libero_matrix")
 
-REPO = Path(__file__).resolve().parents[2]
-
-# The seed document's W4A8 defaults, and the same grid with every DuQuant transform off (plain RTN).
+# The published recipe's W4A8 defaults (docs/duquant.md), and the same grid with every DuQuant transform off (plain RTN).
 DUQUANT_SEED_ENV = {
     "GR00T_DUQUANT_WBITS_DEFAULT": "4", "GR00T_DUQUANT_ABITS": "8", "GR00T_DUQUANT_BLOCK": "16",
     "GR00T_DUQUANT_PERMUTE": "1", "GR00T_DUQUANT_ROW_ROT": "restore", "GR00T_DUQUANT_ACT_PCT": "99.9",
@@ -52,16 +49,9 @@ class Variant:
     client_args: list[str] = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_python(venv: str) -> str:
     """The project's venv interpreter when it exists (set-up done), else the current one."""
-    p = REPO / venv / "bin" / "python"
-    return str(p) if p.exists() else sys.executable
+    return venv_python(venv)
 
 
 def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float, action_eps: float = 0.5) -> list[Variant]:
@@ -79,7 +69,7 @@ def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float, act
 
 def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_data: str | None, calib_n: int,
                    denoising_steps: int) -> list[Variant]:
-    """Full precision vs RTN W4A8 vs DuQuant W4A8 (seed defaults) for one policy (issue 10's table)."""
+    """Full precision vs RTN W4A8 vs DuQuant W4A8 (default settings) for one policy."""
     base = ["--policy", policy] + (["--model-path", model_path] if model_path else [])
     if policy == "gr00t":
         base += ["--denoising-steps", str(denoising_steps), "--embodiment-tag", "new_embodiment"]
@@ -116,27 +106,23 @@ class MatrixConfig:
 
 
 class _Server:
+    """One variant's server (:class:`client.testing.ServerProcess`), its output in ``server_<label>.log``."""
+
     def __init__(self, v: Variant, cfg: MatrixConfig) -> None:
         self.variant = v
-        self.port = free_port()
-        env = {k: val for k, val in os.environ.items() if not k.startswith("GR00T_DUQUANT_")}
-        env.update(v.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         self.log_path = cfg.out_dir / f"server_{v.label}.log"
-        self.cmd = [cfg.server_python, "-m", "server", "--port", str(self.port), *v.server_args, *cfg.server_extra]
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        # The caller's GR00T_DUQUANT_* never leak into a variant: each one's environment is exactly v.env.
+        self.server = ServerProcess([*v.server_args, *cfg.server_extra], env=v.env, python=cfg.server_python,
+                                    default_policy=True, drop_env_prefixes=("GR00T_DUQUANT_",), torch_threads=None,
+                                    log_path=self.log_path, wait=False)
+        self.port = self.server.port
+        self.cmd = self.server.cmd
 
     def wait_ready(self, timeout_s: float) -> None:
-        from client.policy_client import wait_until_serving
-
-        if wait_until_serving(self.port, timeout_s=timeout_s, alive=lambda: self.proc.poll() is None):
-            return
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"server {self.variant.label} exited with {self.proc.returncode}; "
-                               f"see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
-        raise RuntimeError(f"server {self.variant.label} not ready after {timeout_s:.0f}s; see {self.log_path}")
+        try:
+            self.server.wait_ready(timeout_s)
+        except RuntimeError as exc:
+            raise RuntimeError(f"server {self.variant.label}: {exc}") from None
 
     def server_report(self) -> dict[str, Any]:
         """The server's own view after the run: metadata (RSD acceptance aggregates) and stats."""
@@ -152,15 +138,7 @@ class _Server:
         return out
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return self.server.stop()
 
 
 def _job_cmd(cfg: MatrixConfig, v: Variant, port: int, task: int, results: Path) -> list[str]:
@@ -230,7 +208,6 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
         # Task-major order: every variant sees task t before any variant sees task t+1.
         jobs = [(v.label, t) for t in cfg.tasks for v in variants]
         client_env = dict(os.environ)
-        client_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), client_env.get("PYTHONPATH", "")) if p)
         client_env.setdefault("MUJOCO_GL", "egl")
         bar = tqdm(total=len(jobs), desc="libero jobs", unit="job", dynamic_ncols=True)
         pending = list(jobs)

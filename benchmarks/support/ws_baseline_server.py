@@ -2,8 +2,8 @@
 
 Arrays travel as ``{"__ndarray__": bytes, "dtype": str, "shape": list}`` maps inside msgpack,
 per-message compression off. It decodes the observation and replies an 8x7 float32 chunk, like
-our server does with its debugging policy. Run as a separate process: ``python
-benchmarks/support/ws_baseline_server.py PORT``.
+our server does with its debugging policy. Run as a separate process: ``python -m
+benchmarks.support.ws_baseline_server PORT``.
 """
 
 from __future__ import annotations

@@ -2,21 +2,18 @@
 
 The floor for any server that speaks our wire through :class:`client.policy_client.PolicyClient`: no
 validation, no batching, no policy, no event loop — only reading the request id so the client accepts
-the reply. ``python zmq_echo_server.py PORT`` prints ``ready`` once bound.
+the reply. ``python -m benchmarks.support.zmq_echo_server PORT`` prints ``ready`` once bound.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import msgpack
 import numpy as np
 import zmq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from client import wire  # noqa: E402
+from client import wire
 
 
 def main() -> None:

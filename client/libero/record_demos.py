@@ -12,7 +12,7 @@ Two phases per demonstration, because rendering costs ~15x the physics:
 
 Tasks are visited round-robin in blocks, so an interrupted run has about the same number of demos for
 every task; ``--resume`` continues from ``progress.json``. Output per task: ``<task_name>_demo.hdf5`` with
-``data/demo_N/{actions, obs/*, states, dones, rewards}`` (gzip), plus ``expert_stats.json`` (the expert's
+``data/demo_N/{actions, obs/*, states, dones, rewards}`` (gzip; the schema lives in :mod:`client.dataset`), plus ``expert_stats.json`` (the expert's
 success rate per task) and optionally the compact actions-only file (``--actions-out``).
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from client.dataset import STORE_RES, write_actions_file, write_demo
 from client.libero.protocol import (
     DEFAULT_SEED,
     NUM_WAIT_STEPS,
@@ -44,9 +44,7 @@ from client.libero.results import atomic_write_json
 
 log = logging.getLogger("client.libero.record_demos")
 
-STORE_RES = 128
-RENDER_RES = 256
-IMAGE_CONVENTION = "rotated_180"  # images as the evaluation client sends them (LIBERO's raw render is upside down)
+RENDER_RES = 256  # rendered side; stored at client.dataset.STORE_RES (exact 2x area downsampling)
 
 
 @dataclass
@@ -184,98 +182,6 @@ def replay_and_record(env: Any, task: Any, init_index: int, actions: np.ndarray,
     ref = np.asarray(actions, np.float32)
     out["open_loop_match"] = bool(out["actions"].shape == ref.shape and np.array_equal(out["actions"], ref))
     return out
-
-
-def write_demo(path: Path, task: Any, demo_index: int, init_index: int, actions: np.ndarray,
-               rec: dict[str, Any], env_args: dict[str, Any], params: dict[str, Any], seed: int) -> None:
-    """Append ``data/demo_<demo_index>`` to the task's HDF5 (created with LIBERO's file attrs if new).
-
-    The file is opened per demo and closed again, so readers (training) can open it between demos; if a
-    reader holds HDF5's file lock at that moment, opening is retried for a while instead of crashing.
-    """
-    import h5py
-
-    for attempt in range(60):
-        try:
-            f = h5py.File(path, "a")
-            break
-        except OSError as e:  # "unable to lock file": a reader has it open
-            if attempt == 59:
-                raise
-            log.warning("cannot open %s for writing (%s); retrying in 5 s", path, e)
-            time.sleep(5.0)
-    _write_demo_group(f, task, demo_index, init_index, actions, rec, env_args, params, seed)
-
-
-def _write_demo_group(f: Any, task: Any, demo_index: int, init_index: int, actions: np.ndarray,
-                      rec: dict[str, Any], env_args: dict[str, Any], params: dict[str, Any], seed: int) -> None:
-    gz = {"compression": "gzip", "compression_opts": 4}
-    with f:
-        data = f.require_group("data")
-        if "problem_info" not in data.attrs:
-            data.attrs["env_name"] = task.name
-            data.attrs["problem_info"] = json.dumps({
-                "problem_name": "libero_tabletop_manipulation", "domain_name": "robosuite",
-                "language_instruction": task.instruction, "suite": task.suite, "task_id": task.task_id})
-            data.attrs["language_instruction"] = task.instruction
-            data.attrs["bddl_file_name"] = os.path.join(task.problem_folder, os.path.basename(task.bddl_file))
-            data.attrs["env_args"] = json.dumps(env_args)
-            data.attrs["macros_image_convention"] = IMAGE_CONVENTION
-            data.attrs["source"] = "client.libero.expert scripted expert (privileged object poses)"
-        name = f"demo_{demo_index}"
-        if name in data:
-            del data[name]
-        g = data.create_group(name)
-        g.create_dataset("actions", data=np.asarray(actions, np.float32), **gz)
-        g.create_dataset("states", data=rec["states"], **gz)
-        g.create_dataset("rewards", data=rec["rewards"].astype(np.float32), **gz)
-        g.create_dataset("dones", data=rec["dones"].astype(np.uint8), **gz)
-        o = g.create_group("obs")
-        for k in ("agentview_rgb", "eye_in_hand_rgb"):
-            o.create_dataset(k, data=rec[k].astype(np.uint8), chunks=(1, STORE_RES, STORE_RES, 3), **gz)
-        for k in ("ee_pos", "ee_ori", "gripper_states", "joint_states", "state_8d"):
-            o.create_dataset(k, data=rec[k].astype(np.float32), **gz)
-        o.create_dataset("ee_states", data=np.concatenate([rec["ee_pos"], rec["ee_ori"]], 1).astype(np.float32), **gz)
-        g.attrs["num_samples"] = int(len(actions))
-        g.attrs["init_state_index"] = int(init_index)
-        g.attrs["seed"] = int(seed)
-        g.attrs["num_wait_steps"] = NUM_WAIT_STEPS
-        g.attrs["success_step"] = int(rec["success_step"] or -1)
-        g.attrs["expert_params"] = json.dumps(params)
-        g.attrs["open_loop_match"] = bool(rec.get("open_loop_match", True))
-        g.attrs["language_instruction"] = task.instruction
-        g.create_dataset("init_state", data=task.init_states[init_index])
-        n = len([k for k in data if k.startswith("demo_")])
-        data.attrs["num_demos"] = n
-        data.attrs["total"] = int(sum(data[k].attrs["num_samples"] for k in data if k.startswith("demo_")))
-
-
-def write_actions_file(path: Path, suite: str, progress: dict[int, TaskProgress]) -> None:
-    """Compact file: ``data/<task>/demo_N/actions`` for every init state the expert solved (physics only)."""
-    import h5py
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["suite"] = suite
-        f.attrs["source"] = "client.libero.expert scripted expert; actions in env convention (gripper -1 open, +1 close)"
-        f.attrs["num_wait_steps_before_actions"] = NUM_WAIT_STEPS
-        root = f.create_group("data")
-        total = 0
-        for tid in sorted(progress):
-            p = progress[tid]
-            tg = root.create_group(f"task_{tid:02d}")
-            tg.attrs["task_name"] = p.name
-            tg.attrs["language_instruction"] = p.instruction
-            for j, (init_s, acts) in enumerate(sorted(p.solved_actions.items(), key=lambda kv: int(kv[0]))):
-                g = tg.create_group(f"demo_{j}")
-                g.create_dataset("actions", data=np.asarray(acts, np.float32), compression="gzip", compression_opts=9)
-                g.attrs["init_state_index"] = int(init_s)
-                g.attrs["num_samples"] = len(acts)
-                total += 1
-            tg.attrs["num_demos"] = len(p.solved_actions)
-        f.attrs["num_demos"] = total
-    os.replace(tmp, path)
 
 
 def expert_stats(progress: dict[int, TaskProgress]) -> dict[str, Any]:

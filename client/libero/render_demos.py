@@ -25,44 +25,21 @@ from typing import Any
 
 import numpy as np
 
+from client.dataset import read_actions_file, recorded_init_states
+
 log = logging.getLogger("client.libero.render_demos")
-
-
-def read_actions_file(path: Path) -> tuple[str, dict[int, list[tuple[int, np.ndarray]]]]:
-    """``(suite, {task_id: [(init_index, actions), ...]})`` from a compact actions file."""
-    import h5py
-
-    out: dict[int, list[tuple[int, np.ndarray]]] = {}
-    with h5py.File(path, "r") as f:
-        suite = str(f.attrs["suite"])
-        for tname, tg in f["data"].items():
-            tid = int(tname.split("_")[1])
-            demos = sorted(tg, key=lambda s: int(s.split("_")[1]))
-            out[tid] = [(int(tg[d].attrs["init_state_index"]), np.asarray(tg[d]["actions"], np.float64)) for d in demos]
-    return suite, out
-
-
-def _done_inits(path: Path) -> set[int]:
-    import h5py
-
-    if not path.exists():
-        return set()
-    with h5py.File(path, "r") as f:
-        data = f.get("data")
-        if data is None:
-            return set()
-        return {int(data[k].attrs["init_state_index"]) for k in data if k.startswith("demo_")}
 
 
 def render_task(suite: str, tid: int, episodes: list[tuple[int, np.ndarray]], out: str, seed: int) -> dict[str, Any]:
     """Render one task's episodes into ``out/<task_name>_demo.hdf5``; returns counts."""
+    from client.dataset import STORE_RES, write_demo
     from client.libero.env import close_env, get_suite_tasks, library_versions, make_env, setup_headless_gl
-    from client.libero.record_demos import RENDER_RES, STORE_RES, replay_and_record, write_demo
+    from client.libero.record_demos import RENDER_RES, replay_and_record
 
     setup_headless_gl()
     task = get_suite_tasks(suite)[tid]
     path = Path(out) / f"{task.name}_demo.hdf5"
-    done = _done_inits(path)
+    done = recorded_init_states(path)
     todo = [(k, a) for k, a in episodes if k not in done]
     env_args = {"type": 1, "env_name": "OffScreenRenderEnv", "env_kwargs": {
         "camera_heights": RENDER_RES, "camera_widths": RENDER_RES, "controller": "OSC_POSE", "control_freq": 20,

@@ -15,10 +15,11 @@ Why the statistics are recomputed: a policy's ``metadata.json`` must describe *i
 normalisation at serving time maps actions to the wrong range. They are taken from the training split (per
 modality key: min/max/mean/std/q01/q99, upstream's layout) and replace whatever ``--init`` carried.
 
-Resumable and seeded: ``OUT/train_state`` is itself a released-format checkpoint (so resuming goes through the
-same loader as serving) plus ``optimizer.pt`` (tensors only, read with ``weights_only=True``) and ``state.json``.
+Resumable and seeded: the loop is :func:`models.common.training.fit`, whose ``OUT/train_state`` holds
+``model.safetensors``, ``optimizer.pt`` (tensors only, read with ``weights_only=True``) and ``state.json``.
 Batches, crops and flow-matching noise are drawn from generators seeded by ``(seed, step)``, so a run resumed at
-step k continues exactly as an uninterrupted run would. The held-out action MAE (Euler sampler with
+step k continues exactly as an uninterrupted run would (resuming rebuilds the model from ``--init`` or
+``--preset`` first, then loads the checkpoint's weights). The held-out action MAE (Euler sampler with
 ``--denoising-steps`` steps, fixed noise) goes to ``OUT/train_metrics.json``.
 """
 
@@ -28,10 +29,7 @@ import argparse
 import contextlib
 import json
 import logging
-import math
-import shutil
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.dataset import load_samples as load_demo_samples
+from client.dataset import random_crop
+from models.common import training
 from models.gr00t.config import GR00TConfig
 from models.gr00t.data_config import LiberoDataConfig, make_metadata
 from models.gr00t.modeling import GR00TPolicyModel
@@ -134,8 +135,6 @@ def _no_eval_crop(model: GR00TPolicyModel) -> Iterator[None]:
 
 def _random_crops(images: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
     """Upstream's training ``VideoCrop(scale)``: a random square window of side ``scale``; eval takes the centre."""
-    from rsd.vla_data import random_crop
-
     return random_crop(images, scale * scale, rng)
 
 
@@ -145,43 +144,6 @@ def _obs(model: GR00TPolicyModel, samples: Any, idx: np.ndarray, images: np.ndar
         samples.images[idx] if images is None else images,
         samples.wrist_images[idx] if wrists is None else wrists,
         samples.states[idx], [samples.instruction(int(k)) for k in idx])
-
-
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + 12345) % (2**31 - 1)
-
-
-# ---------------------------------------------------------------------------------------------- state
-def _save_state(out: Path, model: GR00TPolicyModel, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    from models.gr00t.tiny import save_pretrained
-
-    d = out / STATE_DIR
-    tmp = out / (STATE_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, num_shards=1)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
-    shutil.rmtree(d, ignore_errors=True)
-    tmp.replace(d)
-
-
-def _load_state(out: Path, device: str) -> tuple[GR00TPolicyModel, dict[str, Any], dict[str, Any]] | None:
-    import models
-
-    d = out / STATE_DIR
-    if not (d / "state.json").is_file():
-        return None
-    model = models.load_pretrained("gr00t", d, device=device)
-    opt_state = torch.load(d / "optimizer.pt", weights_only=True, map_location=device)
-    state = json.loads((d / "state.json").read_text())
-    logger.info("resuming from %s at step %d", d, state["step"])
-    return model, opt_state, state
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -219,9 +181,7 @@ def evaluate(model: GR00TPolicyModel, samples: Any, denoising_steps: int, max_sa
 # ---------------------------------------------------------------------------------------------- training
 def load_samples(demos: str, max_demos_per_task: int | None = None) -> Any:
     """All demonstration steps with 16-step chunks; both cameras and the 8-D state are required."""
-    from rsd.vla_data import load_vla_samples
-
-    samples = load_vla_samples(demos, chunk_len=HORIZON, max_demos_per_file=max_demos_per_task)
+    samples = load_demo_samples(demos, chunk_len=HORIZON, max_demos_per_task=max_demos_per_task)
     if samples.wrist_images is None or samples.states is None:
         raise ValueError(f"{demos}: GR00T needs obs/eye_in_hand_rgb and obs/state_8d in every demonstration")
     return samples
@@ -241,69 +201,46 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     actions = train_set.chunks[:, 0]  # every demonstration step's own action, once
     metadata = compute_statistics(train_set.states, actions)
 
-    resumed = _load_state(out, args.device) if args.resume else None
-    if resumed is not None:
-        model, opt_state, state = resumed
-        step = int(state["step"])
+    if args.init:
+        model = models.load_pretrained("gr00t", args.init, device=args.device)
     else:
-        if args.init:
-            model = models.load_pretrained("gr00t", args.init, device=args.device)
-        else:
-            model = build_fresh(args.preset, args.seed).to(args.device)
-        opt_state, step = None, 0
+        model = build_fresh(args.preset, args.seed).to(args.device)
     # keep other embodiments' statistics a released checkpoint carries; ours replace new_embodiment's
     model.metadata = {**(model.metadata or {}), **metadata}
     model.data_config.embodiment_tag = "new_embodiment"
     model.denoising_steps = args.denoising_steps
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.95, 0.999))
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
     logger.info("GR00T: %.2fM trainable parameters, %d train / %d held-out samples (%d/%d demos), %d steps",
-                sum(p.numel() for p in params) / 1e6, len(train_set), len(held),
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(train_set), len(held),
                 len(np.unique(train_set.demo_of)), len(np.unique(held.demo_of)), args.steps)
-    from tqdm import tqdm
 
-    bar = tqdm(total=args.steps, initial=step, desc="gr00t", dynamic_ncols=True, disable=None)
-    losses: list[tuple[int, float]] = []
-    history: list[dict[str, Any]] = []
-    t0 = time.time()
-    extra = {"demos": str(args.demos), "seed": args.seed, "preset": None if args.init else args.preset,
-             "init": args.init}
-    while step < args.steps:
-        rng = np.random.default_rng(_step_seed(args.seed, step))
-        torch.manual_seed(_step_seed(args.seed, step))
-        j = rng.integers(0, len(train_set), size=args.batch_size)
-        imgs = _random_crops(train_set.images[j], args.crop_scale, rng)
-        wrists = _random_crops(train_set.wrist_images[j], args.crop_scale, rng)
+    def batch_loss(batch: training.Batch) -> torch.Tensor:
+        j = batch.index
+        imgs = _random_crops(train_set.images[j], args.crop_scale, batch.rng)
+        wrists = _random_crops(train_set.wrist_images[j], args.crop_scale, batch.rng)
         with _no_eval_crop(model):
             inputs = model.training_inputs(_obs(model, train_set, j, imgs, wrists), train_set.chunks[j])
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, args.steps, args.lr, args.warmup)
-        loss = model(inputs)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        losses.append((step, float(loss.detach())))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-        if step % args.save_every == 0 or step == args.steps:
-            _save_state(out, model, opt, step, extra)
-        if args.eval_every and step % args.eval_every == 0 and len(held):
-            m = evaluate(model, held, args.denoising_steps, max_samples=min(128, args.eval_samples), seed=args.seed)
-            history.append({"step": step, **m})
-            logger.info("step %d: %s", step, m)
-    bar.close()
+        return model(inputs)["loss"]
+
+    def validate() -> dict[str, float]:
+        return evaluate(model, held, args.denoising_steps, max_samples=min(128, args.eval_samples), seed=args.seed)
+
+    tcfg = training.TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, betas=(0.95, 0.999), grad_clip=1.0, seed=args.seed,
+        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="gr00t")
+    extra = {"demos": str(args.demos), "seed": args.seed, "preset": None if args.init else args.preset,
+             "init": args.init}
+    result = training.fit(model, len(train_set), tcfg, batch_loss, validate=validate if len(held) else None,
+                          checkpoint_dir=out / STATE_DIR, resume=args.resume, meta=extra)
+    step, losses = result.step, result.losses
+    history = [h for h in result.history if "heldout_action_mae" in h]
     model.eval()
     metrics: dict[str, Any] = evaluate(model, held, args.denoising_steps, args.eval_samples, seed=args.seed)
     if not metrics:
         logger.warning("no held-out demonstrations (--heldout-frac %s): held-out MAE not measured", args.heldout_frac)
     tail = [v for _, v in losses[-max(1, len(losses) // 5):]]
     metrics.update({
-        "steps": step, "train_seconds_this_run": round(time.time() - t0, 1), "train_samples": len(train_set),
+        "steps": step, "train_seconds_this_run": round(result.seconds, 1), "train_samples": len(train_set),
         "heldout_samples": len(held), "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "init": args.init, "preset": None if args.init else args.preset, "demos": str(args.demos),
         "train_loss_first": losses[0][1] if losses else None,

@@ -27,6 +27,9 @@ class Policy(abc.ABC):
     ``infer`` receives a *batch* (several clients' requests stacked by the server's dynamic batcher)
     and must return one output per observation, in order. It runs on the server's single inference
     thread, never on the event loop, so it may block.
+
+    These methods are everything the server calls; it calls them directly (no probing for optional ones), so a
+    policy that needs nothing for a hook simply inherits the default.
     """
 
     name: str = "policy"
@@ -40,7 +43,11 @@ class Policy(abc.ABC):
 
     @abc.abstractmethod
     def metadata(self) -> dict[str, Any]:
-        """Model id, kind, action horizon/dim, gripper convention, quantisation summary."""
+        """Model id, kind, action horizon/dim, gripper convention, quantisation summary (fixed at start-up)."""
+
+    def live_metadata(self) -> dict[str, Any]:
+        """Entries that change while serving (e.g. running RSD acceptance), merged into every metadata reply."""
+        return {}
 
     def reset(self) -> None:  # noqa: B027 - stateless policies need nothing
         """Forget any per-episode state."""

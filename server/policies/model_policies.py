@@ -3,7 +3,9 @@
 Both load a released-format local checkpoint through :func:`models.load_pretrained` (the same code
 path a 7B/3B checkpoint takes) and accept the LIBERO observation (``image``, ``wrist_image``,
 ``state``, ``instruction``); the GR00T policy also accepts GR00T-style keys (``video.*``,
-``state.*``, ``annotation.*``) as the upstream server does.
+``state.*``, ``annotation.*``) as the upstream server does. Which keys become which model input is the model
+package's business (``models/openvla/data_config.py``, ``models/gr00t/data_config.py``); the policies here check
+the observation, batch it and report what they did.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from models.openvla.data_config import GRIPPER_CONVENTIONS, LiberoDataConfig, gripper_convention_from_stats
 from server.policies.base import Policy, PolicyInputError, PolicyOutput
 
 logger = logging.getLogger(__name__)
 
-GRIPPER_CONVENTIONS = ("libero", "openvla")
+__all__ = ["GRIPPER_CONVENTIONS", "GR00TPolicy", "OpenVLAPolicy", "OpenVLARSDPolicy"]
 
 
 def _check_image(obs: dict[str, Any], key: str, required: bool) -> None:
@@ -41,24 +44,20 @@ def _check_state(obs: dict[str, Any], dim: int) -> None:
         raise PolicyInputError(f"obs['state'] must be a float array of shape ({dim},)")
 
 
-def gripper_convention_from_stats(action_stats: dict[str, Any]) -> str:
-    """``openvla`` when the training data's gripper lies in [0, 1] (1 = open), else ``libero`` (-1/+1)."""
-    q01 = np.asarray(action_stats.get("q01", action_stats.get("min", [-1.0])), dtype=np.float64)
-    return "openvla" if q01[-1] >= 0.0 else "libero"
-
-
 class OpenVLAPolicy(Policy):
     """Stock OpenVLA decoding: 7 greedy action tokens, 256 bins, unnormalised; a chunk of one step."""
 
     name = "openvla"
 
     def __init__(self, model: Any, model_path: str, unnorm_key: str | None, center_crop: bool,
-                 gripper_convention: str | None, quantization: dict[str, Any]) -> None:
+                 gripper_convention: str | None, quantization: dict[str, Any],
+                 data_config: LiberoDataConfig | None = None) -> None:
         import torch
 
         self.torch = torch
         self.model = model
         self.model_path = model_path
+        self.data_config = data_config or LiberoDataConfig()
         self.unnorm_key = model.resolve_unnorm_key(unnorm_key)
         self.center_crop = center_crop
         stats = model.norm_stats[self.unnorm_key]["action"]
@@ -67,16 +66,14 @@ class OpenVLAPolicy(Policy):
         self.quantization = quantization
 
     def validate(self, obs: dict[str, Any]) -> None:
-        _check_image(obs, "image", required=True)
+        _check_image(obs, self.data_config.image_key, required=True)
         _check_instruction(obs)
 
     def infer(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
+        images, instructions = self.data_config.from_libero(observations)
         with self.torch.inference_mode():
-            images = [np.asarray(o["image"]) for o in observations]
-            same = all(img.shape == images[0].shape for img in images)
-            batch_images: Any = np.stack(images) if same else images
-            actions = self.model.predict_action(batch_images, [o["instruction"] for o in observations],
-                                                unnorm_key=self.unnorm_key, center_crop=self.center_crop)
+            actions = self.model.predict_action(images, instructions, unnorm_key=self.unnorm_key,
+                                                center_crop=self.center_crop)
         actions = np.asarray(actions, dtype=np.float32).reshape(len(observations), 1, -1)
         return [PolicyOutput(actions=a) for a in actions]
 
@@ -179,7 +176,8 @@ class OpenVLARSDPolicy(Policy):
 
     name = "openvla-rsd"
 
-    def __init__(self, model: Any, model_path: str, rsd_config: Any, quantization: dict[str, Any]) -> None:
+    def __init__(self, model: Any, model_path: str, rsd_config: Any, quantization: dict[str, Any],
+                 data_config: LiberoDataConfig | None = None) -> None:
         import torch
 
         from rsd.engine import SpeculativeDecoder
@@ -187,6 +185,7 @@ class OpenVLARSDPolicy(Policy):
         self.torch = torch
         self.model = model
         self.model_path = model_path
+        self.data_config = data_config or LiberoDataConfig()
         self.rsd_config = rsd_config
         self.quantization = quantization
         if model.draft is None and rsd_config.enabled:
@@ -212,7 +211,7 @@ class OpenVLARSDPolicy(Policy):
         return costs
 
     def validate(self, obs: dict[str, Any]) -> None:
-        _check_image(obs, "image", required=True)
+        _check_image(obs, self.data_config.image_key, required=True)
         _check_instruction(obs)
 
     def infer(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
@@ -220,11 +219,11 @@ class OpenVLARSDPolicy(Policy):
 
         torch = self.torch
         proc = self.model.processor
+        images, instructions = self.data_config.from_libero(observations)
         with torch.inference_mode():
-            pixel_values = torch.cat([proc.preprocess_images(np.asarray(o["image"])[None], self.model.cfg.center_crop)
-                                      for o in observations])
-            embeds, mask = self.model.prefix(None, [o["instruction"] for o in observations],
-                                             pixel_values=pixel_values)
+            pixel_values = torch.cat([proc.preprocess_images(np.asarray(img)[None], self.model.cfg.center_crop)
+                                      for img in images])
+            embeds, mask = self.model.prefix(None, instructions, pixel_values=pixel_values)
             layers, stats = self.engine.generate(embeds, mask)
             actions = chunk_actions_from_tokens(self.model, layers, stats.decoded_layers)
         summary = stats.to_dict()

@@ -1,18 +1,34 @@
-"""DuQuant hook shared by every model-backed policy: dry-run scan, layer replacement, calibration.
+"""DuQuant step shared by every model-backed policy: layer replacement and start-up calibration.
 
-Parsing ``GR00T_DUQUANT_*`` happens once, before any weights are read, so a bad variable stops
-start-up immediately. ``GR00T_DUQUANT_DRYRUN=1`` builds the architecture on the meta device (no
-weights are loaded), prints the layer listing and ends the process with exit code 0.
+Parsing ``GR00T_DUQUANT_*`` happens once, before any weights are read, so a bad variable stops start-up
+immediately. ``GR00T_DUQUANT_DRYRUN=1`` asks for the layer listing, which is the scan command's job
+(``python -m quant.scan``, ``./test_duquant_dryrun.sh``): building a policy then raises :class:`DryRunRequested`
+(a clear error carrying the scan command's arguments) instead of serving, and never ends the process itself;
+``python -m server`` answers it by running the scan command.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.policies.base import Policy
+    from server.policies.options import CalibrationOptions
 
 logger = logging.getLogger(__name__)
+
+
+class DryRunRequested(ValueError):
+    """``GR00T_DUQUANT_DRYRUN=1`` was set while building a policy: the listing is ``python -m quant.scan``'s job."""
+
+    def __init__(self, policy: str, model_path: str) -> None:
+        self.scan_argv = ["--policy", policy, "--model-path", model_path]
+        super().__init__(
+            f"GR00T_DUQUANT_DRYRUN=1 asks for the DuQuant layer listing, not a policy: run "
+            f"`python -m quant.scan {' '.join(self.scan_argv)}` (or ./test_duquant_dryrun.sh with the same "
+            "arguments), or unset GR00T_DUQUANT_DRYRUN to serve")
 
 
 def duquant_config_from_env() -> Any:
@@ -20,18 +36,6 @@ def duquant_config_from_env() -> Any:
     from quant import DuQuantConfig
 
     return DuQuantConfig.from_env()
-
-
-def dry_run_if_requested(config: Any, build_meta_model: Callable[[], Any]) -> None:
-    """Print ``[GR00T-DUQUANT][DRYRUN]`` lines for the meta-device model and exit 0, if DRYRUN is set."""
-    if not getattr(config, "dryrun", False):
-        return
-    from quant import scan_model
-
-    for line in scan_model(build_meta_model(), config):
-        sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-    raise SystemExit(0)
 
 
 def apply_duquant(model: Any, config: Any, calibration: Iterable[Any] | None = None,
@@ -64,3 +68,45 @@ def apply_duquant(model: Any, config: Any, calibration: Iterable[Any] | None = N
         "row_rot": config.row_rot,
         "calibrated_at_startup": calibrated,
     }
+
+
+def quantize_policy(policy: Policy, model: Any, dq: Any, calib: CalibrationOptions) -> dict[str, Any]:
+    """``apply_duquant`` on ``model`` (already wrapped by ``policy``), calibrating through ``policy.infer`` on
+    observations from ``calib.calib_data`` when given; returns the quantisation summary for the metadata reply."""
+    if calib.calib_data is None or not getattr(dq, "enabled", False):
+        if calib.calib_data is not None:
+            logger.warning("calib_data=%s given but DuQuant is not enabled (no GR00T_DUQUANT_* set): ignored",
+                           calib.calib_data)
+        return apply_duquant(model, dq)
+    from server.policies.calibration import calibration_observations
+
+    observations = calibration_observations(calib.calib_data, calib.calib_n, calib.calib_seed)
+    for obs in observations:
+        policy.validate(obs)
+    logger.info("[GR00T-DUQUANT] calibrating at start-up on %d demonstration observations from %s",
+                len(observations), calib.calib_data)
+    summary = apply_duquant(model, dq, calibration=observations, forward_fn=lambda _m, o: policy.infer([o]))
+    policy.reset()  # calibration consumed the policy's sampling generator; serving starts from a clean state
+    summary.update({"calibration_data": str(calib.calib_data), "calibration_observations": len(observations)})
+    return summary
+
+
+def quantize_model(model: Any, dq: Any, calib: CalibrationOptions | None,
+                   calibration_policy: Callable[[], Policy]) -> dict[str, Any]:
+    """The factory's quantisation step, between loading the model and wrapping it in its serving policy.
+
+    Calibration observations must reach the model through the policy's own preprocessing (its ``infer``: image
+    handling, GR00T's every Euler step), so when there is calibration data a provisional policy is made from
+    ``calibration_policy()`` to drive the model, then closed; the serving policy is built afterwards, with the
+    final report, on the quantised model (so e.g. RSD's pass-cost timings measure the quantised layers).
+    """
+    if calib is None or calib.calib_data is None or not getattr(dq, "enabled", False):
+        if calib is not None and calib.calib_data is not None:
+            logger.warning("calib_data=%s given but DuQuant is not enabled (no GR00T_DUQUANT_* set): ignored",
+                           calib.calib_data)
+        return apply_duquant(model, dq)
+    driver = calibration_policy()
+    try:
+        return quantize_policy(driver, model, dq, calib)
+    finally:
+        driver.close()

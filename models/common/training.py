@@ -1,0 +1,255 @@
+"""The one training loop every trainer in the project uses (RFSQ tokenizer, OpenVLA-RSD, both drafts, GR00T).
+
+A trainer supplies only what is its own: a loss (``loss_fn(batch) -> loss`` or ``(loss, stats)``; by default
+the model's ``loss(batch)`` method) and, optionally, a validation function. This module owns everything else,
+so every trainer schedules, clips, checkpoints, resumes and reports the same way:
+
+* AdamW over the trainable parameters, linear warm-up then cosine decay to ``min_lr_frac`` x ``lr``,
+  optional gradient-norm clipping;
+* a batch schedule that is a pure function of ``(seed, step)``: the sample indices, a numpy generator for the
+  trainer's own augmentation, a torch generator, and the global torch seed are all derived from it, so a run
+  resumed at step k continues exactly as an uninterrupted one (no RNG state needs saving);
+* checkpoints in ``checkpoint_dir``: ``model.safetensors`` (the ``state_dict``), ``optimizer.pt`` (tensors
+  only, read back with ``weights_only=True``) and ``state.json`` (step, history, the trainer's ``meta``),
+  written into a temporary directory that then replaces the old one, so an interruption never leaves a half
+  checkpoint that a resume would trust;
+* history (loss, learning rate, the loss function's stats, validation metrics), a tqdm bar, and a log line
+  every ``log_every`` steps so the log file of a background job shows progress too;
+* ``stop_at``: checkpoint and return at that step as if interrupted (time-boxed runs, resume tests).
+
+    cfg = TrainConfig(steps=1000, batch_size=64, lr=3e-4, warmup_steps=100, grad_clip=1.0)
+    result = fit(model, len(dataset), cfg, loss_fn=lambda b: model(x[b.index]).loss, checkpoint_dir=out / "ckpt")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and bookkeeping of one run (``steps`` counts optimiser steps)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 0
+    min_lr_frac: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
+    seed: int = 0
+    save_every: int = 0  # checkpoint every N steps (0: only at the end / at stop_at)
+    eval_every: int = 0  # call validate every N steps (0: never during training)
+    log_every: int = 50  # history record + log line every N steps
+    stop_at: int | None = None
+    progress: bool = True
+    desc: str = "train"
+
+
+@dataclass
+class Batch:
+    """What the loss function gets for one step: which samples, and generators seeded by ``(seed, step)``."""
+
+    step: int
+    index: np.ndarray  # [batch_size] int64 sample indices
+    rng: np.random.Generator  # for the trainer's own augmentation (crops, ...)
+    seed: int  # derived from (seed, step); seeds ``generator``
+
+    @property
+    def generator(self) -> torch.Generator:
+        """A CPU torch generator for this step (e.g. random prefix depths)."""
+        return torch.Generator().manual_seed(self.seed)
+
+
+@dataclass
+class FitResult:
+    """How the run ended: steps done, whether ``stop_at`` cut it, history, and every loss of this process."""
+
+    step: int
+    stopped: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step done, loss) of this process only
+    meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_frac * lr`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_batch(seed: int, step: int, num_samples: int, batch_size: int) -> Batch:
+    """The batch of ``step``: a pure function of ``(seed, step)``, which is what makes resuming exact."""
+    rng = np.random.default_rng([seed, step])
+    index = rng.integers(0, num_samples, size=batch_size)
+    return Batch(step=step, index=index, rng=rng, seed=int(rng.integers(0, 2**62)))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Writes weights, optimizer and ``state`` into ``directory`` atomically (temporary directory + rename)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    tmp, old = d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights, storages = {}, set()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory (tied embeddings): the second one gets its own copy
+        weights[k] = t.clone() if ptr in storages else t
+        storages.add(ptr)
+    save_file(weights, str(tmp / WEIGHTS_FILE))
+    torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if d.exists():
+        d.replace(old)
+    tmp.replace(d)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete(d: Path) -> bool:
+    return all((d / name).is_file() for name in (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE))
+
+
+def find_checkpoint(directory: str | Path) -> Path | None:
+    """The complete checkpoint at ``directory`` (or the previous one, if a save was cut between its renames)."""
+    d = Path(directory)
+    for candidate in (d, d.with_name(d.name + ".old")):
+        if _complete(candidate):
+            return candidate
+    return None
+
+
+def read_checkpoint_state(directory: str | Path) -> dict[str, Any] | None:
+    """``state.json`` of the checkpoint at ``directory``, or None (lets a trainer check ``meta`` first)."""
+    d = find_checkpoint(directory)
+    return None if d is None else json.loads((d / STATE_FILE).read_text())
+
+
+def load_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Loads weights and optimizer from ``directory`` into ``model``/``opt``; returns the state (None if none)."""
+    from safetensors.torch import load_file
+
+    d = find_checkpoint(directory)
+    if d is None:
+        return None
+    # read on the CPU and copied into the model's own tensors: no second copy of a large model on the GPU
+    model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device="cpu"), strict=True)
+    opt.load_state_dict(torch.load(d / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+    return json.loads((d / STATE_FILE).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+LossFn = Callable[[Batch], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+def fit(model: nn.Module, num_samples: int, cfg: TrainConfig, loss_fn: LossFn | None = None, *,
+        validate: Callable[[], dict[str, float]] | None = None, checkpoint_dir: str | Path | None = None,
+        resume: bool = False, meta: dict[str, Any] | None = None) -> FitResult:
+    """Trains ``model`` for ``cfg.steps`` steps over ``num_samples`` samples; see the module docstring.
+
+    ``loss_fn(batch)`` (default ``model.loss``) returns the loss, or ``(loss, stats)`` with float stats for the
+    history. ``validate()`` runs every ``eval_every`` steps and at the last one (the model is put back in train
+mode after it).
+    With ``resume`` the checkpoint in ``checkpoint_dir`` (if any) restores weights, optimizer, step and
+    history; ``meta`` is saved with every checkpoint and comes back in ``FitResult.meta``. Leaves the model in
+    eval mode.
+    """
+    if num_samples < 1:
+        raise ValueError("no training samples")
+    loss_fn = loss_fn or model.loss  # type: ignore[assignment]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    step, history, meta = 0, [], dict(meta or {})
+    if resume and checkpoint_dir is not None:
+        state = load_checkpoint(checkpoint_dir, model, opt)
+        if state is None:
+            logger.warning("resume: no checkpoint in %s; starting from scratch", checkpoint_dir)
+        else:
+            step, history = int(state["step"]), list(state.get("history", []))
+            meta = {**state.get("meta", {}), **meta}
+            logger.info("resumed from %s at step %d", checkpoint_dir, step)
+
+    def save(at: int) -> None:
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, model, opt, {"step": at, "history": history, "meta": meta})
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.desc, dynamic_ncols=True,
+               disable=None if cfg.progress else True)
+    losses: list[tuple[int, float]] = []
+    t0 = time.perf_counter()
+    t_log, step_log = t0, step
+    model.train()
+    stopped = False
+    while step < cfg.steps:
+        if cfg.stop_at is not None and step >= cfg.stop_at:
+            save(step)
+            logger.info("%s: stopping at step %d (stop_at); resume to continue", cfg.desc, step)
+            stopped = True
+            break
+        batch = make_batch(cfg.seed, step, num_samples, cfg.batch_size)
+        torch.manual_seed(batch.seed)  # noise drawn inside the model (dropout, flow matching) is per step too
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out = loss_fn(batch)
+        loss, stats = out if isinstance(out, tuple) else (out, {})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        value = float(loss.detach())
+        losses.append((step, value))
+        bar.update(1)
+        record: dict[str, float] | None = None
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            record = {"step": step, "loss": value, "lr": lr, **stats}
+            bar.set_postfix(loss=f"{value:.4g}")
+        if validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics = validate()
+            model.train()
+            record = {"step": step, "loss": value, "lr": lr, **stats, **(record or {}), **metrics}
+        if record is not None:
+            history.append(record)
+            now = time.perf_counter()
+            rate = (step - step_log) / max(now - t_log, 1e-9)
+            t_log, step_log = now, step
+            logger.info("%s step %d/%d: %s (%.2f steps/s)", cfg.desc, step, cfg.steps,
+                        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in record.items() if k != "step"), rate)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save(step)
+    bar.close()
+    model.eval()
+    return FitResult(step=step, stopped=stopped, history=history, losses=losses, meta=meta,
+                     seconds=time.perf_counter() - t0)

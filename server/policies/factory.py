@@ -1,0 +1,98 @@
+"""The one policy factory: a small declaration per policy kind and one function that builds any of them.
+
+Every policy is built in the same order by :func:`build_policy`:
+
+1. parse its typed options from ``--policy-option KEY=VALUE`` (``server/policies/options.py``);
+2. resolve the checkpoint directory (``--model-path``, or the declaration's shipped default);
+3. read ``GR00T_DUQUANT_*`` (before any weights, so a bad variable fails at once; ``DRYRUN`` raises
+   :class:`~server.policies.quantize.DryRunRequested`, the listing being ``python -m quant.scan``'s job);
+4. load the model (the declaration's ``load``);
+5. quantise it (DuQuant, calibrated on ``calib_data`` when given);
+6. wrap it in its :class:`Policy`, the quantisation report passed to the constructor.
+
+A declaration without ``load`` (the debugging policy) has no model: steps 3-5 are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from server.policies.options import CalibrationOptions, PolicyOptions, describe_options, parse_options
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
+    from server.policies.base import Policy
+
+NO_QUANTIZATION: dict[str, Any] = {"enabled": False}
+# What the provisional policy that drives start-up calibration reports; it never serves a request.
+CALIBRATING: dict[str, Any] = {"enabled": True, "calibrating": True}
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a declaration's ``load`` and ``wrap`` see: the server settings, the parsed options, the checkpoint."""
+
+    config: ServerConfig
+    options: Any  # an instance of the declaration's ``options`` class
+    model_path: str | None
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One policy kind: its name, what it is, its options, how to load its model and how to wrap it.
+
+    ``load(ctx) -> model`` (``None``: the policy has no model); ``wrap(ctx, model, quantization) -> Policy``.
+    ``default_checkpoint`` gives the shipped checkpoint used without ``--model-path`` (``None``: the flag is
+    required), ``checkpoint_hint`` says how to get it when it is missing.
+    """
+
+    name: str
+    description: str
+    wrap: Callable[[PolicyContext, Any, dict[str, Any]], Policy]
+    options: type = PolicyOptions
+    load: Callable[[PolicyContext], Any] | None = None
+    default_checkpoint: Callable[[], Path] | None = None
+    checkpoint_hint: str = ""
+
+    def describe(self) -> str:
+        """The ``--list-policies`` entry: name, description, then every option with type, default and help."""
+        lines = [f"{self.name:16s} {self.description}"]
+        options = describe_options(self.options)
+        lines += [f"    --policy-option {line}" for line in options] or ["    (no --policy-option options)"]
+        return "\n".join(lines)
+
+
+def resolve_model_path(spec: PolicySpec, config: ServerConfig) -> str | None:
+    """``--model-path``, else the shipped default checkpoint; an error says which flag is missing."""
+    if spec.load is None:
+        return config.model_path
+    if config.model_path is not None:
+        return config.model_path
+    if spec.default_checkpoint is None:
+        raise ValueError(f"--policy {spec.name} needs --model-path DIR (a local checkpoint directory)")
+    path = spec.default_checkpoint()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--policy {spec.name} without --model-path needs the shipped checkpoint at {path}"
+                         + (f" ({spec.checkpoint_hint})" if spec.checkpoint_hint else ""))
+    return str(path)
+
+
+def build_policy(spec: PolicySpec, config: ServerConfig) -> Policy:
+    """Build the policy ``spec`` declares: options -> checkpoint -> DuQuant settings -> load -> quantise -> wrap."""
+    from server.policies.quantize import DryRunRequested, duquant_config_from_env, quantize_model
+
+    options = parse_options(spec.options, config.policy_options, spec.name)
+    path = resolve_model_path(spec, config)
+    ctx = PolicyContext(config, options, path)
+    if spec.load is None:
+        return spec.wrap(ctx, None, dict(NO_QUANTIZATION))
+    dq = duquant_config_from_env()
+    if dq.dryrun:
+        raise DryRunRequested(spec.name, str(path))
+    model = spec.load(ctx)
+    calib = options if isinstance(options, CalibrationOptions) else None
+    report = quantize_model(model, dq, calib, lambda: spec.wrap(ctx, model, dict(CALIBRATING)))
+    return spec.wrap(ctx, model, report)
