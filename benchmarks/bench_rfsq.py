@@ -62,14 +62,13 @@ def _num_demos(pattern: str) -> int:
 
 def _is_synthetic(pattern: str) -> bool:
     """True when any matching file was written by scripts/make_synthetic_demos.py (data.attrs['synthetic'])."""
-    import h5py
+    from client.dataset import dataset_attrs
 
     for path in glob.glob(pattern):
         try:
-            with h5py.File(path, "r") as f:
-                if bool(f["data"].attrs.get("synthetic", False)):
-                    return True
-        except (OSError, KeyError):
+            if bool(dataset_attrs(path).get("synthetic", False)):
+                return True
+        except OSError:
             continue
     return False
 

@@ -526,3 +526,12 @@ def write_action_demos(path: PathLike, demos: Sequence[np.ndarray], attrs: dict[
         for k, v in (attrs or {}).items():
             grp.attrs[k] = v
     return path
+
+
+def dataset_attrs(path: PathLike) -> dict[str, Any]:
+    """The file-level attributes of a demonstration file (the ``data`` group's: ``env_args``, ``total``,
+    ``synthetic``, ...); ``{}`` for a file without a ``data`` group."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return dict(f["data"].attrs) if "data" in f else {}

@@ -53,7 +53,7 @@ class PolicyClient:
         host: server address. ``port``: server port.
         timeout_s: per-call deadline; a call that has no matching reply by then raises
             :class:`PolicyTimeoutError` and resets the connection.
-        connect_retries: how many times ``infer``/``ping`` re-send after a timeout before raising
+        connect_retries: how many times ``ping``/``metadata``/``stats`` re-send after a timeout before raising
             (0 = never; inference is not idempotent for stateful policies, so the default is 0).
     """
 

@@ -188,3 +188,13 @@ def test_importable_in_libero_env_without_torch() -> None:
     code = ("import sys, client.dataset, client.libero.record_demos, client.libero.render_demos; "
             "assert 'torch' not in sys.modules and 'h5py' not in sys.modules, sorted(sys.modules)")
     subprocess.run([str(py), "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_dataset_attrs_reads_the_file_level_attributes(tmp_path) -> None:
+    import numpy as np
+
+    from client.dataset import dataset_attrs, write_action_demos
+
+    path = write_action_demos(tmp_path / "s.hdf5", [np.zeros((5, 7))], {"synthetic": True, "seed": 3})
+    attrs = dataset_attrs(path)
+    assert bool(attrs["synthetic"]) and int(attrs["seed"]) == 3 and int(attrs["total"]) == 5
