@@ -10,6 +10,14 @@ Two floors are measured in the same run to show where the time goes: a bare pyzm
 of the same frames inside this process, and our client against a bare ZeroMQ echo in another process
 (``benchmarks/support/zmq_echo_server.py``: no validation, no batching, no policy).
 
+Isaac-GR00T's protocol (REQ socket, ``np.save`` arrays in msgpack maps) is measured against the same real server
+with the same observation, in the same run (``gr00t_p50_ms``, ``gr00t_p50_ratio_vs_websocket``).
+
+openpi's websocket protocol served by our real server (``--ws-port``, server/websocket_frontend.py) is measured
+with the same observation under openpi's keys against the websocket baseline echo, in the same run
+(``ws_frontend_p50_ms``, ``ws_frontend_p50_ratio_vs_websocket_baseline``, target <= 1.0: the full server, with
+validation and batching, no slower than a bare openpi-style echo).
+
 Last line: JSON with p50/p99 for both and ``p50_ratio_vs_websocket`` (target <= 0.5, p50 < 1 ms).
 """
 
@@ -57,6 +65,25 @@ def bench_ours(n: int, warmup: int) -> dict[str, float]:
             server_ms.append(float(client.last_reply["timing"]["server_ms"]))
         client.close()
     return {**summarize(samples), "server_internal_p50_ms": float(np.median(server_ms))}
+
+
+def bench_gr00t(n: int, warmup: int) -> dict[str, float]:
+    """The same observation through Isaac-GR00T's protocol (REQ, ``np.save`` arrays) on our real server."""
+    from client.gr00t_client import Gr00tClient, libero_gr00t_observation
+
+    obs = make_obs()
+    g_obs = libero_gr00t_observation(obs["image"], obs["wrist_image"], obs["state"], obs["instruction"])
+    with ServerProcess(args=["--policy", "debug", "--log-level", "WARNING"]) as server, \
+            Gr00tClient(port=server.port, timeout_s=10) as client:
+        for _ in range(warmup):
+            client.get_action(g_obs)
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            reply = client.get_action(g_obs)
+            samples.append((time.perf_counter() - t0) * 1000.0)
+        assert len(reply) == 7
+    return summarize(samples)
 
 
 def bench_raw_zmq(n: int, warmup: int) -> dict[str, float]:
@@ -152,6 +179,46 @@ def bench_websocket(n: int, warmup: int) -> dict[str, float]:
     return summarize(samples)
 
 
+def _openpi_pack_array(obj):
+    """openpi-client 0.1.2's msgpack-numpy convention, as ``WebsocketClientPolicy`` packs."""
+    if isinstance(obj, np.ndarray):
+        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": obj.shape}
+    return obj
+
+
+def _openpi_unpack_array(obj):
+    if b"__ndarray__" in obj:
+        return np.ndarray(buffer=obj[b"data"], dtype=np.dtype(obj[b"dtype"]), shape=obj[b"shape"])
+    return obj
+
+
+def bench_ws_frontend(n: int, warmup: int) -> dict[str, float]:
+    """openpi's websocket protocol on our real server (``--ws-port``), the same observation under openpi's keys."""
+    from websockets.sync.client import connect
+
+    obs = make_obs()
+    openpi_obs = {"observation/image": obs["image"], "observation/wrist_image": obs["wrist_image"],
+                  "observation/state": obs["state"], "prompt": obs["instruction"]}
+    ws_port = free_port()
+    with ServerProcess(args=["--policy", "debug", "--log-level", "WARNING", "--ws-port", str(ws_port)]), \
+            connect(f"ws://127.0.0.1:{ws_port}", compression=None, max_size=None) as ws:
+        ws.recv(timeout=10)  # the metadata sent on connect
+
+        def call() -> None:
+            ws.send(msgpack.packb(openpi_obs, default=_openpi_pack_array))
+            reply = msgpack.unpackb(ws.recv(), object_hook=_openpi_unpack_array)
+            assert reply["actions"].shape == (8, 7)
+
+        for _ in range(warmup):
+            call()
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - t0) * 1000.0)
+    return summarize(samples)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI size (300 requests each)")
@@ -161,22 +228,30 @@ def main() -> None:
     warmup = 50
     # Interleave the two to share whatever the machine is doing: ours, baseline, ours, baseline.
     halves = [n // 2, n - n // 2]
-    ours, ws, raw, echo = [], [], [], []
+    ours, ws, raw, echo, gr00t = [], [], [], [], []
+    ws_front: list[dict[str, float]] = []
     for h in halves:
         ours.append(bench_ours(h, warmup))
+        gr00t.append(bench_gr00t(h, warmup))
         ws.append(bench_websocket(h, warmup))
+        ws_front.append(bench_ws_frontend(h, warmup))
         raw.append(bench_raw_zmq(h, warmup))
         echo.append(bench_client_vs_echo_process(h, warmup))
     def merge(parts):
         return {k: float(np.median([p[k] for p in parts])) for k in parts[0]}
-    o, w, r0, e = merge(ours), merge(ws), merge(raw), merge(echo)
+    o, w, r0, e, g = merge(ours), merge(ws), merge(raw), merge(echo), merge(gr00t)
     rows = [("ours: msgpack + ZeroMQ (real server)", o), ("baseline: websocket + msgpack-numpy", w),
-            ("floor: bare pyzmq echo, same frames", r0), ("our client vs bare echo process", e)]
+            ("floor: bare pyzmq echo, same frames", r0), ("our client vs bare echo process", e),
+            ("GR00T protocol (REQ + np.save), our server", g)]
+    wf = merge(ws_front)
+    rows.append(("openpi websocket, our server (--ws-port)", wf))
     print(f"{'transport':40s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean ms':>8s} {'req/s':>8s}")
     for name, r in rows:
         print(f"{name:40s} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['mean_ms']:8.3f} {r['requests_per_s']:8.0f}")
     ratio = o["p50_ms"] / w["p50_ms"]
     print(f"p50 ratio ours/websocket: {ratio:.3f} (target <= 0.5); ours p50 {o['p50_ms']:.3f} ms (target < 1 ms)")
+    print(f"openpi websocket on our server / websocket baseline echo (p50): {wf['p50_ms'] / w['p50_ms']:.3f} "
+          f"(target <= 1.0)")
     print(f"inside our server (receive -> reply, p50): {o['server_internal_p50_ms']:.3f} ms; "
           f"bare ZeroMQ floor / websocket: {r0['p50_ms'] / w['p50_ms']:.3f}; "
           f"our client vs a bare echo process / websocket: {e['p50_ms'] / w['p50_ms']:.3f}")
@@ -192,6 +267,10 @@ def main() -> None:
         "raw_zmq_floor_ratio_vs_websocket": round(r0["p50_ms"] / w["p50_ms"], 4),
         "client_vs_echo_process_p50_ms": round(e["p50_ms"], 4),
         "client_vs_echo_process_ratio_vs_websocket": round(e["p50_ms"] / w["p50_ms"], 4),
+        "gr00t_p50_ms": round(g["p50_ms"], 4), "gr00t_p99_ms": round(g["p99_ms"], 4),
+        "gr00t_p50_ratio_vs_websocket": round(g["p50_ms"] / w["p50_ms"], 4),
+        "ws_frontend_p50_ms": round(wf["p50_ms"], 4), "ws_frontend_p99_ms": round(wf["p99_ms"], 4),
+        "ws_frontend_p50_ratio_vs_websocket_baseline": round(wf["p50_ms"] / w["p50_ms"], 4),
     }))
 
 

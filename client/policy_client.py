@@ -28,6 +28,9 @@ from client.settings import SettingError, above, check_fields, from_sources, in_
 
 logger = logging.getLogger(__name__)
 
+#: The ping ``status`` of a server whose policy is loaded ("loading" and "failed" are the others).
+READY = "ready"
+
 
 class PolicyClientError(RuntimeError):
     """Base class of everything the client raises."""
@@ -231,9 +234,12 @@ def client_from_env(**overrides: Any) -> PolicyClient:
 
 def wait_until_serving(port: int, host: str = "127.0.0.1", timeout_s: float = 60.0,
                        alive: Callable[[], bool] | None = None) -> bool:
-    """Ping until the server answers (True), ``timeout_s`` passes or ``alive()`` turns false (False).
+    """Ping until the server reports ``"status": "ready"`` (True), ``timeout_s`` passes or ``alive()`` turns
+    false (False).
 
-    For scripts that start a server process and must not talk to it before it has loaded its policy.
+    For scripts that start a server process and must not talk to it before it has loaded its policy: a server
+    binds and answers ping while it loads (``"status": "loading"``), so an answer alone is not readiness. A
+    reply without ``status`` (an older server, which answers only once loaded) counts as ready.
     """
     deadline = time.monotonic() + timeout_s
     with PolicyClient(host, port, timeout_s=0.5, connect_retries=0) as client:
@@ -241,10 +247,12 @@ def wait_until_serving(port: int, host: str = "127.0.0.1", timeout_s: float = 60
             if alive is not None and not alive():
                 return False
             try:
-                client.ping()
-                return True
+                status = client.ping().get("status", READY)
             except PolicyTimeoutError:
                 continue
+            if status == READY:
+                return True
+            time.sleep(0.05)  # loading: ask again shortly
     return False
 
 
@@ -259,16 +267,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m client.policy_client wait --port P [--timeout S] [--pid PID]``: block until a server serves.
+    """``python -m client.policy_client wait --port P [--timeout S] [--pid PID]``: block until a server is ready.
 
-    The one readiness wait for shell scripts (run_demo.sh): exit 0 and print the served policy once it answers,
-    1 when ``--timeout`` passes or the server process ``--pid`` exits first.
+    The one readiness wait for shell scripts (run_demo.sh): exit 0 and print the served policy once its ping
+    says ``"status": "ready"``, 1 when ``--timeout`` passes or the server process ``--pid`` exits first.
     """
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m client.policy_client", description="policy server client tools")
     sub = ap.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("wait", help="wait until a server answers a ping, then print its policy")
+    w = sub.add_parser("wait", help="wait until a server reports ready (its policy loaded), then print its policy")
     w.add_argument("--host", default="127.0.0.1")
     w.add_argument("--port", type=int, default=5555)
     w.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     alive = (lambda: _pid_alive(ns.pid)) if ns.pid is not None else None
     if not wait_until_serving(ns.port, ns.host, ns.timeout, alive):
-        why = "exited" if alive is not None and not alive() else f"did not answer within {ns.timeout:g}s"
+        why = "exited" if alive is not None and not alive() else f"did not answer ready within {ns.timeout:g}s"
         print(f"server on {ns.host}:{ns.port} {why}", file=sys.stderr)
         return 1
     with PolicyClient(ns.host, ns.port, timeout_s=10.0) as client:

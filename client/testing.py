@@ -6,8 +6,9 @@ Why here, in the client layer: tests, benchmarks and scripts all sit above ``cli
 runs), never imports the server.
 
 * :func:`free_port` — a TCP port nobody listens on right now;
-* :class:`ServerProcess` — ``python -m server`` on a free port, ready when it answers a ping
-  (:func:`client.policy_client.wait_until_serving`), stopped with SIGTERM, its output captured;
+* :class:`ServerProcess` — ``python -m server`` on a free port, ready when its ping says ``"status": "ready"``
+  (:func:`client.policy_client.wait_until_serving`; it answers ping while still loading), stopped with SIGTERM,
+  its output captured;
 * :func:`libero_observation` — the LIBERO observation a client sends (two uint8 images, 8-D state, instruction).
 """
 
@@ -137,8 +138,8 @@ class ServerProcess:
         return self.proc.poll() is None
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Return once the server answers a ping; raise ``RuntimeError`` (with its output) if it exits or is
-        still silent after ``timeout_s`` (it is then killed)."""
+        """Return once the server's ping reports ``"status": "ready"`` (policy loaded); raise ``RuntimeError``
+        (with its output) if it exits or is still not ready after ``timeout_s`` (it is then killed)."""
         from client.policy_client import wait_until_serving
 
         if wait_until_serving(self.port, timeout_s=timeout_s, alive=self.alive):

@@ -38,7 +38,9 @@ ERR_INTERNAL = "internal"
 ERR_OVERLOADED = "overloaded"
 ERR_TIMEOUT = "timeout"
 ERR_UNSUPPORTED_VERSION = "unsupported_version"
-ERROR_CODES = (ERR_BAD_REQUEST, ERR_TOO_LARGE, ERR_INTERNAL, ERR_OVERLOADED, ERR_TIMEOUT, ERR_UNSUPPORTED_VERSION)
+ERR_LOADING = "loading"  # the server is up but its policy is still loading (retry once ping says "ready")
+ERROR_CODES = (ERR_BAD_REQUEST, ERR_TOO_LARGE, ERR_INTERNAL, ERR_OVERLOADED, ERR_TIMEOUT, ERR_UNSUPPORTED_VERSION,
+               ERR_LOADING)
 
 # dtype allow-list: one byte code each. No object, void, string or complex dtypes can ever travel.
 _DTYPE_CODES: dict[str, int] = {

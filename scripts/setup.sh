@@ -46,6 +46,9 @@ setup_libero() {
   [ -x "$v/bin/python" ] || "$PY" -m venv "$v"
   "$v/bin/pip" install -q -U pip
   "$v/bin/pip" install -q -e ".[client,libero]" pytest
+  # The real openpi client, for the drop-in test of the websocket front end. --no-deps: it pins numpy<2; its
+  # other requirements are in the libero extra (pyproject.toml).
+  "$v/bin/pip" install -q --no-deps "openpi-client==0.1.2"
   echo "$key" > "$v/.setup-stamp"
 }
 

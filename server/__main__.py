@@ -1,14 +1,27 @@
-"""``python -m server``: parse config, load the policy, serve until SIGINT/SIGTERM (exit 0)."""
+"""``python -m server``: validate the config, bind, load the policy while answering ping, serve until SIGINT/SIGTERM.
+
+Order matters for readiness: every flag and policy option is checked synchronously first (a bad one exits 2
+before anything binds), then the socket is bound and the policy is built on the inference thread; meanwhile ping
+says ``"status": "loading"``. A policy that fails to load still exits 2 with the same one-line message.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from server.config import ConfigError, parse_server_config
 
+if TYPE_CHECKING:
+    from server.policies import Policy
+
 logger = logging.getLogger("server")
+#: Test-only: seconds the policy build sleeps first, so the "loading" readiness state can be observed.
+LOAD_DELAY_ENV = "VLA_TESTING_LOAD_DELAY_S"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,30 +62,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"python -m server: error: --curve-keys: {exc}\n")
             return 2
 
-    if config.torch_threads and config.policy != "debug":  # the debug policy never loads torch
-        import torch
-
-        torch.set_num_threads(config.torch_threads)
+    # Everything that can be checked without loading weights is checked now, before anything binds: a bad
+    # --policy-option, a missing checkpoint or a bad GR00T_DUQUANT_* variable exits 2 at once.
     from models.common.errors import CheckpointError
+    from server.policies import parse_options, policy_spec
+    from server.policies.factory import resolve_model_path
+    from server.policies.quantize import duquant_config_from_env
 
     try:
-        policy = create_policy(config)
-    except DryRunRequested as exc:  # GR00T_DUQUANT_DRYRUN=1: list the layers (the scan command), serve nothing
-        from quant.scan import main as scan
+        spec = policy_spec(config.policy)
+        parse_options(spec.options, config.policy_options, spec.name)
+        model_path = resolve_model_path(spec, config)
+        if spec.load is not None and duquant_config_from_env().dryrun:
+            # GR00T_DUQUANT_DRYRUN=1: list the layers (the scan command), serve nothing
+            from quant.scan import main as scan
 
-        return scan(exc.scan_argv)
+            return scan(DryRunRequested(spec.name, str(model_path)).scan_argv)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"python -m server: error: {exc}\n")
-        return 2
-    except CheckpointError as exc:  # a bad checkpoint: one clear line naming the file, not a traceback
-        sys.stderr.write(f"python -m server: error: --model-path: {exc}\n")
         return 2
     if config.policy == "debug":
         logger.warning("serving the DEBUGGING policy: deterministic actions from no model")
 
+    def build() -> Policy:
+        """Runs on the inference thread while the socket already answers ping with status "loading"."""
+        delay = float(os.environ.get(LOAD_DELAY_ENV, "0") or 0)
+        if delay > 0:  # tests of the loading state: a slow load without a big model
+            time.sleep(delay)
+        if config.torch_threads and config.policy != "debug":  # the debug policy never loads torch
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+        return create_policy(config)
+
     from server.app import PolicyServer
 
-    server = PolicyServer(config, policy, curve_setup=curve_setup)
+    server = PolicyServer(config, curve_setup=curve_setup, policy_factory=build)
     try:
         import uvloop
 
@@ -85,7 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"python -m server: error: cannot serve on {config.endpoint}: {exc}\n")
         return 1
-    return 0
+    exc = server.load_error
+    if exc is None:
+        return 0
+    if isinstance(exc, (ConfigError, ValueError, FileNotFoundError)):
+        sys.stderr.write(f"python -m server: error: {exc}\n")
+        return 2
+    if isinstance(exc, CheckpointError):  # a bad checkpoint: one clear line naming the file, not a traceback
+        sys.stderr.write(f"python -m server: error: --model-path: {exc}\n")
+        return 2
+    logger.error("loading the policy failed", exc_info=exc)
+    return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ replies sent outside the drain the server re-checks ``zmq.EVENTS``. Compared wit
 ``zmq.asyncio`` futures and an executor this saves futures and task steps per message (loopback
 round trip 1.15 -> 0.90 ms p50, old and new servers side by side on a quiet 2-core machine), and
 one wake-up can serve many clients' messages.
+
+Liveness is not readiness: given a ``policy_factory``, the server binds first and builds the policy on the
+inference thread; until it is built ``ping`` says ``"status": "loading"`` and inference gets the ``loading``
+error (:meth:`PolicyServer.readiness`). Isaac-GR00T's protocol shares the port: a message with ``"endpoint"``
+goes to :class:`server.gr00t_protocol.Gr00tFrontEnd` (``--protocol``), which infers through the same batcher.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,9 +36,12 @@ import zmq
 from client import wire
 from server.batching import DynamicBatcher, PendingRequest
 from server.config import ServerConfig
+from server.gr00t_protocol import Gr00tFrontEnd, is_gr00t_message
+from server.gr00t_protocol import error_reply as gr00t_error
+from server.gr00t_protocol import packb as gr00t_packb
 from server.policies.base import Policy, PolicyInputError, PolicyOutput
 from server.stats import ServerStats
-from server.worker import InferenceWorker
+from server.worker import InferenceWorker, JobResult
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +52,28 @@ HARD_CAP_FACTOR = 2
 MAX_MESSAGES_PER_WAKE = 64
 
 
+@dataclass
+class ServedOutput(PolicyOutput):
+    """A policy output as answered to a client: float32 actions plus the server's timing breakdown."""
+
+    timing: dict[str, Any] = field(default_factory=dict)
+
+
 class PolicyServer:
     """Serves one policy on one endpoint until :meth:`request_stop` (or SIGINT/SIGTERM)."""
 
-    def __init__(self, config: ServerConfig, policy: Policy, curve_setup: Any | None = None) -> None:
+    def __init__(self, config: ServerConfig, policy: Policy | None = None, curve_setup: Any | None = None,
+                 policy_factory: Callable[[], Policy] | None = None) -> None:
+        """Serve ``policy``, or the one ``policy_factory()`` builds on the inference thread after the socket is
+        bound (readiness "loading" until then, so clients can ping a server that is still loading)."""
+        if (policy is None) == (policy_factory is None):
+            raise ValueError("give exactly one of policy and policy_factory")
         self.config = config
-        self.policy = policy
+        self.policy: Policy | None = policy
+        self._policy_factory = policy_factory
+        self._readiness = "ready" if policy is not None else "loading"
+        #: Why the policy could not be built (readiness "failed"; serve() then returns).
+        self.load_error: BaseException | None = None
         self.stats = ServerStats()
         self.limits = wire.WireLimits(
             max_message_bytes=config.max_message_bytes,
@@ -63,7 +89,11 @@ class PolicyServer:
         self.bound_port: int | None = None
         self._background: set[asyncio.Future] = set()
         self._request_log_level = logging.INFO if config.log_requests else logging.DEBUG
-        self._policy_metadata = policy.metadata()
+        self._policy_metadata: dict[str, Any] = policy.metadata() if policy is not None else {}
+        self._gr00t: Gr00tFrontEnd | None = None
+        if config.protocol != "vla":
+            self._gr00t = Gr00tFrontEnd(self, api_token=config.api_token, allow_kill=config.allow_kill,
+                                        modality_format=config.gr00t_api)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -99,11 +129,21 @@ class PolicyServer:
             request_timeout_s=self.config.request_timeout_s,
         )
         self._batcher = batcher
+        if self._policy_factory is not None:
+            self._load_started = time.perf_counter()
+            self._worker.submit(self._policy_factory, self._policy_loaded)
         logger.info(
-            "serving policy %r (%s) on %s, max_batch=%d max_wait_ms=%.1f",
-            self.config.policy, self._policy_metadata.get("model_id"), self.config.endpoint,
-            self.config.max_batch, self.config.max_wait_ms,
+            "serving policy %r (%s) on %s, max_batch=%d max_wait_ms=%.1f, protocol=%s",
+            self.config.policy, self._policy_metadata.get("model_id", "loading"), self.config.endpoint,
+            self.config.max_batch, self.config.max_wait_ms, self.config.protocol,
         )
+        ws_frontend = None
+        if self.config.ws_port is not None:  # openpi's websocket protocol, on the same loop and batcher
+            from server.websocket_frontend import WebsocketFrontend
+
+            ws_frontend = WebsocketFrontend(self, self.config.host, self.config.ws_port,
+                                            max_frame_bytes=self.config.max_message_bytes * HARD_CAP_FACTOR)
+            await ws_frontend.start()  # before the ZeroMQ reader: answering a ping means both listen
         fd = sock.getsockopt(zmq.FD)
         loop.add_reader(fd, self._drain_socket)
         self._check_readable()  # anything that arrived before the reader was registered
@@ -112,18 +152,66 @@ class PolicyServer:
         finally:
             # Graceful stop: no new requests; finish what is queued and in flight; send the replies.
             loop.remove_reader(fd)
+            if ws_frontend is not None:
+                ws_frontend.stop_accepting()
             batcher.close()
             await batcher.drained()
+            if ws_frontend is not None:
+                await ws_frontend.close()
             if self._background:
                 await asyncio.gather(*self._background, return_exceptions=True)
-            self._worker.shutdown()
-            self.policy.close()
+            # A policy still loading is not waited for long: the worker is a daemon thread.
+            self._worker.shutdown(None if self._readiness != "loading" else 5.0)
+            if self.policy is not None:
+                self.policy.close()
             sock.close(linger=2000)
             stop_auth = getattr(self._curve_setup, "stop", None)
             if callable(stop_auth):
                 stop_auth()
             ctx.term()
             logger.info("server stopped cleanly")
+
+    def _policy_loaded(self, result: JobResult) -> None:
+        """Completion of the policy factory (event loop): readiness becomes "ready", or "failed" and stop."""
+        if result.error is not None:
+            self._readiness = "failed"
+            self.load_error = result.error
+            logger.error("the policy could not be built: %s", result.error)
+            self.request_stop()
+            return
+        policy: Policy = result.value
+        self.policy = policy
+        self._policy_metadata = policy.metadata()
+        self._readiness = "ready"
+        logger.info("policy %r (%s) ready after %.1f s", self.config.policy, self._policy_metadata.get("model_id"),
+                    time.perf_counter() - self._load_started)
+
+    def readiness(self) -> str:
+        """"loading" (the socket answers ping, the policy is being built), "ready" or "failed"."""
+        return self._readiness
+
+    def submit_reset(self, done: Callable[[str | None], None]) -> None:
+        """Reset the policy on the inference thread (after what is queued there); ``done(error)`` on the loop."""
+        assert self._worker is not None
+
+        def finished(result: JobResult) -> None:
+            if result.error is not None:
+                logger.error("policy reset failed", exc_info=result.error)
+                done("reset failed (see server log)")
+            else:
+                done(None)
+
+        if self.policy is None:
+            done("the policy is not loaded")
+            return
+        self._worker.submit(self.policy.reset, finished)
+
+    def count(self, kind: str, error: str | None = None) -> None:
+        """Count one request of ``kind`` (or, with ``error``, one error reply) in the ``stats`` endpoint."""
+        if error is None:
+            self.stats.requests[kind] += 1
+        else:
+            self.stats.errors[error] += 1
 
     def _drain_socket(self) -> None:
         """Reader callback: handle every message queued on the socket (up to a fair share per wake)."""
@@ -174,6 +262,17 @@ class PolicyServer:
             logger.warning("reply dropped: %s", exc)
         self._check_readable()
 
+    def _send_raw(self, envelope: list[bytes], payload: bytes) -> None:
+        """Send an already-encoded single-frame reply (the GR00T protocol's)."""
+        assert self._socket is not None
+        try:
+            self._socket.send_multipart([*envelope, payload], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("reply dropped: client send queue full")
+        except zmq.ZMQError as exc:
+            logger.warning("reply dropped: %s", exc)
+        self._check_readable()
+
     def _error(self, envelope: list[bytes], req_id: Any, code: str, message: str) -> None:
         self.stats.errors[code] += 1
         logger.warning("request %r from %s: %s: %s", req_id, envelope[0].hex()[:10], code, message)
@@ -194,7 +293,15 @@ class PolicyServer:
         try:
             message = wire.unpack_frames(payload, self.limits)
         except wire.WireError as exc:
-            self._error(envelope, None, exc.code, exc.message)
+            if self.config.protocol == "gr00t":
+                self.count("gr00t.invalid", exc.code)
+                self._send_raw(envelope, gr00t_packb(gr00t_error(exc.message)))
+            else:
+                self._error(envelope, None, exc.code, exc.message)
+            return
+        # One port, two protocols, told apart per message: ours carries "v"/"type", GR00T's "endpoint".
+        if self._gr00t is not None and (self.config.protocol == "gr00t" or is_gr00t_message(message)):
+            self._gr00t.handle(message, envelope[0], lambda obj: self._send_raw(envelope, gr00t_packb(obj)))
             return
         req_id = wire.request_id_of(message)
         try:
@@ -205,7 +312,10 @@ class PolicyServer:
         self.stats.requests[request.type] += 1
         if request.type == "ping":
             self._send(envelope, wire.ok_reply(request.id, server_time=time.time(),
-                                               protocol=wire.PROTOCOL_VERSION))
+                                               protocol=wire.PROTOCOL_VERSION, status=self._readiness))
+        elif request.type in ("infer", "reset") and self._readiness != "ready":
+            self._error(envelope, request.id, wire.ERR_LOADING,
+                        f"the policy is {self._readiness}; retry once ping reports 'ready'")
         elif request.type == "metadata":
             self._send(envelope, wire.ok_reply(request.id, metadata=self.metadata()))
         elif request.type == "stats":
@@ -218,35 +328,64 @@ class PolicyServer:
             self._submit_infer(envelope, request, received)
 
     def _submit_infer(self, envelope: list[bytes], request: wire.Request, received: float) -> None:
-        try:
-            self.policy.validate(request.obs)
-        except PolicyInputError as exc:
-            self._error(envelope, request.id, wire.ERR_BAD_REQUEST, str(exc))
-            return
-        item = PendingRequest(obs=request.obs, req_id=request.id, client=envelope[0],
-                              respond=self._make_responder(envelope), received=received)
-        if not self._batcher.submit(item):
-            self._error(envelope, request.id, wire.ERR_OVERLOADED,
-                        f"queue full ({self._batcher.queued} waiting); retry later")
+        req_id = request.id
 
-    def _make_responder(self, envelope: list[bytes]):
-        def respond(item: PendingRequest, out: PolicyOutput | None, code: str | None, message: str | None,
+        def respond(out: PolicyOutput | None, code: str | None, message: str | None) -> None:
+            if out is None:
+                self._error(envelope, req_id, code or wire.ERR_INTERNAL, message or "")
+                return
+            timing = getattr(out, "timing", {})
+            self._send(envelope, wire.ok_reply(req_id, actions=out.actions, timing=timing, **out.info))
+
+        self.submit_observation(request.obs, envelope[0], respond, request_id=req_id, received=received)
+
+    def submit_observation(
+        self,
+        obs: dict[str, Any],
+        client_key: bytes | str,
+        respond: Callable[[PolicyOutput | None, str | None, str | None], None],
+        *,
+        request_id: Any = None,
+        received: float | None = None,
+    ) -> None:
+        """Validate one observation and queue it on the shared batcher; every front end goes through here.
+
+        ``respond(out, code, message)`` is called exactly once, on the event loop thread: with a
+        :class:`ServedOutput` (float32 actions plus ``timing``) on success, or with ``None``, a
+        ``client.wire`` error code and a message. ``client_key`` identifies the peer for the batcher's
+        active-client count, so requests from all protocols batch together. Latency and batch-size
+        stats are recorded here, once for every protocol.
+        """
+        received = time.perf_counter() if received is None else received
+        if self.policy is None or self._readiness != "ready":
+            respond(None, wire.ERR_LOADING, f"the policy is {self._readiness}; retry once ping reports 'ready'")
+            return
+        try:
+            self.policy.validate(obs)
+        except PolicyInputError as exc:
+            respond(None, wire.ERR_BAD_REQUEST, str(exc))
+            return
+        peer = client_key.hex()[:10] if isinstance(client_key, bytes) else str(client_key)[:24]
+
+        def on_done(item: PendingRequest, out: PolicyOutput | None, code: str | None, message: str | None,
                     timing: dict[str, Any]) -> None:
             if out is None:
-                self._error(envelope, item.req_id, code or wire.ERR_INTERNAL, message or "")
+                respond(None, code or wire.ERR_INTERNAL, message or "")
                 return
-            actions = np.asarray(out.actions, dtype=np.float32)
             timing = dict(timing)
             timing["server_ms"] = (time.perf_counter() - item.received) * 1000.0
             self.stats.infer_latency.observe(timing["server_ms"])
             self.stats.batch_sizes[timing.get("batch_size", 1)] += 1
             logger.log(self._request_log_level,
                        "infer request_id=%r client=%s batch_size=%d queue_ms=%.3f infer_ms=%.3f server_ms=%.3f",
-                       item.req_id, envelope[0].hex()[:10], timing.get("batch_size", 1), timing.get("queue_ms", 0.0),
+                       item.req_id, peer, timing.get("batch_size", 1), timing.get("queue_ms", 0.0),
                        timing.get("infer_ms", 0.0), timing["server_ms"])
-            self._send(envelope, wire.ok_reply(item.req_id, actions=actions, timing=timing, **out.info))
+            respond(ServedOutput(actions=np.asarray(out.actions, dtype=np.float32), info=out.info, timing=timing),
+                    None, None)
 
-        return respond
+        item = PendingRequest(obs=obs, req_id=request_id, client=client_key, respond=on_done, received=received)
+        if not self._batcher.submit(item):
+            respond(None, wire.ERR_OVERLOADED, f"queue full ({self._batcher.queued} waiting); retry later")
 
     async def _reset(self, envelope: list[bytes], req_id: Any) -> None:
         assert self._worker is not None
@@ -264,7 +403,11 @@ class PolicyServer:
 
     # -- introspection ----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
+        if self.policy is None or self._readiness != "ready":
+            return {"status": self._readiness, "policy": self.config.policy,
+                    "protocol_version": wire.PROTOCOL_VERSION}
         meta = dict(self._policy_metadata)
+        meta["status"] = "ready"
         meta.setdefault("quantization", {"enabled": False})
         meta["protocol_version"] = wire.PROTOCOL_VERSION
         meta["server"] = {

@@ -62,6 +62,9 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "--host", env="VLA_SERVER_HOST",
                         help="bind address (0.0.0.0, every interface, must be asked for)")
     port: int = setting(5555, "--port", env="VLA_SERVER_PORT", check=in_range(1, 65535), help="TCP port")
+    ws_port: int | None = setting(None, "--ws-port", "--ws_port", env="VLA_SERVER_WS_PORT", check=in_range(1, 65535),
+                                  help="also serve openpi's websocket protocol on this TCP port (same host, "
+                                       "same batcher; see docs/openpi_protocol.md)")
     policy: str = setting(DEFAULT_POLICY, "--policy", env="VLA_SERVER_POLICY",
                           help="registered policy name (see --list-policies)")
     model_path: str | None = setting(None, "--model-path", "--model_path", env="VLA_SERVER_MODEL_PATH",
@@ -101,6 +104,16 @@ class ServerConfig:
     log_requests: bool = setting(False, "--log-requests", env="VLA_SERVER_LOG_REQUESTS",
                                  help="log one structured line per infer request at INFO (id, client, batch, "
                                       "latencies)")
+    protocol: str = setting("auto", "--protocol", env="VLA_SERVER_PROTOCOL", choices=("auto", "vla", "gr00t"),
+                            help="wire protocol(s) on --port: auto (ours and Isaac-GR00T's, told apart per "
+                                 "message), vla (ours only) or gr00t (Isaac-GR00T's only; docs/gr00t_protocol.md)")
+    api_token: str | None = setting(None, "--api-token", "--api_token", env="VLA_SERVER_API_TOKEN",
+                                    help="token every GR00T-protocol request must carry (GR00T's api_token)")
+    allow_kill: bool = setting(False, "--allow-kill", env="VLA_SERVER_ALLOW_KILL",
+                               help="honour the GR00T protocol's 'kill' endpoint (refused by default)")
+    gr00t_api: str = setting("n1.5", "--gr00t-api", env="VLA_SERVER_GR00T_API", choices=("n1.5", "n1.6"),
+                             help="GR00T client generation get_modality_config answers (N1.5: as_json strings "
+                                  "and action.* keys; N1.6: maps and bare keys); get_action accepts both")
     # Raw ``--policy-option KEY=VALUE`` text; each policy parses its own typed options from it.
     policy_options: dict[str, str] = field(default_factory=dict)
     rsd: RSDConfig = field(default_factory=RSDConfig)
