@@ -245,6 +245,8 @@ def flat_observation(data: dict[str, Any]) -> tuple[dict[str, Any], str]:
             if modality not in ("video", "state", "language") or not isinstance(group, dict):
                 raise Gr00tError(f"observation[{modality!r}] must be a 'video', 'state' or 'language' map")
             for key, value in group.items():
+                if not isinstance(key, str):
+                    raise Gr00tError("observation keys must be strings")
                 if modality == "language":
                     flat[key if key.startswith("annotation.") else f"annotation.{key}"] = value
                 else:

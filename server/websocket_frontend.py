@@ -75,6 +75,7 @@ HANDSHAKE_TIMEOUT_S = 10.0  # a peer that never completes the HTTP upgrade is dr
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
 CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, CLOSE_INTERNAL_ERROR = 1001, 1002, 1009, 1011
+CLOSE_INVALID_DATA = 1007  # a text message that is not UTF-8 (RFC 6455 8.1)
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
 _MAX_NDIM = 8
@@ -87,6 +88,22 @@ _DTYPES: dict[str, np.dtype] = {
     dt.str: dt for name in _ALLOWED_DTYPES
     for dt in (np.dtype(name).newbyteorder("<"), np.dtype(name).newbyteorder(">"))
 }
+
+
+def _valid_close(payload: bytes) -> bool:
+    """Whether a peer's close payload is empty or a sendable code plus a UTF-8 reason (RFC 6455 5.5.1, 7.4)."""
+    if not payload:
+        return True
+    if len(payload) < 2:
+        return False
+    code = _U16.unpack_from(payload)[0]
+    if not (1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999):
+        return False
+    try:
+        bytes(payload[2:]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _Refused(Exception):
@@ -265,8 +282,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.closing = False
         self.busy = False  # a request is in the batcher; later messages wait in ``pending``
         self.paused = False
+        self.serving = False  # inside _next (answers given synchronously do not recurse)
+        self.write_paused = False  # the peer reads too slowly: stop reading until the transport drains
         self.pending: deque[str | bytes] = deque()
-        self.fragments: list[bytes] = []
+        self.fragments: list[bytes | bytearray] = []
         self.fragment_opcode: int | None = None
         self.message_bytes = 0
 
@@ -300,6 +319,18 @@ class _Connection(asyncio.BufferedProtocol):
         except Exception:  # never let one connection's trouble reach the server loop
             logger.exception("websocket connection %s failed", self.key)
             self.abort()
+
+    def pause_writing(self) -> None:
+        """The transport's write buffer is over its high-water mark (a peer that does not read its pongs or
+        replies): read nothing more until it drains, instead of buffering what the peer's frames cause."""
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.paused:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         if self.handshake is not None:
@@ -399,8 +430,8 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             total = header + 4 + length
             if filled < total:
-                if len(buf) < total:
-                    self._grow(total)
+                if len(buf) < total and filled == len(buf):  # grow with the bytes received, never to a claim
+                    self._grow(min(total, 2 * len(buf)))
                     buf = self.buf
                 return
             mask = bytes(buf[header:header + 4])
@@ -419,7 +450,8 @@ class _Connection(asyncio.BufferedProtocol):
         if opcode == OP_PONG:
             return
         if opcode == OP_CLOSE:
-            self._send(OP_CLOSE, payload[:2])  # echo the peer's code, as the closing handshake asks
+            # Echo the peer's code, as the closing handshake asks; a malformed close frame is a protocol error.
+            self._send(OP_CLOSE, payload[:2] if _valid_close(payload) else _U16.pack(CLOSE_PROTOCOL_ERROR))
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
@@ -428,7 +460,9 @@ class _Connection(asyncio.BufferedProtocol):
             if self.fragment_opcode is None:
                 self.close(CLOSE_PROTOCOL_ERROR, "protocol error: continuation without a message")
                 return
-            self.fragments.append(payload)
+            if isinstance(self.fragments[0], bytes):  # one growing buffer, not an object per fragment
+                self.fragments[0] = bytearray(self.fragments[0])
+            self.fragments[0] += payload
         elif self.fragment_opcode is not None:
             self.close(CLOSE_PROTOCOL_ERROR, "protocol error: new message inside a fragmented one")
             return
@@ -440,7 +474,13 @@ class _Connection(asyncio.BufferedProtocol):
         data = self.fragments[0] if len(self.fragments) == 1 else b"".join(self.fragments)
         text = self.fragment_opcode == OP_TEXT
         self.fragments, self.fragment_opcode, self.message_bytes = [], None, 0
-        self.pending.append(data.decode("utf-8", "replace") if text else data)
+        if text:
+            try:
+                data = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
+                return
+        self.pending.append(data)
         if len(self.pending) >= MAX_PENDING_FRAMES and not self.paused and self.transport is not None:
             self.transport.pause_reading()  # a client that does not wait for replies is slowed down, not buffered
             self.paused = True
@@ -448,11 +488,25 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- requests ---------------------------------------------------------------------------------
     def _next(self) -> None:
-        """Serve the oldest waiting message unless a request is in flight (replies stay in request order)."""
+        """Serve the oldest waiting message unless a request is in flight (replies stay in request order).
+
+        Not re-entered: a request answered synchronously (refused by the policy, queue full) returns to the loop
+        below instead of nesting one call per waiting message.
+        """
+        if self.serving:
+            return
+        self.serving = True
+        try:
+            self._serve_pending()
+        finally:
+            self.serving = False
+
+    def _serve_pending(self) -> None:
         while self.open and not self.busy and self.pending and self.transport is not None:
             message = self.pending.popleft()
             if self.paused and len(self.pending) < MAX_PENDING_FRAMES // 2:
-                self.transport.resume_reading()
+                if not self.write_paused:
+                    self.transport.resume_reading()
                 self.paused = False
             self.frontend.server.stats.requests["ws_infer"] += 1
             self._serve(message)

@@ -272,3 +272,28 @@ def test_shipped_gr00t_over_gr00t_protocol() -> None:
         assert isinstance(raw["action"]["as_json"], dict)  # N1.6: a map, bare keys
         assert raw["action"]["as_json"]["modality_keys"][0] == "x"
         json.dumps(raw["action"]["as_json"])
+
+
+def test_non_string_keys_in_a_nested_observation_get_an_error_reply() -> None:
+    """A REQ client waits for exactly one reply: a hostile key must become an error reply, not an exception."""
+    from server.gr00t_protocol import Gr00tFrontEnd
+
+    class Core:
+        limits = wire.DEFAULT_LIMITS
+        policy = None
+
+        def readiness(self) -> str:
+            return "ready"
+
+        def count(self, kind: str, error: str | None = None) -> None:
+            pass
+
+        def submit_observation(self, obs, client_key, respond) -> None:
+            raise AssertionError("an invalid observation reached the batcher")
+
+    for group in ({"state": {b"x": 1}}, {"video": {b"image": 1}}, {"language": {b"task": "x"}}):
+        replies: list = []
+        message = wire.unpackb(msgpack.packb({"endpoint": "get_action", "data": {"observation": group}},
+                                             use_bin_type=True))
+        Gr00tFrontEnd(Core()).handle(message, b"peer", replies.append)
+        assert len(replies) == 1 and isinstance(replies[0].get("error"), str), replies

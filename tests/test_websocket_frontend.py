@@ -166,9 +166,11 @@ def test_malformed_frame_gets_error_and_server_keeps_serving(server: ServerProce
 
 
 def test_frame_over_the_hard_cap_closes_only_that_connection(server: ServerProcess) -> None:
-    with ws_connect(server) as (conn, _):
-        conn.send(b"\x00" * (3 * MAX_MESSAGE_BYTES))
-        with pytest.raises(ConnectionClosed):
+    # The server refuses the frame from its header (close 1009) while the client is still sending it, so the
+    # client may see the close in send, in recv or when it closes: any of them must end this connection only.
+    with pytest.raises((ConnectionClosed, ConnectionError)):  # not TimeoutError: the server must close it
+        with ws_connect(server) as (conn, _):
+            conn.send(b"\x00" * (3 * MAX_MESSAGE_BYTES))
             conn.recv(timeout=10)
     with ws_connect(server) as (later, _):
         assert_good_request_answered(later)
@@ -343,3 +345,206 @@ def test_metadata_waits_until_the_policy_is_loaded() -> None:
         thread.join(timeout=30)
         loop.close()
     assert not thread.is_alive()
+
+
+# -- in-process checks of the frame parser's resource bounds (a fake server, a real asyncio loop) ----------
+
+class _FakeServer:
+    """Just what the websocket front end reads from a PolicyServer (readiness, metadata, limits, stats)."""
+
+    def __init__(self) -> None:
+        import collections
+        import types
+
+        from client import wire
+
+        self.config = types.SimpleNamespace(policy="debug")
+        self.limits = wire.WireLimits(max_message_bytes=MAX_MESSAGE_BYTES, max_array_bytes=MAX_MESSAGE_BYTES,
+                                      max_image_pixels=MAX_IMAGE_PIXELS)
+        self.stats = types.SimpleNamespace(requests=collections.Counter(), errors=collections.Counter())
+
+    def readiness(self) -> str:
+        return "ready"
+
+    def metadata(self) -> dict:
+        return {"policy": "debug"}
+
+
+def _masked(opcode: int, payload: bytes, fin: bool = True, declared: int | None = None) -> bytes:
+    """One client frame (masked with a zero key, so the payload bytes go as they are)."""
+    n = len(payload) if declared is None else declared
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\x00\x00\x00\x00" + payload
+
+
+async def _frontend_connection(max_frame_bytes: int):
+    """A started front end, a raw client (reader, writer) past the handshake, and the server-side connection."""
+    from server.websocket_frontend import WebsocketFrontend
+
+    frontend = WebsocketFrontend(_FakeServer(), "127.0.0.1", 0, max_frame_bytes=max_frame_bytes)
+    await frontend.start()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a peer that reads nothing fills up fast
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", frontend.bound_port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    for _ in range(100):
+        if any(c.open for c in frontend.connections):
+            break
+        await asyncio.sleep(0.01)
+    (conn,) = frontend.connections
+    return frontend, reader, writer, conn
+
+
+async def _shutdown(frontend, writer) -> None:
+    writer.transport.abort()
+    frontend.stop_accepting()
+    for conn in list(frontend.connections):
+        conn.abort()
+    await asyncio.sleep(0)
+
+
+def test_declared_frame_length_is_not_allocated_up_front() -> None:
+    """A 14-byte header declaring a frame just under the limit must not make the server allocate that much."""
+    async def main() -> int:
+        frontend, _, writer, conn = await _frontend_connection(max_frame_bytes=256 * 1024 * 1024)
+        try:
+            writer.write(_masked(0x2, b"", declared=200 * 1024 * 1024)[:14])
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            return len(conn.buf)
+        finally:
+            await _shutdown(frontend, writer)
+
+    assert asyncio.run(main()) < 4 * 1024 * 1024
+
+
+def test_many_tiny_fragments_are_not_buffered_as_objects() -> None:
+    """Fragments within the size limit cost their bytes, not a Python object each (7 wire bytes -> ~40 B)."""
+    import tracemalloc
+
+    async def main() -> int:
+        frontend, _, writer, conn = await _frontend_connection(max_frame_bytes=1024 * 1024)
+        try:
+            writer.write(_masked(0x2, b"x", fin=False))
+            n = 50_000
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            writer.write(_masked(0x0, b"x", fin=False) * n)
+            await writer.drain()
+            for _ in range(200):
+                if conn.message_bytes > n:
+                    break
+                await asyncio.sleep(0.01)
+            assert conn.message_bytes == n + 1
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            return grown
+        finally:
+            await _shutdown(frontend, writer)
+
+    assert asyncio.run(main()) < 10 * 50_000
+
+
+def test_peer_that_never_reads_is_not_buffered_without_bound() -> None:
+    """A ping flood from a peer that reads no pongs: the server stops reading instead of queueing pongs."""
+    async def main() -> int:
+        frontend, _, writer, conn = await _frontend_connection(max_frame_bytes=1024 * 1024)
+        try:
+            ping = _masked(0x9, b"p" * 125) * 1000  # 131 kB of pings, 127 kB of pongs
+            for _ in range(200):  # up to 26 MB, until the server stops taking them
+                writer.write(ping)
+                try:
+                    await asyncio.wait_for(writer.drain(), 0.2)
+                except TimeoutError:
+                    break
+            await asyncio.sleep(0.1)
+            return conn.transport.get_write_buffer_size()
+        finally:
+            await _shutdown(frontend, writer)
+
+    assert asyncio.run(main()) < 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize(("close_payload", "expected"), [
+    (b"", b""),  # no status: answered with none
+    ((1000).to_bytes(2, "big") + b"bye", (1000).to_bytes(2, "big")),  # a valid code is echoed
+    ((4001).to_bytes(2, "big"), (4001).to_bytes(2, "big")),  # an application code too
+    (b"\x03", (1002).to_bytes(2, "big")),  # a 1-byte close payload is a protocol error (RFC 6455 5.5.1)
+    ((1005).to_bytes(2, "big"), (1002).to_bytes(2, "big")),  # 1005/1006/1015 never go on the wire (7.4.1)
+    ((999).to_bytes(2, "big"), (1002).to_bytes(2, "big")),  # not a close code (7.4.2)
+    ((1000).to_bytes(2, "big") + b"\xff\xfe", (1002).to_bytes(2, "big")),  # a reason that is not UTF-8
+])
+def test_close_handshake_validates_the_peers_close_frame(server: ServerProcess, close_payload: bytes,
+                                                          expected: bytes) -> None:
+    sock, data = _raw_handshake(server.ws_port)
+    with sock:
+        sock.sendall(_masked(0x8, close_payload))
+        data += _recv_all(sock)
+    frames = _frames(data)
+    assert [b0 & 0x0F for b0, _ in frames] == [0x2, 0x8]
+    assert frames[1][1][:2] == expected
+
+
+def test_text_frame_that_is_not_utf8_closes_with_1007(server: ServerProcess) -> None:
+    """RFC 6455 8.1: a text message that is not valid UTF-8 fails the connection (1007), others go on."""
+    sock, data = _raw_handshake(server.ws_port)
+    with sock:
+        sock.sendall(_masked(0x1, b"caf\xc3"))
+        data += _recv_all(sock)
+    frames = _frames(data)
+    assert [b0 & 0x0F for b0, _ in frames] == [0x2, 0x8]
+    assert frames[1][1][:2] == (1007).to_bytes(2, "big")
+    with ws_connect(server) as (conn, _):
+        assert_good_request_answered(conn)
+
+
+def test_many_waiting_requests_answered_at_once_do_not_recurse() -> None:
+    """Requests queued behind one in flight and refused synchronously must not nest a call each (RecursionError
+    in the batcher's completion callback would cost other clients their replies)."""
+    stashed: list = []
+
+    class Refusing(_FakeServer):
+        def submit_observation(self, obs, client_key, respond) -> None:
+            if not stashed:
+                stashed.append(respond)  # the first request stays in flight
+            else:
+                respond(None, "bad_request", "refused at once")
+
+    async def main() -> tuple[int, int]:
+        from server.websocket_frontend import WebsocketFrontend
+
+        frontend = WebsocketFrontend(Refusing(), "127.0.0.1", 0, max_frame_bytes=1024 * 1024)
+        await frontend.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", frontend.bound_port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            n = 4000
+            writer.write(_masked(0x2, b"\x80") * (n + 1))  # n + 1 empty maps, in one write
+            await writer.drain()
+            (conn,) = frontend.connections
+            for _ in range(200):
+                if len(conn.pending) >= n:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(conn.pending) >= n and stashed
+            stashed[0](None, "internal", "the first one failed")  # as the batcher would, on the loop
+            return len(conn.pending), frontend.server.stats.errors["bad_request"]
+        finally:
+            await _shutdown(frontend, writer)
+
+    left, refused = asyncio.run(main())
+    assert left == 0 and refused >= 4000

@@ -14,7 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.libero.protocol import DEFAULT_SEED, GRIPPER_CONVENTIONS, NUM_WAIT_STEPS, SUITES, max_steps_for
+from client.libero.protocol import (
+    DEFAULT_SEED,
+    GRIPPER_CONVENTIONS,
+    NUM_WAIT_STEPS,
+    PREPROCESS_CHOICES,
+    PREPROCESS_DESCRIPTIONS,
+    PREPROCESS_NONE,
+    SUITES,
+    max_steps_for,
+)
 from client.settings import (
     SettingError,
     above,
@@ -76,6 +85,12 @@ class EvalConfig:
     gripper_convention: str | None = setting(None, "--gripper-convention", choices=GRIPPER_CONVENTIONS,
                                              help="override the server's declared gripper convention "
                                                   "(default: from its metadata)")
+    preprocess: str = setting(PREPROCESS_NONE, "--preprocess", choices=PREPROCESS_CHOICES,
+                              help="image path before sending: 'none' = rotated render at --resolution (the "
+                                   "project's own models); 'openvla' = upstream OpenVLA's LIBERO harness (JPEG "
+                                   "round trip, lanczos3 resize to 224x224); its 0.9-area centre crop for "
+                                   "checkpoints trained with image augmentation stays the server policy's "
+                                   "center_crop option")
     progress: bool = setting(True, off=("--no-progress",), help="no progress bar")
     render_all_steps: bool = setting(False, "--render-all-steps",
                                      help="render every camera at every step as robosuite does by default; by "
@@ -112,6 +127,7 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["effective_max_steps"] = self.effective_max_steps
+        d["preprocessing"] = PREPROCESS_DESCRIPTIONS[self.preprocess]
         d["results_path"] = str(self.results_path)
         d["videos_path"] = str(self.videos_path) if self.save_video else None
         return d

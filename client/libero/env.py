@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from client.libero.protocol import rotate_180, state_8d
+from client.libero.protocol import PREPROCESS_NONE, preprocess_image, rotate_180, state_8d
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,12 @@ def reset_to_init(env: Any, task: TaskHandle, init_index: int, seed: int,
     return env.set_init_state(task.init_states[init_index % task.num_init_states])
 
 
-def extract_obs(raw: dict[str, Any], instruction: str) -> dict[str, Any]:
-    """The observation the client sends: both images rotated 180 degrees, the 8-d state, the instruction."""
+def extract_obs(raw: dict[str, Any], instruction: str, preprocess: str = PREPROCESS_NONE) -> dict[str, Any]:
+    """The observation the client sends: both images rotated 180 degrees and put through the ``preprocess``
+    preset (:func:`client.libero.protocol.preprocess_image`), the 8-d state, the instruction."""
     return {
-        "image": rotate_180(raw["agentview_image"]),
-        "wrist_image": rotate_180(raw["robot0_eye_in_hand_image"]),
+        "image": preprocess_image(rotate_180(raw["agentview_image"]), preprocess),
+        "wrist_image": preprocess_image(rotate_180(raw["robot0_eye_in_hand_image"]), preprocess),
         "state": state_8d(raw["robot0_eef_pos"], raw["robot0_eef_quat"], raw["robot0_gripper_qpos"]),
         "instruction": instruction,
     }

@@ -88,7 +88,7 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
             if cfg.save_video:
                 frames.append(rotate_180(raw["agentview_image"]))
             if not queue:
-                obs = extract_obs(raw, task.instruction)
+                obs = extract_obs(raw, task.instruction, cfg.preprocess)
                 q0 = time.perf_counter()
                 chunk = client.infer(obs)
                 latencies.append((time.perf_counter() - q0) * 1000.0)

@@ -88,3 +88,55 @@ def max_steps_for(suite: str) -> int:
         return SUITE_MAX_STEPS[suite]
     except KeyError:
         raise ValueError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}") from None
+
+
+# -- image preprocessing presets (what the client sends, to match a checkpoint's own evaluation harness) --------
+PREPROCESS_NONE = "none"  # the render, rotated 180 degrees, at --resolution (the project's own models)
+PREPROCESS_OPENVLA = "openvla"  # upstream OpenVLA's LIBERO harness (experiments/robot/libero/libero_utils.py)
+PREPROCESS_CHOICES = (PREPROCESS_NONE, PREPROCESS_OPENVLA)
+#: Side of OpenVLA's LIBERO images, and ``tf.image.encode_jpeg``'s default quality (4:2:0 chroma subsampling).
+OPENVLA_IMAGE_SIZE = 224
+OPENVLA_JPEG_QUALITY = 95
+
+PREPROCESS_DESCRIPTIONS: dict[str, str] = {
+    PREPROCESS_NONE: "rotate 180 degrees; sent at the render resolution",
+    PREPROCESS_OPENVLA: (f"rotate 180 degrees; JPEG round trip (quality {OPENVLA_JPEG_QUALITY}, 4:2:0); "
+                         f"lanczos3 antialiased resize to {OPENVLA_IMAGE_SIZE}x{OPENVLA_IMAGE_SIZE}, rounded to "
+                         "uint8 (upstream OpenVLA LIBERO harness; the 0.9-area centre crop is the server "
+                         "policy's center_crop option)"),
+}
+
+
+def jpeg_round_trip(img: np.ndarray, quality: int = OPENVLA_JPEG_QUALITY) -> np.ndarray:
+    """Encode to JPEG and decode back, as OpenVLA's RLDS builder stored the training frames."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(buf, format="JPEG", quality=quality,
+                                                                    subsampling="4:2:0")
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def resize_lanczos(img: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased lanczos3 resize to ``size x size`` in float, then rounded and clipped to uint8 (the same
+    arithmetic as ``tf.image.resize(method="lanczos3", antialias=True)`` followed by round + clip)."""
+    from PIL import Image
+
+    if img.shape[:2] == (size, size):
+        return np.ascontiguousarray(img, dtype=np.uint8)
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32), mode="F")
+                        .resize((size, size), Image.LANCZOS)) for c in range(img.shape[-1])]
+    return np.clip(np.round(np.stack(chans, axis=-1)), 0, 255).astype(np.uint8)
+
+
+def preprocess_image(img: np.ndarray, preset: str) -> np.ndarray:
+    """An already rotated (upright) camera image through ``preset``'s path (see ``PREPROCESS_DESCRIPTIONS``)."""
+    if preset == PREPROCESS_NONE:
+        return img
+    if preset == PREPROCESS_OPENVLA:
+        return resize_lanczos(jpeg_round_trip(img), OPENVLA_IMAGE_SIZE)
+    raise ValueError(f"unknown preprocess preset {preset!r}; expected one of {PREPROCESS_CHOICES}")

@@ -60,13 +60,47 @@ def resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def letterbox(x: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
-    """Pad to a square with a constant colour (Prismatic's ``letterbox`` resize strategy)."""
+    """Pad to a square with a constant colour (``fill`` in the image's [0, 1] scale)."""
     h, w = x.shape[-2:]
     side = max(h, w)
     out = torch.empty(x.shape[0], 3, side, side, dtype=x.dtype)
     out[:] = torch.tensor(fill, dtype=x.dtype).view(1, 3, 1, 1)
     top, left = (side - h) // 2, (side - w) // 2
     out[..., top : top + h, left : left + w] = x
+    return out
+
+
+def resize_shorter_bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision ``Resize(size)`` with an int size: the shorter side becomes ``size``, the longer one
+    ``int(size * long / short)`` (truncated, as torchvision computes it), aspect otherwise kept."""
+    h, w = x.shape[-2:]
+    if h <= w:
+        hw = (size, int(size * w / h))
+    else:
+        hw = (int(size * h / w), size)
+    return resize_bicubic(x, hw)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision ``CenterCrop(size)`` for an image at least ``size`` on each side: offsets are
+    ``int(round((side - size) / 2))`` (Python rounding, as torchvision computes them)."""
+    h, w = x.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"cannot centre-crop {size}x{size} from {h}x{w}")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
+
+
+def letterbox_pad_symmetric(x: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+    """Prismatic's ``LetterboxPad``: the same ``int((max_side - side) / 2)`` border on both sides of the
+    shorter dimension with a constant colour (``fill`` in [0, 1]). An odd difference leaves the result one pixel
+    short of square, exactly as upstream; the resize + centre crop that follows squares it."""
+    h, w = x.shape[-2:]
+    side = max(h, w)
+    ph, pw = int((side - h) / 2), int((side - w) / 2)
+    out = torch.empty(x.shape[0], 3, h + 2 * ph, w + 2 * pw, dtype=x.dtype)
+    out[:] = torch.tensor(fill, dtype=x.dtype).view(1, 3, 1, 1)
+    out[..., ph : ph + h, pw : pw + w] = x
     return out
 
 

@@ -6,8 +6,9 @@
 - ``mlp1``: ``Sequential(Linear(vision_hidden, llm_hidden))`` connector (N1.5: 1 layer, no pixel shuffle).
 - ``language_model``: ``Qwen3ForCausalLM`` truncated to ``select_layer`` layers; features are
   ``hidden_states[select_layer]``, i.e. the final-RMSNorm output of the truncated stack.
-- Image features: ``hidden_states[vision select_layer]`` of SigLIP (the last encoder layer, no post-LN, for
-  N1.5); they replace the embeddings of the ``<IMG_CONTEXT>`` tokens in order.
+- Image features: SigLIP ``hidden_states[vision select_layer]`` (HF indexing; ``-1`` means
+  ``last_hidden_state``, i.e. after ``post_layernorm``, as upstream and the released Eagle config (-1) use);
+  they replace the embeddings of the ``<IMG_CONTEXT>`` tokens in order.
 """
 
 from __future__ import annotations
@@ -35,13 +36,24 @@ class EagleModel(nn.Module):
         self.image_token_index = int(ecfg["image_token_index"])
         self.vision_select_layer = int(ecfg.get("select_layer", -1))
 
+    def vision_layers_to_run(self) -> int:
+        """How many SigLIP encoder layers ``select_layer`` needs, with HF ``hidden_states`` indexing:
+        ``hidden_states[0]`` is the embedding output and ``hidden_states[k]`` the output of layer ``k``, so
+        ``k >= 0`` runs ``k`` layers and ``k < -1`` runs ``L + 1 + k``. ``-1`` is upstream's special case: the
+        model's ``last_hidden_state`` (all ``L`` layers, then ``post_layernorm``)."""
+        n = len(self.vision_model.encoder.layers)
+        k = self.vision_select_layer
+        if not -(n + 1) <= k <= n:
+            raise ValueError(f"vision select_layer {k} outside -{n + 1}..{n} for {n} encoder layers")
+        return n if k == -1 else (k if k >= 0 else n + 1 + k)
+
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, S, S]`` -> connector output ``[N, patches, llm_hidden]``."""
+        """``[N, 3, S, S]`` -> connector output ``[N, patches, llm_hidden]``.
+
+        Runs only the layers ``select_layer`` needs (the rest would be discarded by ``hidden_states[k]``)."""
         vm = self.vision_model
         h = vm.embeddings(pixel_values.to(self.mlp1[0].weight.dtype))
-        layers = vm.encoder.layers
-        k = len(layers) if self.vision_select_layer == -1 else self.vision_select_layer
-        for layer in layers[:k]:
+        for layer in vm.encoder.layers[: self.vision_layers_to_run()]:
             out = layer(h, None)
             h = out[0] if isinstance(out, tuple) else out
         if self.vision_select_layer == -1:

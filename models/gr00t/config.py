@@ -14,6 +14,7 @@ from typing import Any
 from transformers import Qwen3Config, SiglipVisionConfig
 
 from models.common.errors import CheckpointError
+from models.gr00t.prompt import PROMPT_FORMATS, PROMPT_UPSTREAM
 
 MODEL_TYPE = "gr00t_n1_5"
 ARCHITECTURE = "GR00T_N1_5"
@@ -24,7 +25,8 @@ EAGLE_N15_DEFAULT: dict[str, Any] = {
     "mlp_connector_layers": 1,
     "use_pixel_shuffle": False,
     "force_image_size": 224,
-    "select_layer": 27,  # vision: hidden_states[27] = last encoder layer, before post_layernorm
+    # Released eagle2_hg_model/config.json: -1 = SigLIP ``last_hidden_state`` (last layer + post_layernorm).
+    "select_layer": -1,
     "text_config": {
         "model_type": "qwen3", "vocab_size": 151680, "hidden_size": 2048, "intermediate_size": 6144,
         "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
@@ -86,6 +88,8 @@ class GR00TConfig:
     model_dtype: str = "float32"
     torch_dtype: str = "bfloat16"
     embodiment_tag_mapping: dict[str, int] = field(default_factory=lambda: dict(EMBODIMENT_TAG_MAPPING))
+    # Our key (absent in released checkpoints => upstream); see models/gr00t/prompt.py.
+    prompt_format: str = PROMPT_UPSTREAM
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -125,6 +129,11 @@ class GR00TConfig:
             raise CheckpointError("config.json: eagle text model must be qwen3")
         if cfg.eagle_config.get("use_pixel_shuffle") or int(cfg.eagle_config.get("mlp_connector_layers", 1)) != 1:
             raise CheckpointError("config.json: only the N1.5 Eagle layout (1-layer MLP, no pixel shuffle) is supported")
+        if cfg.prompt_format not in PROMPT_FORMATS:
+            raise CheckpointError(f"config.json: prompt_format {cfg.prompt_format!r} not one of {PROMPT_FORMATS}")
+        n_vit = int(cfg.eagle_config["vision_config"]["num_hidden_layers"])
+        if not -(n_vit + 1) <= int(cfg.eagle_config.get("select_layer", -1)) <= n_vit:
+            raise CheckpointError(f"config.json: eagle_config.select_layer outside -{n_vit + 1}..{n_vit}")
         n_llm = int(cfg.eagle_config["text_config"]["num_hidden_layers"])
         if not 0 < cfg.select_layer <= n_llm:
             raise CheckpointError(f"config.json: backbone_cfg.select_layer {cfg.select_layer} outside 1..{n_llm}")

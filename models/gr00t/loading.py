@@ -13,6 +13,7 @@ from models.common.loading import assert_fully_loaded, init_empty_weights, read_
 from models.common.tokenizer import load_tokenizer
 from models.gr00t.config import GR00TConfig
 from models.gr00t.modeling import GR00TPolicyModel
+from models.gr00t.prompt import read_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -41,4 +42,5 @@ def load(
     if tag not in model.metadata:
         raise CheckpointError(f"{root / 'experiment_cfg' / 'metadata.json'}: no statistics for embodiment {tag!r}")
     model.tokenizer = load_tokenizer(root)
+    model.chat_template = read_chat_template(root)
     return model.to(device)

@@ -5,9 +5,9 @@ Checkpoint names equal the released ones except one level: the checkpoint's
 (transformers 5's ``SiglipVisionModel`` has no inner ``vision_model``). Qwen3's ``lm_head`` is tied to the
 embeddings; either name is accepted when loading and only ``embed_tokens`` is written when saving.
 
-Text prompt (Eagle chat format; the exact upstream template is unverified, see the module report):
-``<|im_start|>user\\n`` + per view ``<img>`` + ``<IMG_CONTEXT>`` x patches + ``</img>`` + instruction +
-``<|im_end|>\\n<|im_start|>assistant\\n``, left-padded with ``<|endoftext|>``.
+Text prompt: ``config.prompt_format`` picks upstream's Eagle 2.5 chat prompt (the default, and what released
+checkpoints need) or the project's legacy prompt (the shipped tiny checkpoint); see ``models/gr00t/prompt.py``.
+Rows are left-padded with ``<|endoftext|>``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from models.gr00t.action_head import FlowmatchingActionHead
 from models.gr00t.backbone import EagleBackbone
 from models.gr00t.config import GR00TConfig
 from models.gr00t.data_config import LANGUAGE_KEY, LiberoDataConfig
+from models.gr00t.prompt import EAGLE25_CHAT_TEMPLATE, PROMPT_LEGACY, legacy_prompt_ids, upstream_prompt_ids
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class GR00TPolicyModel(nn.Module):
         self.action_head = FlowmatchingActionHead(config.action_head_cfg)
         self.data_config = data_config or LiberoDataConfig()
         self.tokenizer: Tokenizer | None = None
+        self.chat_template = EAGLE25_CHAT_TEMPLATE  # replaced by the checkpoint's own template when it ships one
         self.metadata: dict[str, Any] = {}
         self.denoising_steps = int(config.action_head_cfg["num_inference_timesteps"])
 
@@ -102,17 +104,19 @@ class GR00TPolicyModel(nn.Module):
         return tid
 
     def build_input_ids(self, instructions: list[str], num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eagle chat prompt ids with image placeholders, left-padded; returns ``(input_ids, mask)``."""
+        """Prompt ids (format per ``config.prompt_format``) with image placeholders, left-padded;
+        returns ``(input_ids, mask)``."""
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer attached (load with models.load_pretrained)")
         ctx = int(self.config.eagle_config["image_token_index"])
         if self.tokenizer.token_to_id("<IMG_CONTEXT>") not in (None, ctx):
             raise ValueError("tokenizer's <IMG_CONTEXT> id differs from config image_token_index")
-        enc = self.tokenizer.encode
-        head = enc("<|im_start|>user\n", add_special_tokens=False).ids
-        tail = enc("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
-        img = [self._special("<img>")] + [ctx] * self.tokens_per_image + [self._special("</img>")]
-        rows = [head + img * num_views + enc(t, add_special_tokens=False).ids + tail for t in instructions]
+        n_tok = self.tokens_per_image
+        if self.config.prompt_format == PROMPT_LEGACY:
+            rows = [legacy_prompt_ids(self.tokenizer, t, num_views, n_tok, ctx) for t in instructions]
+        else:
+            rows = [upstream_prompt_ids(self.tokenizer, t, num_views, n_tok, self.chat_template, ctx)
+                    for t in instructions]
         n = max(len(r) for r in rows)
         pad = self._special("<|endoftext|>")
         ids = torch.full((len(rows), n), pad, dtype=torch.long)

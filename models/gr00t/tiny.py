@@ -23,6 +23,7 @@ from models.common.tokenizer import save_tokenizer, train_qwen_style
 from models.gr00t.config import GR00TConfig
 from models.gr00t.data_config import make_metadata
 from models.gr00t.modeling import GR00TPolicyModel
+from models.gr00t.prompt import PROMPT_UPSTREAM
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,12 @@ def libero_stats() -> tuple[dict[str, Any], dict[str, Any]]:
     return state, action
 
 
-def tiny_config(vocab_size: int, image_token_index: int, bos_id: int = 0, eos_id: int = 0) -> GR00TConfig:
-    """2-layer SigLIP (width 64, 112 px), 2-layer Qwen3 (hidden 128), small DiT/VL-SA, horizon 16."""
+def tiny_config(vocab_size: int, image_token_index: int, bos_id: int = 0, eos_id: int = 0,
+                prompt_format: str = PROMPT_UPSTREAM) -> GR00TConfig:
+    """2-layer SigLIP (width 64, 112 px), 2-layer Qwen3 (hidden 128), small DiT/VL-SA, horizon 16.
+
+    ``prompt_format`` is written to ``config.json`` so a checkpoint always states which prompt it was trained on
+    (the shipped tiny checkpoint says ``project_v0``; new builds default to upstream's)."""
     llm_hidden = 128
     eagle = {
         "image_token_index": image_token_index, "mlp_connector_layers": 1, "use_pixel_shuffle": False,
@@ -77,17 +82,17 @@ def tiny_config(vocab_size: int, image_token_index: int, bos_id: int = 0, eos_id
         "model_type": "gr00t_n1_5", "architectures": ["GR00T_N1_5"], "action_dim": 32, "action_horizon": 16,
         "backbone_cfg": {"select_layer": 2, "project_to_dim": None, "eagle_path": "tiny"},
         "action_head_cfg": head, "eagle_config": eagle, "hidden_size": llm_hidden, "torch_dtype": "float32",
-        "compute_dtype": "float32",
+        "compute_dtype": "float32", "prompt_format": prompt_format,
     })
 
 
-def build_tiny(seed: int = 0) -> GR00TPolicyModel:
+def build_tiny(seed: int = 0, prompt_format: str = PROMPT_UPSTREAM) -> GR00TPolicyModel:
     """Randomly initialised tiny GR00T with tokenizer and LIBERO metadata attached."""
     tok = train_qwen_style(VOCAB_BPE)
     vocab = ((tok.get_vocab_size() + 63) // 64) * 64
     torch.manual_seed(seed)
     cfg = tiny_config(vocab, tok.token_to_id("<IMG_CONTEXT>"), tok.token_to_id("<|endoftext|>"),
-                      tok.token_to_id("<|im_end|>"))
+                      tok.token_to_id("<|im_end|>"), prompt_format)
     model = GR00TPolicyModel(cfg).eval()
     model.tokenizer = tok
     state, action = libero_stats()

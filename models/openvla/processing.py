@@ -3,8 +3,14 @@
 - Prompt: ``In: What action should the robot take to {instruction}?\\nOut:``; BOS is prepended by the tokenizer and
   the lone metaspace piece (Llama id 29871, ``▁``) is appended when the prompt does not already end with it.
 - Batches are left-padded so every row's last prompt token is at the same index (generation appends there).
-- Images: optional center crop of 90% area (LIBERO fine-tunes saw random crops in training), resize to the
-  featurizer size (bicubic), then DINOv2 and SigLIP normalisations stacked on channels -> ``[B, 6, S, S]``.
+- Images: optional center crop of 90% area (LIBERO fine-tunes saw random crops in training), then per featurizer
+  Prismatic's ``image_resize_strategy`` (bicubic), then DINOv2 and SigLIP normalisations stacked on channels ->
+  ``[B, 6, S, S]``. The strategies follow Prismatic's vision backbones: ``resize-naive`` resizes to ``S x S``
+  ignoring aspect; ``resize-crop`` is timm's eval transform, shorter side to ``S`` then a centre ``S x S`` crop;
+  ``letterbox`` pads the shorter side symmetrically with the featurizer's normalisation mean as 0-255 ints
+  (``int(m * 255)``) and then resizes + centre-crops. (Prismatic's training transforms give each featurizer its own
+  mean as the fill; the HF ``PrismaticImageProcessor`` keeps only the last featurizer's, SigLIP's, for both: the
+  checkpoints were trained with the former, which is what is followed here.)
 """
 
 from __future__ import annotations
@@ -16,16 +22,43 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from models.common.image import center_crop_area, letterbox, normalize, resize_bicubic, to_float_batch
+from models.common.image import (
+    center_crop,
+    center_crop_area,
+    letterbox_pad_symmetric,
+    normalize,
+    resize_bicubic,
+    resize_shorter_bicubic,
+    to_float_batch,
+)
 from models.openvla.config import DINO_MEAN, DINO_STD, SIGLIP_MEAN, SIGLIP_STD, OpenVLAConfig
 
 PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
 METASPACE = "\u2581"
+RESIZE_STRATEGIES = ("resize-naive", "resize-crop", "letterbox")
 
 
 def build_prompt(instruction: str) -> str:
-    """The OpenVLA v01-style prompt (the caller decides on lower-casing, as LIBERO eval lower-cases)."""
-    return PROMPT_TEMPLATE.format(instruction=instruction.strip().rstrip("?"))
+    """The OpenVLA prompt exactly as upstream's robot harness builds it: the instruction lower-cased and nothing
+    else touched (a trailing ``?`` or space is kept, so ``"why?"`` gives ``... to why??``), because the released
+    checkpoints were fine-tuned and evaluated on that string."""
+    return PROMPT_TEMPLATE.format(instruction=instruction.lower())
+
+
+def letterbox_fill(mean: tuple[float, ...]) -> tuple[float, ...]:
+    """Prismatic's letterbox padding colour, ``int(m * 255)`` per channel, back on the [0, 1] scale."""
+    return tuple(int(m * 255) / 255.0 for m in mean)
+
+
+def apply_resize_strategy(x: torch.Tensor, strategy: str, size: int, mean: tuple[float, ...]) -> torch.Tensor:
+    """One featurizer's resize of float BCHW images to ``size x size`` under Prismatic's ``strategy``."""
+    if strategy == "resize-naive":
+        return resize_bicubic(x, size)
+    if strategy == "letterbox":
+        x = letterbox_pad_symmetric(x, letterbox_fill(mean))
+    elif strategy != "resize-crop":
+        raise ValueError(f"unsupported image_resize_strategy {strategy!r}")
+    return center_crop(resize_shorter_bicubic(x, size), size)
 
 
 @dataclass
@@ -70,15 +103,13 @@ class OpenVLAProcessor:
         x = to_float_batch(images)
         if self.center_crop if center_crop is None else center_crop:
             x = center_crop_area(x, self.crop_area)
-        if self.config.image_resize_strategy == "letterbox":
-            x = letterbox(x, DINO_MEAN)
-        elif self.config.image_resize_strategy not in ("resize-naive", "resize-crop"):
-            raise ValueError(f"unsupported image_resize_strategy {self.config.image_resize_strategy!r}")
+        strategy = self.config.image_resize_strategy
+        if strategy not in RESIZE_STRATEGIES:
+            raise ValueError(f"unsupported image_resize_strategy {strategy!r}")
         parts = []
         for kind, vcfg in zip(self.config.norm_kinds(), self.config.vision_configs(), strict=True):
-            xr = resize_bicubic(x, vcfg.image_size)
             mean, std = (SIGLIP_MEAN, SIGLIP_STD) if kind == "siglip" else (DINO_MEAN, DINO_STD)
-            parts.append(normalize(xr, mean, std))
+            parts.append(normalize(apply_resize_strategy(x, strategy, vcfg.image_size, mean), mean, std))
         return torch.cat(parts, dim=1)
 
     def __call__(

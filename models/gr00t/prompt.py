@@ -1,0 +1,134 @@
+"""GR00T N1.5 text prompts: the upstream Eagle 2.5 chat prompt and the project's legacy prompt.
+
+Why two formats: a released GR00T N1.5 checkpoint was trained on the prompt upstream's ``GR00TTransform`` and
+Eagle 2.5 processor build, so serving it needs exactly that prompt. The project's shipped tiny GR00T was
+trained on an older, simpler prompt; changing its prompt would silently change its actions. Which one a
+checkpoint uses is declared by ``config.json``'s top-level ``prompt_format`` key (absent => upstream).
+
+Upstream prompt (facts from Isaac-GR00T ``gr00t/model/transforms.py`` and
+``backbone/eagle2_hg_model/processing_eagle2_5_vl.py``):
+
+1. the instruction text is ``str([instruction])`` (a Python list repr: ``"['pick up the bowl']"``);
+2. one user message, content = one image item per view, then the text; rendered with the Eagle 2.5 chat
+   template (``add_generation_prompt=True``), which writes a default system turn and ``<image-k>`` per image;
+3. the processor replaces each ``<image-k>`` by the literal text ``<image k>`` followed by
+   ``<img>`` + ``<IMG_CONTEXT>`` x tokens-per-image + ``</img>``;
+4. the result is tokenized as plain text (the special tokens are atomic added tokens).
+
+Legacy prompt (``project_v0``): ``<|im_start|>user\\n`` + per view ``<img>`` ``<IMG_CONTEXT>`` x n ``</img>`` +
+instruction + ``<|im_end|>\\n<|im_start|>assistant\\n``, tokenized piecewise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from models.common.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PROMPT_FORMAT_KEY = "prompt_format"
+PROMPT_UPSTREAM = "eagle2.5_chat"
+PROMPT_LEGACY = "project_v0"
+PROMPT_FORMATS = (PROMPT_UPSTREAM, PROMPT_LEGACY)
+
+IMG_CONTEXT, IMG_START, IMG_END = "<IMG_CONTEXT>", "<img>", "</img>"
+
+# The Eagle 2.5 chat template (Qwen chat markup; images become ``<image-k>`` placeholders for the processor).
+EAGLE25_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}<image {{ image_count.value }}>"
+    "{% endif %}<image-{{ image_count.value }}>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}<video {{ video_count.value }}>"
+    "{% endif %}<video-{{ video_count.value }}>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_PLACEHOLDER = re.compile(r"<image-(\d+)>")
+
+
+def read_chat_template(tokenizer_dir: str | os.PathLike[str] | None) -> str:
+    """The chat template a released-layout directory ships (``chat_template.json``, then ``processor_config.json``,
+    then ``tokenizer_config.json``), else :data:`EAGLE25_CHAT_TEMPLATE` (what GR00T N1.5 bundles)."""
+    if tokenizer_dir is not None:
+        root = Path(tokenizer_dir)
+        for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+            f = root / name
+            if f.is_file():
+                template = json.loads(f.read_text()).get("chat_template")
+                if isinstance(template, str) and template:
+                    return template
+    return EAGLE25_CHAT_TEMPLATE
+
+
+def upstream_instruction_text(instruction: str) -> str:
+    """Upstream feeds the language annotation as a one-element list, so the text is its repr."""
+    return str([instruction])
+
+
+def render_chat(template: str, text: str, num_images: int) -> str:
+    """Render one user turn (``num_images`` image items, then ``text``) the way HF ``apply_chat_template`` does."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    return env.from_string(template).render(messages=[{"role": "user", "content": content}],
+                                            add_generation_prompt=True, add_vision_id=False)
+
+
+def expand_image_placeholders(text: str, tokens_per_image: int) -> str:
+    """The Eagle 2.5 processor step: ``<image-k>`` -> ``<image k><img><IMG_CONTEXT>...</img>`` (one tile each)."""
+    block = IMG_START + IMG_CONTEXT * tokens_per_image + IMG_END
+    return _PLACEHOLDER.sub(lambda m: f"<image {int(m.group(1))}>{block}", text)
+
+
+def upstream_prompt(instruction: str, num_images: int, tokens_per_image: int,
+                    template: str = EAGLE25_CHAT_TEMPLATE) -> str:
+    """The full upstream prompt text for one observation."""
+    chat = render_chat(template, upstream_instruction_text(instruction), num_images)
+    return expand_image_placeholders(chat, tokens_per_image)
+
+
+def upstream_prompt_ids(tokenizer: Tokenizer, instruction: str, num_images: int, tokens_per_image: int,
+                        template: str = EAGLE25_CHAT_TEMPLATE, image_token_id: int | None = None) -> list[int]:
+    """Token ids of :func:`upstream_prompt`; checks that exactly ``num_images * tokens_per_image`` ids are the
+    image-context token (a tokenizer without an atomic ``<IMG_CONTEXT>`` would silently break the scatter)."""
+    ids = tokenizer.encode(upstream_prompt(instruction, num_images, tokens_per_image, template)).ids
+    ctx = tokenizer.token_to_id(IMG_CONTEXT) if image_token_id is None else image_token_id
+    n = sum(1 for i in ids if i == ctx)
+    if n != num_images * tokens_per_image:
+        raise ValueError(f"prompt has {n} image-context tokens, expected {num_images * tokens_per_image}")
+    return ids
+
+
+def legacy_prompt_ids(tokenizer: Tokenizer, instruction: str, num_images: int, tokens_per_image: int,
+                      image_token_id: int) -> list[int]:
+    """The project's ``project_v0`` prompt (what the shipped tiny GR00T was trained on)."""
+    def special(token: str) -> int:
+        tid = tokenizer.token_to_id(token)
+        if tid is None:
+            raise ValueError(f"tokenizer lacks special token {token!r}")
+        return tid
+
+    enc = tokenizer.encode
+    head = enc("<|im_start|>user\n", add_special_tokens=False).ids
+    tail = enc("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
+    img = [special(IMG_START)] + [image_token_id] * tokens_per_image + [special(IMG_END)]
+    return head + img * num_images + enc(instruction, add_special_tokens=False).ids + tail
+
+
+def load_prompt_tokenizer(tokenizer_dir: str | os.PathLike[str]) -> tuple[Tokenizer, str]:
+    """``tokenizer.json`` and the chat template of a released-layout directory."""
+    return load_tokenizer(Path(tokenizer_dir)), read_chat_template(tokenizer_dir)

@@ -1,0 +1,122 @@
+"""The LIBERO client's ``--preprocess`` image paths against upstream OpenVLA's harness, no simulator needed.
+
+Upstream (``experiments/robot/libero/libero_utils.py``): ``img[::-1, ::-1]`` (LIBERO renders upside down), then
+``tf.image.encode_jpeg`` (quality 95 by default) and decode, then ``tf.image.resize(..., "lanczos3",
+antialias=True)`` to 224x224, rounded and clipped to uint8. The expected outputs below are computed independently:
+a numpy flip, imageio's JPEG codec and a numpy lanczos3 resampler written from TF's scale-and-translate semantics.
+"""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from client.libero.config import EvalConfigError, config_from_args
+from client.libero.env import extract_obs
+from client.libero.protocol import (
+    OPENVLA_IMAGE_SIZE,
+    PREPROCESS_DESCRIPTIONS,
+    preprocess_image,
+    rotate_180,
+)
+from client.libero.results import ResultsFile
+
+pytestmark = pytest.mark.libero
+
+
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+
+
+def _weights(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` antialiased lanczos3 weights: output pixel ``i`` samples input coordinate
+    ``(i + 0.5) * n_in / n_out`` (pixel ``j``'s centre at ``j + 0.5``), the kernel widened by the downscale factor,
+    each row normalised over the in-range pixels."""
+    inv = n_in / n_out
+    kscale = max(inv, 1.0)
+    centres = (np.arange(n_out) + 0.5) * inv
+    w = _lanczos3((np.arange(n_in)[None, :] + 0.5 - centres[:, None]) / kscale)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def _reference_lanczos(img: np.ndarray, size: int) -> np.ndarray:
+    wy, wx = _weights(img.shape[0], size), _weights(img.shape[1], size)
+    rows = np.einsum("oh,hwc->owc", wy, img.astype(np.float64))
+    out = np.einsum("owc,pw->opc", rows, wx)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _reference_openvla(raw: np.ndarray) -> np.ndarray:
+    upright = raw[::-1, ::-1]
+    decoded = iio.imread(iio.imwrite("<bytes>", upright, extension=".jpg", quality=95), extension=".jpg")
+    return _reference_lanczos(decoded, OPENVLA_IMAGE_SIZE)
+
+
+def _render_like(size: int, seed: int = 0) -> np.ndarray:
+    """A smooth scene with a few hard edges, rendered 'upside down' (the top-left feature ends up bottom-right)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    img = np.stack([200 * xx / size + 20, 180 * yy / size + 30, 120 + 60 * np.sin((xx + yy) / 11.0)], axis=-1)
+    for _ in range(4):
+        y, x, r = rng.integers(0, size - 40, 3)
+        img[y : y + 20 + r % 20, x : x + 30] = rng.integers(0, 255, 3)
+    img[:16, :16] = (255, 0, 0)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def _raw_obs(size: int) -> dict[str, np.ndarray]:
+    return {
+        "agentview_image": _render_like(size, 0),
+        "robot0_eye_in_hand_image": _render_like(size, 1),
+        "robot0_eef_pos": np.zeros(3),
+        "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+        "robot0_gripper_qpos": np.zeros(2),
+    }
+
+
+@pytest.mark.parametrize("size", [256, 128])
+def test_openvla_preset_matches_upstream_harness(size: int) -> None:
+    raw = _raw_obs(size)
+    obs = extract_obs(raw, "put the bowl on the plate", "openvla")
+    for key, cam in (("image", "agentview_image"), ("wrist_image", "robot0_eye_in_hand_image")):
+        got = obs[key]
+        assert got.shape == (224, 224, 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - _reference_openvla(raw[cam]).astype(int))
+        assert diff.max() <= 1, diff.max()  # float rounding at .5 boundaries only
+        assert diff.mean() < 0.05
+    # the flip happened: the red top-left block of the render is at the bottom-right of the upright image
+    assert obs["image"][-3, -3, 0] > 200 and obs["image"][-3, -3, 1] < 60
+
+
+def test_openvla_preset_applies_a_lossy_jpeg_round_trip() -> None:
+    img = rotate_180(_render_like(224))
+    out = preprocess_image(img, "openvla")  # already 224: only the JPEG round trip changes it
+    assert out.shape == img.shape and not np.array_equal(out, img)
+    assert np.abs(out.astype(int) - img.astype(int)).mean() < 3.0
+
+
+def test_none_preset_is_todays_path() -> None:
+    raw = _raw_obs(256)
+    obs = extract_obs(raw, "x")
+    np.testing.assert_array_equal(obs["image"], raw["agentview_image"][::-1, ::-1])
+    np.testing.assert_array_equal(extract_obs(raw, "x", "none")["wrist_image"],
+                                  raw["robot0_eye_in_hand_image"][::-1, ::-1])
+    with pytest.raises(ValueError, match="preprocess"):
+        preprocess_image(raw["agentview_image"], "sharpen")
+
+
+def test_flag_parses_validates_and_is_recorded_in_results(tmp_path) -> None:  # noqa: ANN001
+    assert config_from_args(["libero_spatial", "--headless"]).preprocess == "none"
+    cfg = config_from_args(["libero_spatial", "--headless", "--preprocess", "openvla"])
+    assert cfg.preprocess == "openvla"
+    with pytest.raises(EvalConfigError, match="--preprocess"):
+        config_from_args(["libero_spatial", "--headless", "--preprocess", "gr00t-ish"])
+    path = tmp_path / "results.json"
+    ResultsFile(path, "libero_spatial", cfg.to_dict(), {}).write()
+    block = json.loads(path.read_text())["config"]
+    assert block["preprocess"] == "openvla"
+    assert block["preprocessing"] == PREPROCESS_DESCRIPTIONS["openvla"]
+    assert "lanczos3" in block["preprocessing"] and "center_crop" in block["preprocessing"]
