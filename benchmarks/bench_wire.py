@@ -75,14 +75,8 @@ def bench_gr00t(n: int, warmup: int) -> dict[str, float]:
     g_obs = libero_gr00t_observation(obs["image"], obs["wrist_image"], obs["state"], obs["instruction"])
     with ServerProcess(args=["--policy", "debug", "--log-level", "WARNING"]) as server, \
             Gr00tClient(port=server.port, timeout_s=10) as client:
-        for _ in range(warmup):
-            client.get_action(g_obs)
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            reply = client.get_action(g_obs)
-            samples.append((time.perf_counter() - t0) * 1000.0)
-        assert len(reply) == 7
+        samples = timed_calls(lambda: client.get_action(g_obs), n, warmup)
+        assert len(client.get_action(g_obs)) == 7
     return summarize(samples)
 
 
@@ -136,13 +130,7 @@ def bench_client_vs_echo_process(n: int, warmup: int) -> dict[str, float]:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         obs = make_obs()
         with PolicyClient(port=port, timeout_s=10) as client:
-            for _ in range(warmup):
-                client.infer(obs)
-            samples = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                client.infer(obs)
-                samples.append((time.perf_counter() - t0) * 1000.0)
+            samples = timed_calls(lambda: client.infer(obs), n, warmup)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -166,35 +154,31 @@ def bench_websocket(n: int, warmup: int) -> dict[str, float]:
                 reply = msgpack.unpackb(ws.recv(), object_hook=unpack_array)
                 assert reply["actions"].shape == (8, 7)
 
-            for _ in range(warmup):
-                call()
-            samples = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                call()
-                samples.append((time.perf_counter() - t0) * 1000.0)
+            samples = timed_calls(call, n, warmup)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     return summarize(samples)
 
 
-def _openpi_pack_array(obj):
-    """openpi-client 0.1.2's msgpack-numpy convention, as ``WebsocketClientPolicy`` packs."""
-    if isinstance(obj, np.ndarray):
-        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": obj.shape}
-    return obj
-
-
-def _openpi_unpack_array(obj):
-    if b"__ndarray__" in obj:
-        return np.ndarray(buffer=obj[b"data"], dtype=np.dtype(obj[b"dtype"]), shape=obj[b"shape"])
-    return obj
+def timed_calls(call, n: int, warmup: int) -> list[float]:
+    """Run ``call`` ``warmup`` times untimed, then ``n`` times; the latencies in ms."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - t0) * 1000.0)
+    return samples
 
 
 def bench_ws_frontend(n: int, warmup: int) -> dict[str, float]:
     """openpi's websocket protocol on our real server (``--ws-port``), the same observation under openpi's keys."""
     from websockets.sync.client import connect
+
+    from server.websocket_frontend import packb as openpi_packb
+    from server.websocket_frontend import unpackb as openpi_unpackb
 
     obs = make_obs()
     openpi_obs = {"observation/image": obs["image"], "observation/wrist_image": obs["wrist_image"],
@@ -205,17 +189,11 @@ def bench_ws_frontend(n: int, warmup: int) -> dict[str, float]:
         ws.recv(timeout=10)  # the metadata sent on connect
 
         def call() -> None:
-            ws.send(msgpack.packb(openpi_obs, default=_openpi_pack_array))
-            reply = msgpack.unpackb(ws.recv(), object_hook=_openpi_unpack_array)
+            ws.send(openpi_packb(openpi_obs))
+            reply = openpi_unpackb(ws.recv())
             assert reply["actions"].shape == (8, 7)
 
-        for _ in range(warmup):
-            call()
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            call()
-            samples.append((time.perf_counter() - t0) * 1000.0)
+        samples = timed_calls(call, n, warmup)
     return summarize(samples)
 
 
