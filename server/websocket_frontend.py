@@ -31,9 +31,9 @@ import math
 import socket
 import struct
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -48,8 +48,19 @@ except ImportError:  # pragma: no cover - websockets built without its C extensi
 from client import wire
 from server.policies.base import PolicyOutput
 
-if TYPE_CHECKING:
-    from server.app import PolicyServer
+
+class ServerCore(Protocol):
+    """What the front end needs from :class:`server.app.PolicyServer` (a protocol, so this module does not import
+    the app that starts it)."""
+
+    config: Any
+    stats: Any
+    limits: wire.WireLimits
+
+    def readiness(self) -> str: ...
+    def metadata(self) -> dict[str, Any]: ...
+    def submit_observation(self, obs: dict[str, Any], client_key: bytes | str,
+                           respond: Callable[[PolicyOutput | None, str | None, str | None], None]) -> None: ...
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +233,7 @@ class WebsocketFrontend:
     this front end measures 0.4-0.6 ms; benchmarks/bench_wire.py).
     """
 
-    def __init__(self, server: PolicyServer, host: str, port: int, max_frame_bytes: int) -> None:
+    def __init__(self, server: ServerCore, host: str, port: int, max_frame_bytes: int) -> None:
         self.server = server
         self._host = host
         self._port = port
