@@ -52,6 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "binding %s without authentication: anyone who can reach this port can drive the policy; "
             "use --curve-keys DIR on shared networks", config.endpoint,
         )
+    if config.api_token is not None and (config.protocol != "gr00t" or config.ws_port is not None):
+        # The token is GR00T's own mechanism; our protocol authenticates with CURVE and openpi's has none.
+        logger.warning(
+            "--api-token guards the GR00T protocol only: %s still serve without it (use --protocol gr00t%s)",
+            " and ".join(([] if config.protocol == "gr00t" else ["this server's own protocol on the main port"])
+                         + (["the websocket port"] if config.ws_port is not None else [])),
+            "" if config.ws_port is None else " and no --ws-port",
+        )
     curve_setup = None
     if config.curve_keys is not None:
         from server.security import curve_server_setup

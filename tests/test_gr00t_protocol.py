@@ -178,6 +178,16 @@ def test_api_token_checked() -> None:
             assert g.ping()["status"] == "ok" and len(g.get_action(theirs)) == 7
         with PolicyClient(port=proc.port, timeout_s=10) as c:  # the token guards the GR00T protocol only
             assert c.ping()["status"] == "ready"
+        assert "--api-token guards the GR00T protocol only" in proc.output()  # and start-up says so
+
+
+def test_api_token_with_gr00t_protocol_only_has_no_warning() -> None:
+    with ServerProcess(["--api-token", "s3cret", "--protocol", "gr00t"], wait=False) as proc, \
+            Gr00tClient(port=proc.port, timeout_s=10, api_token="s3cret") as g:
+        deadline = time.monotonic() + 60
+        while g.ping().get("status") != "ok" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "guards the GR00T protocol only" not in proc.output()
 
 
 def test_kill_accepted_with_allow_kill() -> None:
