@@ -180,3 +180,14 @@ def test_config_defaults_and_validation(monkeypatch):
 def test_video_name_carries_task_trial_and_outcome():
     name = episode_video_name(3, "pick up the black bowl / on the plate", 7, "success")
     assert name == "task03_pick_up_the_black_bowl_on_the_plate__trial007__success.mp4"
+
+
+def test_demo_schema_modules_import_without_torch_or_h5py() -> None:
+    """In the LIBERO environment (this suite's interpreter) the demo writer/readers import without torch and load
+    h5py only when a file is touched."""
+    import subprocess
+    import sys
+
+    code = ("import sys, client.dataset, client.libero.record_demos, client.libero.render_demos; "
+            "assert 'torch' not in sys.modules and 'h5py' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
