@@ -35,24 +35,32 @@ class Gr00tServerError(Gr00tClientError):
     """The server answered ``{"error": message}``."""
 
 
+NDARRAY_TAG = "__ndarray_class__"
+
+
+def encode_ndarray(arr: np.ndarray) -> dict[str, Any]:
+    """``arr`` as GR00T's tagged map (``np.save`` bytes, never pickled)."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return {NDARRAY_TAG: True, "as_npy": buf.getvalue()}
+
+
 def _encode(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        buf = io.BytesIO()
-        np.save(buf, obj, allow_pickle=False)
-        return {"__ndarray_class__": True, "as_npy": buf.getvalue()}
+        return encode_ndarray(obj)
     if isinstance(obj, np.generic):
         return obj.item()
-    raise TypeError(f"cannot send a {type(obj).__name__}")
+    raise TypeError(f"cannot send a {type(obj).__name__} over the GR00T protocol")
 
 
 def _decode(obj: dict[str, Any]) -> Any:
-    if "__ndarray_class__" in obj:
+    if NDARRAY_TAG in obj:
         return np.load(io.BytesIO(obj["as_npy"]), allow_pickle=False)
     return obj
 
 
 def packb(obj: Any) -> bytes:
-    """Encode one GR00T-protocol message."""
+    """Encode one GR00T-protocol message (the one encoder: the server's replies use it too)."""
     return msgpack.packb(obj, default=_encode, use_bin_type=True)
 
 

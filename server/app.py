@@ -34,11 +34,11 @@ import numpy as np
 import zmq
 
 from client import wire
+from client.gr00t_client import packb as gr00t_packb  # the one GR00T encoder
 from server.batching import DynamicBatcher, PendingRequest
 from server.config import ServerConfig
 from server.gr00t_protocol import Gr00tFrontEnd, is_gr00t_message
 from server.gr00t_protocol import error_reply as gr00t_error
-from server.gr00t_protocol import packb as gr00t_packb
 from server.policies.base import Policy, PolicyInputError, PolicyOutput
 from server.stats import ServerStats
 from server.worker import InferenceWorker, JobResult

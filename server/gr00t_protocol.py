@@ -31,16 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import msgpack
 import numpy as np
 
 from client import wire
+from client.gr00t_client import NDARRAY_TAG
 from models.gr00t.data_config import LANGUAGE_KEY, LiberoDataConfig
 
 logger = logging.getLogger(__name__)
 
 ENDPOINTS = ("ping", "get_action", "get_modality_config", "reset", "kill")
-NDARRAY_TAG = "__ndarray_class__"
 MODALITY_TAG = "__ModalityConfig_class__"
 # The same numeric allow-list as our own wire format: no object, string, void or complex dtypes.
 ALLOWED_DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -66,26 +65,6 @@ class Gr00tError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- codec
-def encode_ndarray(arr: np.ndarray) -> dict[str, Any]:
-    """``arr`` as GR00T's tagged map (``np.save`` bytes, never pickled)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return {NDARRAY_TAG: True, "as_npy": buf.getvalue()}
-
-
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return encode_ndarray(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot send a {type(obj).__name__} over the GR00T protocol")
-
-
-def packb(obj: Any) -> bytes:
-    """Serialise one GR00T-protocol message (arrays as tagged ``np.save`` maps)."""
-    return msgpack.packb(obj, default=_default, use_bin_type=True)
-
-
 def error_reply(message: str) -> dict[str, str]:
     """What GR00T's clients recognise as a failure: a map with a string ``"error"``."""
     return {"error": message}

@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import msgpack
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from fuzz_strategies import FUZZ, msgpack_leaves
+from fuzz_strategies import msgpack_values as msgpack_values_of
+from hypothesis import given
 from hypothesis import strategies as st
 
 from client import wire
 from server import websocket_frontend as wsf
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMITS = wire.WireLimits(max_message_bytes=64 * 1024, max_array_bytes=16 * 1024, max_image_pixels=64 * 64)
 
-msgpack_leaves = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.binary(max_size=40),
-)
-msgpack_values = st.recursive(
-    msgpack_leaves,
-    lambda children: st.one_of(st.lists(children, max_size=5),
-                               st.dictionaries(st.one_of(st.text(max_size=8), st.binary(max_size=8)), children,
-                                               max_size=5)),
-    max_leaves=30,
-)
+msgpack_values = msgpack_values_of(binary_keys=True)
 dtype_strings = st.one_of(st.sampled_from(["|O", "|V8", "<c8", "<U4", "|S3", "<f4", ">f8", "|u1", "|b1", "<i8",
                                            "(2,)f4", "f4", "float32", "<M8[s]"]), st.text(max_size=12))
 array_maps = st.fixed_dictionaries(

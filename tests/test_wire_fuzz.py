@@ -10,23 +10,14 @@ import struct
 
 import msgpack
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from fuzz_strategies import FUZZ
+from fuzz_strategies import msgpack_values as msgpack_values_of
+from hypothesis import given
 from hypothesis import strategies as st
 
 from client import wire
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-msgpack_leaves = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.binary(max_size=40),
-)
-msgpack_values = st.recursive(
-    msgpack_leaves,
-    lambda children: st.one_of(st.lists(children, max_size=5),
-                               st.dictionaries(st.text(max_size=8), children, max_size=5)),
-    max_leaves=30,
-)
+msgpack_values = msgpack_values_of(binary_keys=False)
 
 
 def _decode_and_parse(payload: bytes) -> None:
