@@ -149,7 +149,10 @@ def _openvla_rsd_model(path: str, n_cal: int, n_eval: int,
     obs = _libero_obs(n_cal + n_eval, calib_data, seed=0)
 
     def fwd(m: nn.Module, o: dict[str, Any]) -> torch.Tensor:
-        embeds, mask = m.prefix(o["image"][None], [o["instruction"]])
+        state, wrist = o.get("state"), o.get("wrist_image")  # read only by a --proprio / --wrist checkpoint
+        embeds, mask = m.prefix(o["image"][None], [o["instruction"]],
+                                states=None if state is None else state[None],
+                                wrist_images=None if wrist is None else wrist[None])
         return m.main.prefill(embeds, mask).hidden_last
 
     return model, obs[:n_cal], obs[n_cal:], fwd, fwd
@@ -187,6 +190,76 @@ def _paired_times(fa: Callable[[], Any], fb: Callable[[], Any], repeats: int) ->
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def _tensor_bytes(m: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (what it really holds)."""
+    return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+
+def _medians(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median time of each function, measured round-robin (shared-CPU load hits all alike)."""
+    for f in fns:
+        f()
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for f, t in zip(fns, ts, strict=True):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
+
+
+def _packed_row(label: str, fp: nn.Module, cfg: DuQuantConfig, calib: list[Any], run_fp: Callable[[nn.Module], Any],
+                outs: Callable[[nn.Module], list[torch.Tensor]], fwd: Callable[[nn.Module, Any], Any],
+                repeats: int) -> dict[str, Any]:
+    """DuQuant fake vs ``PACKED=1`` on one model: bytes of the quantised layers (vs their FP16 weights), latency
+    of ``run_fp(model)`` (median of repeats) for FP32, fake and packed, and the packed-vs-fake difference of
+    ``outs(model)``."""
+    fake, packed = copy.deepcopy(fp), copy.deepcopy(fp)
+    names = [r.name for r in replace_linear_layers(fake, cfg, method="duquant", force=True)]
+    replace_linear_layers(packed, cfg.replace(packed=True), method="duquant", force=True)
+    for m in (fake, packed):
+        calibrate(m, calib, fwd)
+    fp16 = sum(p.numel() * 2 for n in names for p in fp.get_submodule(n).parameters())
+    b_fake = sum(_tensor_bytes(fake.get_submodule(n)) for n in names)
+    b_packed = sum(_tensor_bytes(packed.get_submodule(n)) for n in names)
+    with torch.no_grad():
+        diff = max(_rel(a, b) for a, b in zip(outs(packed), outs(fake), strict=True))
+        t_fp, t_fake, t_packed = _medians([lambda: run_fp(fp), lambda: run_fp(fake), lambda: run_fp(packed)], repeats)
+    return {"label": label, "fp16_mb": fp16 / 2**20, "fake_mb": b_fake / 2**20, "packed_mb": b_packed / 2**20,
+            "bytes_ratio": b_packed / fp16, "fp32_ms": t_fp * 1e3, "fake_ms": t_fake * 1e3,
+            "packed_ms": t_packed * 1e3, "lat_vs_fake": t_packed / t_fake, "out_rel_diff": diff}
+
+
+def _layer_model(out_f: int, in_f: int) -> nn.Module:
+    """A single 7B-shaped Linear, as a model ``replace_linear_layers`` can select (``layers=("proj",)``)."""
+    m = nn.Module()
+    m.proj = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        m.proj.weight.normal_(0, 0.02)
+    return m
+
+
+def packed_section(model: nn.Module, base: DuQuantConfig, calib: list[Any], evals: list[Any],
+                   fwd: Callable[[nn.Module, Any], Any], out: Callable[[nn.Module, Any], torch.Tensor],
+                   args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``GR00T_DUQUANT_PACKED``: the benchmark's model, and (without --quick) 7B-shaped single layers at 1 and 8
+    tokens, where rotations and bias are a negligible share of the bytes."""
+    rows = [_packed_row(f"{args.model} (all quantised layers)", model, base, calib,
+                        lambda m: [fwd(m, b) for b in evals], lambda m: [out(m, b) for b in evals], fwd,
+                        args.repeats)]
+    if not args.quick:
+        for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008)):
+            layer = _layer_model(out_f, in_f)
+            cal = [torch.randn(8, in_f) for _ in range(2)]
+            cfg = base.replace(include="", layers=("proj",), calib_steps=2)
+            for tokens in (1, 8):
+                x = torch.randn(tokens, in_f)
+                rows.append(_packed_row(f"7B layer {in_f}->{out_f} x{tokens}", layer, cfg, cal,
+                                        lambda m, x=x: [m.proj(x)], lambda m, x=x: [m.proj(x)],
+                                        lambda m, b: m.proj(b), max(5, args.repeats)))
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,6 +363,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{r['label']:<20} {r['layer_rel_err_mean']:>9.4f} {r['layer_rel_err_max']:>9.4f} "
               f"{r['final_rel_err']:>9.4f} {r['final_cosine']:>8.5f} {r['latency_x']:>6.2f} {r['prep_s']:>6.2f}  "
               f"{r['worst_layer']}")
+    prow = packed_section(model, base, calib, evals, fwd, out, args)
+    print(f"\nPACKED=1 (DuQuant W{args.wbits}A{args.abits}): bytes of the quantised layers' tensors, forward latency "
+          "(median)")
+    phdr = (f"{'model / layer':<32} {'fp16_MB':>8} {'fake_MB':>8} {'packed_MB':>9} {'pk/fp16':>7} {'fp32_ms':>8} "
+            f"{'fake_ms':>8} {'packed_ms':>9} {'pk/fake':>7} {'pk-vs-fake':>10}")
+    print(phdr)
+    print("-" * len(phdr))
+    for r in prow:
+        print(f"{r['label']:<32} {r['fp16_mb']:>8.2f} {r['fake_mb']:>8.2f} {r['packed_mb']:>9.2f} "
+              f"{r['bytes_ratio']:>7.3f} {r['fp32_ms']:>8.2f} {r['fake_ms']:>8.2f} {r['packed_ms']:>9.2f} "
+              f"{r['lat_vs_fake']:>7.2f} {r['out_rel_diff']:>10.2e}")
     by = {r["label"]: r for r in rows}
     d, rt, sq, g = by["DuQuant"], by["RTN"], by["SmoothQuant"], by["DuQuant WOPT=gptq"]
     return {
@@ -308,6 +392,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "duquant_gptq_cosine": round(g["final_cosine"], 6),
         "duquant_latency_overhead_x": round(d["latency_x"], 3),
         "rtn_latency_overhead_x": round(rt["latency_x"], 3),
+        "packed_weight_bytes_ratio_vs_fp16": round(prow[0]["bytes_ratio"], 4),
+        "packed_latency_ratio_vs_fake": round(prow[0]["lat_vs_fake"], 3),
     }
 
 

@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--resolution", type=int, default=None, help="camera resolution (client default: 256)")
     ap.add_argument("--max-steps", type=int, default=None, help="episode step cap (smoke runs only)")
+    ap.add_argument("--replan", type=int, default=None,
+                    help="actions executed per query (client --replan; default: the server's, else the whole chunk)")
     ap.add_argument("--openvla-rsd-path", default=None, help="checkpoint (default: the embedded default model)")
     ap.add_argument("--gr00t-path", default=None)
     ap.add_argument("--quant-policy", nargs="+", default=["openvla-rsd"], choices=("openvla-rsd", "gr00t"))
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = build_variants(args, out)
     cfg = MatrixConfig(suite=args.suite, tasks=parse_tasks(args.tasks), trials=args.trials, workers=args.workers,
                        out_dir=out, seed=args.seed, max_steps=args.max_steps, resolution=args.resolution,
+                       replan=args.replan,
                        server_python=args.server_python,
                        client_python=args.client_python,
                        server_extra=["--device", args.device, "--torch-threads", str(args.server_threads)])

@@ -55,21 +55,30 @@ def make_frames(demos: str, out: Path, n: int, seed: int = 0) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     instructions = np.array([held.instruction(i) for i in idx], dtype="<U256")
     sources = np.array([held.sources[int(held.demo_of[i])] for i in idx], dtype="<U256")
-    np.savez_compressed(out, images=held.images[idx], instructions=instructions, sources=sources)
+    extra = {}  # for checkpoints trained with --wrist / --proprio
+    if held.wrist_images is not None:
+        extra["wrist_images"] = held.wrist_images[idx]
+    if held.states is not None:
+        extra["states"] = held.states[idx].astype(np.float32)
+    np.savez_compressed(out, images=held.images[idx], instructions=instructions, sources=sources, **extra)
     print(f"wrote {len(idx)} frames from {len(set(sources.tolist()))} held-out demonstrations to {out} "
           f"({out.stat().st_size / 1e6:.2f} MB)")
 
 
-def load_frames(path: Path) -> tuple[np.ndarray, list[str]]:
-    """Images ``[N, S, S, 3]`` uint8 and instructions from the frames file (size-checked, no pickle)."""
+def load_frames(path: Path) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+    """Images ``[N, S, S, 3]`` uint8, instructions and the optional ``wrist_images`` / ``states`` arrays (what a
+    ``--wrist`` / ``--proprio`` checkpoint also needs) from the frames file (size-checked, no pickle)."""
     size = path.stat().st_size
     if size > MAX_FRAMES_BYTES:
         raise ValueError(f"{path}: {size} bytes is more than a frames file may hold ({MAX_FRAMES_BYTES})")
     with np.load(path, allow_pickle=False) as f:
         images, instructions = f["images"], [str(s) for s in f["instructions"]]
+        extra = {k: f[k] for k in ("wrist_images", "states") if k in f.files}
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(instructions):
         raise ValueError(f"{path}: expected uint8 images [N, S, S, 3] and N instructions")
-    return images, instructions
+    if any(len(v) != len(images) for v in extra.values()):
+        raise ValueError(f"{path}: wrist_images / states must have one row per image")
+    return images, instructions, extra
 
 
 # ---------------------------------------------------------------------- timing
@@ -267,12 +276,18 @@ def main_cli() -> None:
     model = load_openvla_rsd(args.checkpoint).eval()
     if model.draft is None:
         raise SystemExit(f"error: {args.checkpoint} has no draft model")
-    images, instructions = load_frames(args.frames)
+    images, instructions, extra = load_frames(args.frames)
+    needed = {"wrist_images": model.cfg.use_wrist_image, "states": model.cfg.use_proprio}
+    missing = [k for k, need in needed.items() if need and k not in extra]
+    if missing:
+        raise SystemExit(f"error: {args.checkpoint} needs {missing} but {args.frames} lacks them (rebuild it with "
+                         "--make-frames from demonstrations that hold them)")
     n = min(len(images), args.n or (16 if args.quick else len(images)))
     images, instructions = images[:n], instructions[:n]
     with torch.inference_mode():
         t = time.perf_counter()
-        prefixes = [model.prefix(images[i : i + 1], [instructions[i]]) for i in range(n)]
+        prefixes = [model.prefix(images[i : i + 1], [instructions[i]],
+                                 **{k: v[i : i + 1] for k, v in extra.items() if needed[k]}) for i in range(n)]
         vision_ms = (time.perf_counter() - t) * 1e3 / n
     space = ActionSpace(model.tokenizer)
     n_layers = model.main.num_layers

@@ -38,6 +38,9 @@ IMAGE_KEY = "agentview_rgb"
 WRIST_KEY = "eye_in_hand_rgb"
 STATE_KEY = "state_8d"
 STORE_RES = 128  # stored image side of rendered demonstrations
+# Optional obs dataset: the step index of each stored observation when only every k-th step was rendered
+# (``obs/*`` then has one row per frame, ``actions``/``states`` one per step). Absent = one obs per step.
+FRAME_STEPS_KEY = "frame_steps"
 IMAGE_CONVENTION = "rotated_180"  # images as the evaluation client sends them (LIBERO's raw render is upside down)
 
 PathLike = str | Path
@@ -52,6 +55,9 @@ def natural_key(name: str) -> tuple:
 
 def resolve_demo_files(pattern: Pattern) -> list[Path]:
     """Expands a glob (or a list of paths/globs) into sorted existing files; raises FileNotFoundError if none."""
+    if lerobot_root(pattern) is not None:
+        raise ValueError(f"{pattern}: a LeRobot dataset; load_samples and load_demos read it, frame sampling "
+                         "(calibration) reads the HDF5 layouts only")
     patterns = [pattern] if isinstance(pattern, (str, Path)) else list(pattern)
     paths: set[Path] = set()
     for pat in patterns:
@@ -130,7 +136,11 @@ def load_demos(pattern: Pattern, action_dim: int = 7) -> list[Demo]:
     Raises:
         FileNotFoundError: nothing matches.
         ValueError: a file has no ``data`` group, an actions array has the wrong shape or non-finite values.
+
+    A LeRobot dataset directory is read by :func:`load_lerobot_demos`.
     """
+    if (root := lerobot_root(pattern)) is not None:
+        return load_lerobot_demos(root, action_dim=action_dim)
     demos: list[Demo] = []
     for path, f, name in iter_demo_groups(pattern):
         grp = f["data"][name]
@@ -238,7 +248,16 @@ class DemoSamples:
 
 def load_samples(pattern: Pattern, chunk_len: int = 8, image_key: str = IMAGE_KEY, wrist_key: str = WRIST_KEY,
                  state_key: str = STATE_KEY, max_demos_per_task: int | None = None) -> DemoSamples:
-    """Every demonstration with images (rendered layout) of the matching files, in memory."""
+    """Every demonstration with images (rendered layout) of the matching files, in memory.
+
+    A LeRobot dataset directory is read by :func:`load_lerobot_samples` (its own key defaults unless a key is
+    given here).
+    """
+    if (root := lerobot_root(pattern)) is not None:
+        return load_lerobot_samples(root, chunk_len, image_key=None if image_key == IMAGE_KEY else image_key,
+                                    wrist_key=None if wrist_key == WRIST_KEY else wrist_key,
+                                    state_key=None if state_key == STATE_KEY else state_key,
+                                    max_demos_per_task=max_demos_per_task)
     images, wrists, states, chunks, demo_of = [], [], [], [], []
     instructions: list[str] = []
     sources: list[str] = []
@@ -252,17 +271,26 @@ def load_samples(pattern: Pattern, chunk_len: int = 8, image_key: str = IMAGE_KE
         actions = np.asarray(g["actions"], dtype=np.float32)
         obs = g["obs"]
         img = np.asarray(obs[image_key], dtype=np.uint8)
-        if abs(len(img) - len(actions)) > 1:
-            raise ValueError(f"{path}:{name}: {len(img)} images for {len(actions)} actions")
-        # A recorder that stops at success may keep one trailing action without an observation.
-        n_steps = min(len(img), len(actions))
-        img, actions = img[:n_steps], actions[:n_steps]
+        if FRAME_STEPS_KEY in obs:  # sparse frames: one observation every k-th step
+            steps = np.asarray(obs[FRAME_STEPS_KEY], dtype=np.int64)
+            if len(steps) != len(img) or (len(steps) and (steps.min() < 0 or steps.max() >= len(actions))):
+                raise ValueError(f"{path}:{name}: {FRAME_STEPS_KEY} does not index {len(img)} frames into "
+                                 f"{len(actions)} actions")
+            n_steps = len(steps)
+        else:
+            if abs(len(img) - len(actions)) > 1:
+                raise ValueError(f"{path}:{name}: {len(img)} images for {len(actions)} actions")
+            # A recorder that stops at success may keep one trailing action without an observation.
+            n_steps = min(len(img), len(actions))
+            actions = actions[:n_steps]
+            steps = np.arange(n_steps)
+        img = img[:n_steps]
         d = len(instructions)
         instructions.append(_require_instruction(f, name))
         sources.append(f"{Path(path).name}:{name}")
         images.append(img)
-        chunks.append(chunk_actions(actions, chunk_len))
-        demo_of.append(np.full(len(actions), d, dtype=np.int64))
+        chunks.append(chunk_actions(actions, chunk_len)[steps])
+        demo_of.append(np.full(n_steps, d, dtype=np.int64))
         have_wrist = have_wrist and wrist_key in obs
         have_state = have_state and state_key in obs
         if have_wrist:
@@ -434,6 +462,8 @@ def write_demo_group(f: Any, task: Any, demo_index: int, init_index: int, action
         for k in ("ee_pos", "ee_ori", "gripper_states", "joint_states", STATE_KEY):
             o.create_dataset(k, data=rec[k].astype(np.float32), **gz)
         o.create_dataset("ee_states", data=np.concatenate([rec["ee_pos"], rec["ee_ori"]], 1).astype(np.float32), **gz)
+        if "frame_steps" in rec:  # observations at these steps only (render_demos --frame-every)
+            o.create_dataset(FRAME_STEPS_KEY, data=np.asarray(rec["frame_steps"], np.int32))
         g.attrs["num_samples"] = int(len(actions))
         g.attrs["init_state_index"] = int(init_index)
         g.attrs["seed"] = int(seed)
@@ -535,3 +565,504 @@ def dataset_attrs(path: PathLike) -> dict[str, Any]:
 
     with h5py.File(path, "r") as f:
         return dict(f["data"].attrs) if "data" in f else {}
+
+
+# ---------------------------------------------------------------------------------------------- LeRobot datasets
+# A LeRobot dataset is a directory (``meta/info.json`` marks it) passed where a pattern goes: ``load_samples``
+# and ``load_demos`` read it through the functions below, so callers need not know which format they were given.
+#
+# Layout (codebase_version v2.0 / v2.1): ``meta/info.json`` (fps, chunks_size, total_episodes, ``features``
+# with dtype/shape/names, ``data_path`` / ``video_path`` templates), ``meta/episodes.jsonl`` (episode_index,
+# tasks, length), ``meta/tasks.jsonl`` (task_index, task), one parquet file per episode
+# (``data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet``) and one mp4 per camera per episode
+# (``videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4``), episode_chunk =
+# episode_index // chunks_size. Layout v3.0: ``meta/episodes/chunk-*/file-*.parquet`` (one row per episode:
+# ``tasks``, ``length``, ``data/chunk_index``, ``data/file_index``, ``videos/{key}/chunk_index|file_index|
+# from_timestamp|to_timestamp``), ``meta/tasks.parquet`` (task string as the pandas index, ``task_index``), and
+# parquet / mp4 files that each hold several episodes (``data/chunk-{chunk_index:03d}/file-{file_index:03d}
+# .parquet``, ``videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4``; an episode's frames
+# are those from ``from_timestamp`` on). Every frame row has ``episode_index``, ``frame_index``, ``timestamp``
+# (seconds from the episode's start), ``index`` and ``task_index`` besides the feature columns; a feature of
+# dtype ``video`` lives in the mp4s, one of dtype ``image`` in the parquet as a ``{bytes: PNG, path}`` struct.
+#
+# Image convention: ``IMAGE_CONVENTION = "rotated_180"`` means the stored frames are LIBERO's raw render turned
+# by 180 degrees (``img[::-1, ::-1]``), i.e. upright, exactly what the evaluation client sends. LIBERO's LeRobot
+# sets (``IPEC-COMMUNITY/libero_*_lerobot``, ``lerobot/libero_*``, converted from OpenVLA's regenerated
+# ``*_no_noops`` RLDS, which applies the same flip) are expected to be upright already, so they are read as
+# stored; ``rotate_180=True`` turns a set kept in the raw, upside-down orientation. Sizes are kept as stored
+# (LIBERO's LeRobot sets are 256x256, the project's renders 128x128): both paths give uint8 [N, H, W, 3].
+# Their 8-D ``observation.state`` (eef pos, eef axis-angle, 2 gripper joints) is the client's ``state_8d``.
+LEROBOT_INFO = "meta/info.json"
+LEROBOT_VERSIONS = ("v2.0", "v2.1", "v3.0")
+LEROBOT_IMAGE_KEYS = ("observation.images.image", "image", "observation.images.agentview_rgb", "agentview_rgb")
+LEROBOT_WRIST_KEYS = ("observation.images.wrist_image", "wrist_image", "observation.images.eye_in_hand_rgb",
+                      "eye_in_hand_rgb")
+LEROBOT_STATE_KEYS = ("observation.state", "state")
+LEROBOT_ACTION_KEYS = ("action", "actions")
+LEROBOT_MAX_BYTES = 64 << 30  # images held in memory by one load_lerobot_samples call (override: max_bytes=)
+_LEROBOT_MAX_META_BYTES = 256 << 20  # info.json / episodes.jsonl / tasks.jsonl
+_LEROBOT_MAX_SIDE = 8192
+_LEROBOT_MAX_EPISODES = 10_000_000
+_LEROBOT_TEMPLATE_FIELDS = {"episode_chunk", "episode_index", "total_episodes", "video_key", "chunk_index",
+                            "file_index"}
+
+
+def lerobot_root(pattern: Pattern) -> Path | None:
+    """The dataset directory when ``pattern`` names a LeRobot dataset (a directory with ``meta/info.json``)."""
+    if isinstance(pattern, (str, Path)) and (Path(pattern) / LEROBOT_INFO).is_file():
+        return Path(pattern)
+    return None
+
+
+def _read_meta_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > _LEROBOT_MAX_META_BYTES:
+        raise ValueError(f"{path}: {size} bytes, larger than the {_LEROBOT_MAX_META_BYTES} a metadata file may be")
+    return path.read_text(encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(_read_meta_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def _int_in(info: dict[str, Any], key: str, lo: int, hi: int, where: Path, default: int | None = None) -> int:
+    value = info.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{where}: {key} = {value!r}; expected an integer in [{lo}, {hi}]")
+    return value
+
+
+def _check_template(template: Any, key: str, where: Path) -> str:
+    import string
+
+    if not isinstance(template, str) or not template:
+        raise ValueError(f"{where}: {key} = {template!r}; expected a path template")
+    parts = Path(template).parts
+    if Path(template).is_absolute() or ".." in parts:
+        raise ValueError(f"{where}: {key} = {template!r} points outside the dataset")
+    for _, field, spec, conv in string.Formatter().parse(template):
+        if field is not None and (field not in _LEROBOT_TEMPLATE_FIELDS or conv):
+            raise ValueError(f"{where}: {key} = {template!r} uses an unknown field {field!r}")
+        if spec and not re.fullmatch(r"0?\d{0,2}d?", spec):
+            raise ValueError(f"{where}: {key} = {template!r} has an unsupported format {spec!r}")
+    return template
+
+
+def read_lerobot_info(root: PathLike) -> dict[str, Any]:
+    """``meta/info.json`` of a LeRobot dataset, checked: supported version, sane counts, sizes and templates.
+
+    Raises:
+        ValueError: not JSON, an unsupported ``codebase_version`` (v2.0, v2.1 and v3.0 are read), a count or a
+            feature shape out of range, a path template with unknown fields or pointing outside the dataset.
+    """
+    path = Path(root) / LEROBOT_INFO
+    try:
+        info = json.loads(_read_meta_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    version = info.get("codebase_version")
+    if version not in LEROBOT_VERSIONS:
+        raise ValueError(f"{path}: LeRobot codebase_version {version!r} is not supported; this reader handles "
+                         f"{', '.join(LEROBOT_VERSIONS)} (convert older sets with LeRobot's conversion scripts)")
+    fps = info.get("fps")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 10_000:
+        raise ValueError(f"{path}: fps = {fps!r}; expected a positive number")
+    _int_in(info, "total_episodes", 0, _LEROBOT_MAX_EPISODES, path)
+    _int_in(info, "chunks_size", 1, _LEROBOT_MAX_EPISODES, path, default=1000)
+    _check_template(info.get("data_path"), "data_path", path)
+    features = info.get("features")
+    if not isinstance(features, dict) or not features:
+        raise ValueError(f"{path}: no 'features' object")
+    has_video = False
+    for key, ft in features.items():
+        if not isinstance(ft, dict) or not isinstance(ft.get("dtype"), str):
+            raise ValueError(f"{path}: feature {key!r} has no dtype")
+        shape = ft.get("shape")
+        if (not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 3
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= _LEROBOT_MAX_SIDE
+                           for s in shape)):
+            raise ValueError(f"{path}: feature {key!r} has shape {shape!r}; expected 1-3 sizes in "
+                             f"[1, {_LEROBOT_MAX_SIDE}]")
+        has_video = has_video or ft["dtype"] == "video"
+    if has_video:
+        _check_template(info.get("video_path"), "video_path", path)
+    return info
+
+
+def _image_shape(ft: dict[str, Any], key: str, where: Path) -> tuple[int, int]:
+    """(H, W) of an image/video feature; ``shape`` is (H, W, 3), or (3, H, W) when ``names`` says so."""
+    shape, names = list(ft["shape"]), ft.get("names")
+    if len(shape) != 3:
+        raise ValueError(f"{where}: image feature {key!r} has shape {shape}; expected (H, W, 3)")
+    if isinstance(names, list) and names and str(names[0]).startswith("channel"):
+        shape = shape[1:] + shape[:1]
+    if shape[2] != 3:
+        raise ValueError(f"{where}: image feature {key!r} has {shape[2]} channels; expected RGB (3)")
+    return int(shape[0]), int(shape[1])
+
+
+def _pick_key(features: dict[str, Any], key: str | None, defaults: Sequence[str], what: str, where: Path,
+              required: bool, kinds: Sequence[str] | None = None) -> str | None:
+    if key is not None:
+        if key not in features:
+            raise ValueError(f"{where}: no feature {key!r} for the {what}; features: {', '.join(features)}")
+        found = key
+    else:
+        found = next((k for k in defaults if k in features), None)
+        if found is None:
+            if required:
+                raise ValueError(f"{where}: none of {', '.join(defaults)} is a feature (the {what}); pass its key "
+                                 f"explicitly; features: {', '.join(features)}")
+            return None
+    if kinds is not None and features[found]["dtype"] not in kinds:
+        raise ValueError(f"{where}: feature {found!r} ({what}) has dtype {features[found]['dtype']!r}; "
+                         f"expected one of {', '.join(kinds)}")
+    return found
+
+
+@dataclass
+class _LeRobotEpisode:
+    index: int
+    task: str
+    rows: Any  # pyarrow.Table of the episode's frames, in frame order
+    files: dict[str, tuple[Path, float]]  # video key -> (mp4, timestamp of the episode's first frame in it)
+
+
+def _column(table: Any, key: str, dim: int | None, where: str) -> np.ndarray:
+    """A numeric feature column as float32 [N, D] (list / fixed-size-list or scalar column)."""
+    import pyarrow as pa
+
+    col = table.column(key).combine_chunks()
+    n = len(col)
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+        if col.null_count:
+            raise ValueError(f"{where}: column {key!r} has missing values")
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        if n == 0 or flat.size % n:
+            raise ValueError(f"{where}: column {key!r} has ragged rows")
+        arr = np.asarray(flat, dtype=np.float32).reshape(n, flat.size // n)
+    else:
+        arr = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, 1)
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{where}: column {key!r} has shape {arr.shape}, expected (T, {dim})")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{where}: column {key!r} contains NaN or infinite values")
+    return arr
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> Any:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file of the LeRobot dataset is missing")
+    try:
+        schema = pq.read_schema(path)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; columns: {', '.join(schema.names)}")
+        return pq.read_table(path, columns=list(columns))
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _sorted_rows(table: Any) -> Any:
+    if "frame_index" in table.column_names and table.num_rows:
+        order = np.argsort(np.asarray(table.column("frame_index").to_numpy(zero_copy_only=False)), kind="stable")
+        table = table.take(order)
+    return table
+
+
+def _lerobot_tasks(root: Path, version: str) -> dict[int, str]:
+    if version == "v3.0":
+        path = root / "meta" / "tasks.parquet"
+        if not path.is_file():
+            return {}
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        names = table.column_names
+        text_col = "task" if "task" in names else next((c for c in names if c.startswith("__index_level")), None)
+        if "task_index" not in names or text_col is None:
+            raise ValueError(f"{path}: expected a task_index column and the task strings; columns: {names}")
+        return {int(i): str(t) for i, t in zip(table.column("task_index").to_pylist(),
+                                              table.column(text_col).to_pylist(), strict=True)}
+    path = root / "meta" / "tasks.jsonl"
+    if not path.is_file():
+        return {}
+    return {int(r["task_index"]): str(r["task"]) for r in _read_jsonl(path) if "task_index" in r and "task" in r}
+
+
+def _episode_task(rows: Any, tasks: dict[int, str], listed: Sequence[str] | None, where: str) -> str:
+    if "task_index" in rows.column_names and rows.num_rows and tasks:
+        idx = np.unique(np.asarray(rows.column("task_index").to_numpy(zero_copy_only=False)))
+        if len(idx) > 1:
+            logger.warning("%s has %d tasks; its first one is the instruction", where, len(idx))
+        first = int(rows.column("task_index")[0].as_py())
+        if first in tasks:
+            return tasks[first]
+    if listed:
+        return str(listed[0])
+    raise ValueError(f"{where}: no task (no task_index in meta/tasks and no 'tasks' in the episode's metadata)")
+
+
+def _iter_lerobot_episodes(root: Path, info: dict[str, Any], columns: Sequence[str],
+                           video_keys: Sequence[str]) -> Iterator[_LeRobotEpisode]:
+    """Every episode of the dataset (sorted by episode index) with the given parquet columns."""
+    version = info["codebase_version"]
+    tasks = _lerobot_tasks(root, version)
+    want = list(dict.fromkeys(["episode_index", "frame_index", "timestamp", "task_index", *columns]))
+    if version == "v3.0":
+        yield from _iter_v3_episodes(root, info, want, video_keys, tasks)
+        return
+    chunks_size = int(info.get("chunks_size", 1000))
+    ep_path = root / "meta" / "episodes.jsonl"
+    if ep_path.is_file():
+        listed = {int(r["episode_index"]): r.get("tasks") for r in _read_jsonl(ep_path) if "episode_index" in r}
+    else:
+        listed = dict.fromkeys(range(int(info["total_episodes"])))
+    if len(listed) > _LEROBOT_MAX_EPISODES:
+        raise ValueError(f"{ep_path}: {len(listed)} episodes, more than {_LEROBOT_MAX_EPISODES}")
+    for ep in sorted(listed):
+        fields = {"episode_chunk": ep // chunks_size, "episode_index": ep,
+                  "total_episodes": int(info["total_episodes"])}
+        path = root / info["data_path"].format(**fields)
+        rows = _sorted_rows(_read_parquet(path, _present(path, want)))
+        where = f"{root.name}:episode_{ep:06d}"
+        files = {k: (root / info["video_path"].format(video_key=k, **fields), 0.0) for k in video_keys}
+        yield _LeRobotEpisode(ep, _episode_task(rows, tasks, listed[ep], where), rows, files)
+
+
+def _present(path: Path, want: Sequence[str]) -> list[str]:
+    """``want`` less the optional bookkeeping columns the file does not have (the rest must be there)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file of the LeRobot dataset is missing")
+    try:
+        names = set(pq.read_schema(path).names)
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    optional = {"episode_index", "frame_index", "timestamp", "task_index"}
+    return list(dict.fromkeys(c for c in want if c in names or c not in optional))
+
+
+def _iter_v3_episodes(root: Path, info: dict[str, Any], want: Sequence[str], video_keys: Sequence[str],
+                      tasks: dict[int, str]) -> Iterator[_LeRobotEpisode]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    meta_files = sorted((root / "meta" / "episodes").glob("*/*.parquet"), key=lambda p: natural_key(str(p)))
+    if not meta_files:
+        raise FileNotFoundError(f"{root}: no meta/episodes/*/*.parquet (LeRobot v3.0 episode metadata)")
+    need = ["episode_index", "data/chunk_index", "data/file_index"]
+    for k in video_keys:
+        need += [f"videos/{k}/chunk_index", f"videos/{k}/file_index", f"videos/{k}/from_timestamp"]
+    parts = []
+    for p in meta_files:
+        names = pq.read_schema(p).names
+        missing = [c for c in need if c not in names]
+        if missing:
+            raise ValueError(f"{p}: no column {', '.join(map(repr, missing))} (LeRobot v3.0 episode metadata)")
+        parts.append(pq.read_table(p, columns=need + (["tasks"] if "tasks" in names else [])))
+    meta = pa.concat_tables(parts, promote_options="default").to_pylist()
+    if len(meta) > _LEROBOT_MAX_EPISODES:
+        raise ValueError(f"{root}: {len(meta)} episodes, more than {_LEROBOT_MAX_EPISODES}")
+    cache: dict[Path, Any] = {}
+    for m in sorted(meta, key=lambda r: int(r["episode_index"])):
+        ep = int(m["episode_index"])
+        path = root / info["data_path"].format(chunk_index=int(m["data/chunk_index"]),
+                                               file_index=int(m["data/file_index"]))
+        if path not in cache:
+            cache = {path: _read_parquet(path, _present(path, ["episode_index", *want]))}  # one file at a time
+        table = cache[path]
+        if "episode_index" not in table.column_names:
+            raise ValueError(f"{path}: no episode_index column (LeRobot v3.0 files hold several episodes)")
+        rows = _sorted_rows(table.filter(pc.equal(table.column("episode_index"), ep)))
+        files = {k: (root / info["video_path"].format(video_key=k, chunk_index=int(m[f"videos/{k}/chunk_index"]),
+                                                      file_index=int(m[f"videos/{k}/file_index"])),
+                     float(m[f"videos/{k}/from_timestamp"])) for k in video_keys}
+        yield _LeRobotEpisode(ep, _episode_task(rows, tasks, m.get("tasks"), f"{root.name}:episode_{ep:06d}"),
+                              rows, files)
+
+
+def _timestamps(rows: Any, fps: float) -> np.ndarray:
+    if "timestamp" in rows.column_names:
+        return np.asarray(rows.column("timestamp").to_numpy(zero_copy_only=False), dtype=np.float64)
+    return np.asarray(rows.column("frame_index").to_numpy(zero_copy_only=False), dtype=np.float64) / fps
+
+
+def _decode_video(path: Path, times: np.ndarray, fps: float, out: np.ndarray, where: str) -> None:
+    """Writes the frame of ``path`` nearest each of ``times`` (seconds, ascending) into ``out`` [len(times),H,W,3];
+    every time needs a frame within half a frame period, else ValueError (missing frames, a truncated file)."""
+    import av
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: video {path} is missing")
+    tol = 0.5 / fps
+    best = np.full(len(times), np.inf)
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            tb = float(stream.time_base)
+            if times.size and times[0] > tol:
+                container.seek(max(0, int((times[0] - tol) / tb)), stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = frame.pts * tb
+                if t > times[-1] + tol:
+                    break
+                j = int(np.clip(np.searchsorted(times, t), 1, len(times) - 1)) if len(times) > 1 else 0
+                if len(times) > 1 and abs(times[j - 1] - t) <= abs(times[j] - t):
+                    j -= 1
+                d = abs(times[j] - t)
+                if d <= tol and d < best[j]:
+                    img = frame.to_ndarray(format="rgb24")
+                    if img.shape != out.shape[1:]:
+                        raise ValueError(f"{where}: {path} has {img.shape[1]}x{img.shape[0]} frames; info.json "
+                                         f"says {out.shape[2]}x{out.shape[1]}")
+                    out[j] = img
+                    best[j] = d
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{where}: cannot decode {path} ({e})") from None
+    missing = np.flatnonzero(~np.isfinite(best))
+    if missing.size:
+        raise ValueError(f"{where}: {path} has no frame for {missing.size} of {len(times)} timestamps (first "
+                         f"{times[missing[0]]:.3f} s): a truncated or mismatched video")
+
+
+def _decode_image_column(rows: Any, key: str, out: np.ndarray, where: str) -> None:
+    """Images stored in the parquet (feature dtype ``image``: ``{bytes, path}`` structs of PNG/JPEG bytes)."""
+    import io
+
+    from PIL import Image
+
+    for i, cell in enumerate(rows.column(key).to_pylist()):
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if not isinstance(data, bytes):
+            raise ValueError(f"{where}: row {i} of {key!r} holds no embedded image bytes")
+        with Image.open(io.BytesIO(data)) as im:
+            img = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        if img.shape != out.shape[1:]:
+            raise ValueError(f"{where}: {key!r} row {i} is {img.shape}; info.json says {out.shape[1:]}")
+        out[i] = img
+
+
+def load_lerobot_demos(root: PathLike, action_dim: int = 7, action_key: str | None = None) -> list[Demo]:
+    """Every episode's actions of a LeRobot dataset (parquet only, no video decoded), as :func:`load_demos`."""
+    root = Path(root)
+    info = read_lerobot_info(root)
+    where = root / LEROBOT_INFO
+    akey = _pick_key(info["features"], action_key, LEROBOT_ACTION_KEYS, "actions", where, True)
+    demos = []
+    for ep in _iter_lerobot_episodes(root, info, [akey], []):
+        name = f"episode_{ep.index:06d}"
+        if ep.rows.num_rows == 0:
+            logger.warning("%s:%s is empty; skipped", root, name)
+            continue
+        acts = _column(ep.rows, akey, action_dim, f"{root}:{name}")
+        demos.append(Demo(source=str(root), name=name, actions=acts))
+    if not demos:
+        raise ValueError(f"no episodes found in {root}")
+    logger.info("loaded %d LeRobot episodes, %d actions", len(demos), sum(d.actions.shape[0] for d in demos))
+    return demos
+
+
+def load_lerobot_samples(root: PathLike, chunk_len: int = 8, image_key: str | None = None,
+                         wrist_key: str | None = None, state_key: str | None = None,
+                         action_key: str | None = None, max_demos_per_task: int | None = None,
+                         action_dim: int = 7, state_dim: int | None = 8, rotate_180: bool = False,
+                         max_bytes: int = LEROBOT_MAX_BYTES) -> DemoSamples:
+    """A LeRobot dataset (v2.0/v2.1/v3.0) as :class:`DemoSamples`, the same conventions as the HDF5 path.
+
+    Keys default to LIBERO's LeRobot names (``LEROBOT_*_KEYS``, first present wins); the wrist camera and the
+    state are optional unless named. ``max_demos_per_task`` keeps the first episodes of each instruction.
+    Images are uint8 [N, H, W, 3] at the stored size; ``rotate_180`` turns them by 180 degrees (see the section
+    comment on ``IMAGE_CONVENTION``). The image memory is checked against ``max_bytes`` before allocating.
+    """
+    root = Path(root)
+    info = read_lerobot_info(root)
+    where = root / LEROBOT_INFO
+    feats = info["features"]
+    cams = ("video", "image")
+    ikey = _pick_key(feats, image_key, LEROBOT_IMAGE_KEYS, "camera image", where, True, cams)
+    wkey = _pick_key(feats, wrist_key, LEROBOT_WRIST_KEYS, "wrist image", where, wrist_key is not None, cams)
+    skey = _pick_key(feats, state_key, LEROBOT_STATE_KEYS, "state", where, state_key is not None)
+    akey = _pick_key(feats, action_key, LEROBOT_ACTION_KEYS, "actions", where, True)
+    cam_keys = [k for k in (ikey, wkey) if k is not None]
+    shapes = {k: _image_shape(feats[k], k, where) for k in cam_keys}
+    videos = [k for k in cam_keys if feats[k]["dtype"] == "video"]
+    columns = [akey] + ([skey] if skey else []) + [k for k in cam_keys if feats[k]["dtype"] == "image"]
+    fps = float(info["fps"])
+
+    # Pass 1: the parquet rows (actions, states, timestamps; PNG bytes for image features), no video decoded.
+    episodes: list[_LeRobotEpisode] = []
+    per_task: dict[str, int] = {}
+    for ep in _iter_lerobot_episodes(root, info, columns, videos):
+        if ep.rows.num_rows == 0:
+            logger.warning("%s:episode_%06d is empty; skipped", root, ep.index)
+            continue
+        per_task[ep.task] = per_task.get(ep.task, 0) + 1
+        if max_demos_per_task is None or per_task[ep.task] <= max_demos_per_task:
+            episodes.append(ep)
+    if not episodes:
+        raise ValueError(f"no episodes found in {root}")
+    n = sum(ep.rows.num_rows for ep in episodes)
+    need = n * sum(h * w * 3 for h, w in shapes.values())
+    if need > max_bytes:
+        raise ValueError(f"{root}: {n} frames of {', '.join(cam_keys)} need {need / 2**30:.1f} GiB in memory, more "
+                         f"than max_bytes = {max_bytes / 2**30:.1f} GiB; load fewer episodes (max_demos_per_task)")
+
+    # Pass 2: decode into preallocated arrays.
+    images = {k: np.empty((n, *shapes[k], 3), dtype=np.uint8) for k in cam_keys}
+    chunks, states, demo_of = [], [], []
+    instructions, sources = [], []
+    offset = 0
+    for d, ep in enumerate(episodes):
+        name = f"episode_{ep.index:06d}"
+        at = f"{root.name}:{name}"
+        t = ep.rows.num_rows
+        actions = _column(ep.rows, akey, action_dim, at)
+        chunks.append(chunk_actions(actions, chunk_len))
+        if skey:
+            states.append(_column(ep.rows, skey, state_dim, at))
+        for k in cam_keys:
+            out = images[k][offset:offset + t]
+            if k in ep.files:
+                path, start = ep.files[k]
+                _decode_video(path, start + _timestamps(ep.rows, fps), fps, out, f"{at}:{k}")
+            else:
+                _decode_image_column(ep.rows, k, out, f"{at}:{k}")
+            if rotate_180:
+                out[:] = out[:, ::-1, ::-1].copy()
+        demo_of.append(np.full(t, d, dtype=np.int64))
+        instructions.append(ep.task)
+        sources.append(at)
+        offset += t
+    samples = DemoSamples(
+        images=images[ikey],
+        wrist_images=images[wkey] if wkey else None,
+        states=np.concatenate(states) if skey else None,
+        chunks=np.concatenate(chunks).astype(np.float32),
+        instructions=instructions,
+        demo_of=np.concatenate(demo_of),
+        sources=sources,
+    )
+    logger.info("loaded %d samples from %d LeRobot episodes in %s (%s, %d tasks)", len(samples), len(episodes),
+                root, info["codebase_version"], len(set(instructions)))
+    return samples

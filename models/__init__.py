@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-POLICIES = ("openvla", "openvla-rsd", "gr00t")
+POLICIES = ("openvla", "openvla-rsd", "openvla-oft", "gr00t")
 CHECKPOINTS_DIR = Path(__file__).resolve().parent / "checkpoints"
 #: The embedded default (a trained tiny OpenVLA-RSD) and the tiny GR00T N1.5, both for libero_spatial.
 EMBEDDED_OPENVLA_RSD = "openvla-rsd-libero-spatial"
@@ -42,6 +42,8 @@ def shipped_checkpoint(name: str = EMBEDDED_OPENVLA_RSD) -> Path:
 def _family(policy: str) -> str:
     if policy in ("openvla", "openvla-rsd"):
         return "openvla"
+    if policy == "openvla-oft":
+        return "openvla-oft"
     if policy == "gr00t":
         return "gr00t"
     raise CheckpointError(f"unknown policy {policy!r}; expected one of {POLICIES}")
@@ -51,6 +53,8 @@ def build_for_scan(policy: str, path: str | os.PathLike[str]) -> nn.Module:
     """Architecture from ``path/config.json`` with every parameter on the meta device (no weights read)."""
     if _family(policy) == "openvla":
         from models.openvla.loading import build_empty
+    elif _family(policy) == "openvla-oft":
+        from models.openvla.oft import build_empty
     else:
         from models.gr00t.loading import build_empty
     return build_empty(path)
@@ -68,6 +72,8 @@ def load_pretrained(
     dtype = torch.float32 if dtype is None else dtype
     if _family(policy) == "openvla":
         from models.openvla.loading import load
+    elif _family(policy) == "openvla-oft":
+        from models.openvla.oft import load
     else:
         from models.gr00t.loading import load
     return load(path, device=device, dtype=dtype)

@@ -6,6 +6,13 @@ the weight bytes (after any folded producer rotation) and every setting that cha
 version. A pack is reused only when its JSON key equals the one computed now *and* the tensor file's hash matches
 the one recorded in the JSON; otherwise it is recomputed and overwritten.
 
+With ``PACKED=1`` a pack also holds ``w_codes``, the layer's packed weight (uint8, two int4 codes per byte; int8
+for W5..8), so loading it builds the packed layer without computing or quantising a float weight. The codes are
+not part of the key: they are a function of what the key covers, so PACKED=0 and PACKED=1 share entries. An
+entry without codes (written with PACKED=0, or before packing existed) still works with PACKED=1: its rotations
+and scales are reused, the codes are computed once from the float weight and the entry is updated (logged with
+the key's digest, :func:`pack_key_digest`).
+
 Writes are atomic (temporary file in the same directory, ``os.replace``): tensors first, then the JSON, which acts
 as the commit record, so a crash mid-write leaves either the old valid pack or one that fails validation.
 """
@@ -58,6 +65,11 @@ def pack_key(
         "clip_search": bool(clip_search),
         "clip_ratios": list(T.CLIP_RATIOS),
     }
+
+
+def pack_key_digest(key: dict[str, object]) -> str:
+    """Short SHA-256 of a pack key, to name an entry in log messages."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _safe(name: str) -> str:

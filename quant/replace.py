@@ -20,7 +20,7 @@ from torch import nn
 
 from quant.config import PREFIX, DuQuantConfig, DuQuantConfigError
 from quant.linear import DuQuantLinear, FakeQuantLinear, RTNLinear, SmoothQuantLinear
-from quant.packcache import PackCache, pack_key, weight_hash
+from quant.packcache import PackCache, pack_key, pack_key_digest, weight_hash
 from quant.profile import PROFILER
 from quant.selection import SelectedLayer, select_layers
 
@@ -143,7 +143,7 @@ def replace_linear_layers(
     cache = PackCache(config.packdir) if (config.packdir and method == "duquant") else None
     common = dict(
         act_pct=config.act_pct, act_gran=config.act_gran, calib_steps=config.calib_steps, clip_search=config.clip_search,
-        precache=config.precache_weights, profile=config.profile,
+        precache=config.precache_weights, profile=config.profile, packed=config.packed,
     )
     if config.profile:
         PROFILER.register(config.profile_sync)
@@ -167,8 +167,9 @@ def replace_linear_layers(
             pre_rot = None
             if s.name in consumers:
                 prod = built[consumers[s.name]]
-                assert isinstance(prod, DuQuantLinear) and prod.r_out is not None
-                pre_rot = _consumer_rotation(prod.r_out, pairs[consumers[s.name]])
+                r_out = prod.rotation_out() if isinstance(prod, DuQuantLinear) else None
+                assert r_out is not None
+                pre_rot = _consumer_rotation(r_out, pairs[consumers[s.name]])
             pack = key = None
             if cache is not None:
                 w_eff = lin.weight.detach().float()
@@ -187,8 +188,15 @@ def replace_linear_layers(
                 permute=config.permute, row_rot=row_rot, rot=config.rot, ls=config.ls, pre_rot=pre_rot,
                 consumer_ok=s.name in pairs, pack=pack, wopt=config.wopt, **common,
             )
-            if cache is not None and pack is None and key is not None:
-                cache.save(s.name, key, new.pack_tensors())
+            if cache is not None and key is not None:
+                if pack is None:
+                    cache.save(s.name, key, new.pack_tensors())
+                elif new.w_packed is not None and "w_codes" not in pack and not new.refines_on_freeze:
+                    # An entry written without PACKED: its rotations and scales were reused; add the codes.
+                    LOG.info("[GR00T-DUQUANT] pack for %s (key sha %s) has no packed codes (written without "
+                             "PACKED=1); packed from the float weight and the entry updated", s.name,
+                             pack_key_digest(key))
+                    cache.save(s.name, key, new.pack_tensors())
         parent, leaf = _parent(model, s.name)
         setattr(parent, leaf, new)
         built[s.name] = new

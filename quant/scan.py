@@ -27,7 +27,7 @@ __all__ = ["main", "scan_model"]
 
 LOG = logging.getLogger("quant")
 
-POLICIES = ("gr00t", "openvla", "openvla-rsd", "demo-gr00t", "demo-openvla")
+POLICIES = ("gr00t", "openvla", "openvla-rsd", "openvla-oft", "demo-gr00t", "demo-openvla")
 
 
 def _build(policy: str, model_path: str | None) -> nn.Module:
@@ -57,6 +57,20 @@ def _shipped_model_path(policy: str) -> str | None:
 
     names = {"gr00t": models.EMBEDDED_GR00T, "openvla-rsd": models.EMBEDDED_OPENVLA_RSD}
     return str(models.shipped_checkpoint(names[policy])) if policy in names else None
+
+
+def kept_lines(model: nn.Module, listed: list[str]) -> list[str]:
+    """``[GR00T-DUQUANT][DRYRUN][KEPT]`` lines for the Linears under the model's ``DRYRUN_REPORT_PREFIXES`` (e.g.
+    the OpenVLA-OFT action head and proprio projector) that the selection left in floating point, so the listing
+    says what happens to them either way."""
+    prefixes = tuple(getattr(model, "DRYRUN_REPORT_PREFIXES", ()))
+    if not prefixes:
+        return []
+    selected = {ln.split()[1].rstrip(":") for ln in listed if ln.startswith("[GR00T-DUQUANT][DRYRUN] ")}
+    return [f"[GR00T-DUQUANT][DRYRUN][KEPT] {name}: Linear({m.in_features}->{m.out_features}) kept in floating "
+            "point (not selected; add it with GR00T_DUQUANT_INCLUDE)"
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith(prefixes) and name not in selected]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except DuQuantConfigError as exc:
         print(f"quant.scan: configuration error: {exc}", file=sys.stderr)
         return 2
+    lines[-1:-1] = kept_lines(model, lines)
     print("\n".join(lines))
     return 0
 

@@ -62,6 +62,11 @@ def zigzag_permutation(energy: torch.Tensor, block: int) -> torch.Tensor:
     return perm
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """The ``n x n`` Sylvester Hadamard matrix over ``sqrt(n)`` (symmetric and orthogonal; ``n`` a power of 2)."""
+    return _hadamard(n)
+
+
 def _hadamard(n: int) -> torch.Tensor:
     h = torch.ones(1, 1)
     while h.shape[0] < n:
@@ -229,6 +234,32 @@ def gptq_quantize(
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return q
+
+
+def quant_codes(x: torch.Tensor, scale: torch.Tensor | float, qmax: int) -> torch.Tensor:
+    """The integer levels :func:`fake_quant` rounds to, ``clamp(round(x / s), -qmax, qmax)``, as int8."""
+    return torch.clamp(torch.round(x / scale), -qmax, qmax).to(torch.int8)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Signed 4-bit codes ``[..., n]`` (values in [-8, 7]) -> uint8 ``[..., ceil(n/2)]``, two codes per byte.
+
+    Layout: each code is stored offset by 8 (a nibble 0..15); column ``2j`` is the low nibble of byte ``j`` and
+    column ``2j+1`` its high nibble. An odd ``n`` is padded with the code 0 (nibble 8), which :func:`unpack_int4`
+    drops again given ``n``.
+    """
+    u = codes.to(torch.int16) + 8
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) > 15):
+        raise ValueError("pack_int4: codes must lie in [-8, 7]")
+    if u.shape[-1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 ``[..., m]`` -> codes ``[..., n]`` (``n <= 2m``) as ``dtype``."""
+    both = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+    return both.to(dtype) - 8
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, qmax: int) -> torch.Tensor:

@@ -1,14 +1,17 @@
 """Train the OpenVLA-RSD policy: main model (backbone + RFSQ layer head), then the draft.
 
     python -m rsd.train_vla main  --demos 'artifacts/demos/libero_spatial/*.hdf5' --rfsq DIR --out DIR \
-        [--init BACKBONE_DIR | --preset tiny|small] [--steps N] [--batch-size B] [--device cpu|cuda] [--resume]
+        [--init BACKBONE_DIR | --preset tiny|small] [--steps N] [--batch-size B] [--device cpu|cuda] [--resume] \
+        [--proprio] [--wrist]
     python -m rsd.train_vla draft --model DIR --demos GLOB [--steps N] [--max-samples N]
 
 ``main`` fine-tunes the whole backbone (vision towers, projector, LLM) and the layer head with teacher-forced
 cross-entropy over the 8 RFSQ layers of the action chunk that starts at each demonstration step; ``--init`` takes
 any released-format OpenVLA directory (a 7B one on a GPU, or the project's tiny one), ``--preset`` builds a
-fresh same-architecture backbone. ``draft`` freezes that main model and trains the draft to imitate
-main's own greedy coarse layers (distillation; see rsd/draft.py), reporting per-layer code and whole-layer
+fresh same-architecture backbone. ``--proprio`` adds the normalised 8-D state as one projected prefix token and
+``--wrist`` the wrist camera's patches (OpenVLA-OFT's extra inputs; the demonstrations must hold them); the draft
+stage and the server read the choice from ``rsd/rsd_config.json``. ``draft`` freezes that main model and trains
+the draft to imitate main's own greedy coarse layers (distillation; see rsd/draft.py), reporting per-layer code and whole-layer
 agreement on held-out demonstrations. Both stages run the shared loop (:func:`models.common.training.fit`):
 seeded, tqdm progress plus a log line every few steps; ``main`` resumes exactly from ``OUT/train_state``
 (safetensors weights; optimizer tensors loaded with ``weights_only=True``).
@@ -55,6 +58,33 @@ def _action_stats(chunks: np.ndarray) -> dict:
             "num_transitions": int(len(a))}
 
 
+def _proprio_stats(states: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-dimension mean/std of the training states (std floored: a constant dimension must not blow up)."""
+    s = states.astype(np.float64)
+    return s.mean(0).tolist(), np.maximum(s.std(0), 1e-6).tolist()
+
+
+def _check_inputs(cfg: VLARSDConfig, samples: DemoSamples, what: str) -> None:
+    """Fail early, naming the missing HDF5 key, when the config needs inputs the demonstrations lack."""
+    from client.dataset import STATE_KEY, WRIST_KEY
+
+    if cfg.use_proprio and samples.states is None:
+        raise SystemExit(f"{what}: the model uses proprio (--proprio) but the demonstrations have no obs/{STATE_KEY}")
+    if cfg.use_wrist_image and samples.wrist_images is None:
+        raise SystemExit(f"{what}: the model uses the wrist camera (--wrist) but the demonstrations have no "
+                         f"obs/{WRIST_KEY}")
+
+
+def _extra_inputs(model: OpenVLARSD, samples: DemoSamples, j: np.ndarray) -> dict:
+    """``states`` / ``wrist_images`` for :meth:`OpenVLARSD.prefix` when the model's config uses them."""
+    out: dict = {}
+    if model.cfg.use_proprio:
+        out["states"] = samples.states[j]
+    if model.cfg.use_wrist_image:
+        out["wrist_images"] = samples.wrist_images[j]
+    return out
+
+
 def _build_backbone(args: argparse.Namespace):
     import models
     from models.openvla import tiny
@@ -76,11 +106,14 @@ def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor,
     for i in range(0, n, batch):
         j = idx[i:i + batch]
         pv = model.processor.preprocess_images(samples.images[j], True)
+        extra = _extra_inputs(model, samples, j)
+        wpv = (model.processor.preprocess_images(extra.pop("wrist_images"), True)
+               if "wrist_images" in extra else None)
         instr = [samples.instruction(k) for k in j]
-        loss, logits = model.training_loss(pv, instr, layers[j])
+        loss, logits = model.training_loss(pv, instr, layers[j], states=extra.get("states"), wrist_pixel_values=wpv)
         losses.append(float(loss))
         accs.append(float((logits.argmax(-1) == layers[j]).float().mean()))
-        embeds, mask = model.prefix(None, instr, pixel_values=pv)
+        embeds, mask = model.prefix(None, instr, pixel_values=pv, states=extra.get("states"), wrist_pixel_values=wpv)
         greedy = model.main.decode_greedy(embeds, mask)
         from rsd.vla import chunk_actions_from_tokens
 
@@ -105,7 +138,13 @@ def train_main(args: argparse.Namespace) -> dict:
     backbone = _build_backbone(args)
     backbone.norm_stats = {args.unnorm_key: _action_stats(samples.chunks)}
     backbone.config.norm_stats = backbone.norm_stats
-    model = OpenVLARSD(backbone, VLARSDConfig(center_crop=True, trained_on=str(args.demos))).to(args.device)
+    cfg = VLARSDConfig(center_crop=True, trained_on=str(args.demos), use_proprio=args.proprio,
+                       use_wrist_image=args.wrist)
+    _check_inputs(cfg, samples, "main")
+    if cfg.use_proprio:
+        cfg.proprio_dim = int(train.states.shape[1])
+        cfg.proprio_mean, cfg.proprio_std = _proprio_stats(train.states)
+    model = OpenVLARSD(backbone, cfg).to(args.device)
     model.tokenizer = tokenizer
     logger.info("main model: %.2fM parameters, %d train / %d held-out samples, %d steps",
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(train), len(held),
@@ -114,14 +153,20 @@ def train_main(args: argparse.Namespace) -> dict:
     def batch_loss(batch: training.Batch) -> tuple[torch.Tensor, dict[str, float]]:
         j = batch.index
         pv = model.processor.preprocess_images(random_crop(train.images[j], CROP_AREA, batch.rng), False)
+        wpv = None
+        if cfg.use_wrist_image:  # its own random crop, as the third-person image gets
+            wpv = model.processor.preprocess_images(random_crop(train.wrist_images[j], CROP_AREA, batch.rng), False)
+            wpv = wpv.to(args.device)
+        states = train.states[j] if cfg.use_proprio else None
         target = train_layers[j].to(args.device)
-        loss, logits = model.training_loss(pv.to(args.device), [train.instruction(k) for k in j], target)
+        loss, logits = model.training_loss(pv.to(args.device), [train.instruction(k) for k in j], target,
+                                           states=states, wrist_pixel_values=wpv)
         return loss, {"acc": float((logits.argmax(-1) == target).float().mean())}
 
     tcfg = training.TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, betas=(0.9, 0.95), grad_clip=1.0, seed=args.seed,
-        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="main")
+        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="main", ema_decay=args.ema)
     result = training.fit(model, len(train), tcfg, batch_loss,
                           validate=(lambda: evaluate_main(model, held, held_layers, max_samples=512)) if len(held) else None,
                           checkpoint_dir=out / STATE_DIR, resume=args.resume, meta={"stage": "main"})
@@ -145,7 +190,8 @@ def _distillation_set(model: OpenVLARSD, samples: DemoSamples, n: int, batch: in
     hidden, targets = [], []
     for i in tqdm(range(0, len(idx), batch), desc="distill", dynamic_ncols=True, disable=None):
         j = idx[i:i + batch]
-        embeds, mask = model.prefix(samples.images[j], [samples.instruction(k) for k in j])
+        embeds, mask = model.prefix(samples.images[j], [samples.instruction(k) for k in j],
+                                    **_extra_inputs(model, samples, j))
         pre = model.main.prefill(embeds, mask)
         hidden.append(pre.hidden_last.float().cpu())
         targets.append(model.main.decode_greedy(embeds, mask).cpu())
@@ -174,6 +220,7 @@ def train_draft_stage(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = load_openvla_rsd(args.model, device=args.device, with_draft=False)
     samples = load_samples(args.demos, max_demos_per_task=args.max_demos_per_task)
+    _check_inputs(model.cfg, samples, "draft")
     train, held = samples.split_by_demo(args.heldout_frac, args.seed)
     if not len(held):
         raise SystemExit("draft: no held-out demonstrations (raise --heldout-frac or add demonstrations)")
@@ -237,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval-every", type=int, default=0)
     m.add_argument("--unnorm-key", default="libero_spatial_no_noops")
     m.add_argument("--resume", action="store_true")
+    m.add_argument("--ema", type=float, default=0.0,
+                   help="EMA decay of the weights that are validated and saved (0 = last iterate; e.g. 0.999)")
+    m.add_argument("--proprio", action="store_true",
+                   help="feed the normalised 8-D state (obs/state_8d) as one projected prefix token (OpenVLA-OFT)")
+    m.add_argument("--wrist", action="store_true",
+                   help="feed the wrist camera (obs/eye_in_hand_rgb) through the same vision towers (OpenVLA-OFT)")
     d = sub.add_parser("draft", parents=[common])
     d.add_argument("--model", required=True, help="OpenVLA-RSD directory from the main stage (draft saved into it)")
     d.add_argument("--steps", type=int, default=3000)

@@ -45,7 +45,7 @@ setup_libero() {
   echo "[setup] creating $v (client, libero)"
   [ -x "$v/bin/python" ] || "$PY" -m venv "$v"
   "$v/bin/pip" install -q -U pip
-  "$v/bin/pip" install -q -e ".[client,libero]" pytest
+  "$v/bin/pip" install -q -e ".[client,libero,ray]" pytest  # ray: the client's --ray (optional extra)
   # The real openpi client, for the drop-in test of the websocket front end. --no-deps: it pins numpy<2; its
   # other requirements are in the libero extra (pyproject.toml).
   "$v/bin/pip" install -q --no-deps "openpi-client==0.1.2"

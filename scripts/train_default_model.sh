@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Build the embedded default model (OpenVLA-RSD, tiny same-architecture) from scratch, reproducibly:
-#   demos  -> scripted-expert LIBERO demonstrations (HDF5, LIBERO layout)        [.venv-libero, hours on 2 cores]
+#   demos  -> scripts/render_demos.sh: the shipped expert episodes (data/libero_spatial_actions_50.hdf5) rendered
+#             into LIBERO-layout HDF5, every 8th step                           [.venv-libero, ~45 min on 2 cores]
 #   rfsq   -> robust RFSQ action tokenizer on the demonstrations' actions
-#   main   -> tiny OpenVLA backbone + RFSQ layer head, trained on (image, instruction) -> RFSQ layers
+#   main   -> tiny OpenVLA backbone + RFSQ layer head, trained on (image [+ wrist image] [+ state], instruction)
+#             -> RFSQ layers
 #   draft  -> the deep draft (sized from the main model; proposes any remaining layers), distilled from the frozen
 #             main model's greedy layers
 #   install-> copy the trained checkpoint (released layout + rsd/) to models/checkpoints/openvla-rsd-libero-spatial
 # Usage: scripts/train_default_model.sh [all|demos|rfsq|main|draft|install] ; every stage resumes.
 # Knobs (env): SUITE, DEMOS (glob), OUT, TRIALS_PER_TASK, RFSQ_STEPS, MAIN_STEPS, DRAFT_STEPS, PRESET, DEVICE,
-#              INIT (a released-format OpenVLA dir to fine-tune instead of a fresh PRESET backbone, e.g. 7B on a GPU)
+#              INIT (a released-format OpenVLA dir to fine-tune instead of a fresh PRESET backbone, e.g. 7B on a GPU),
+#              BATCH (main --batch-size, default 32), EMA (main --ema, default 0.999), THREADS (torch threads),
+#              PROPRIO=1|0 (main --proprio: the normalised 8-D state as one extra prefix token; default 1),
+#              WRIST=1|0 (main --wrist: the wrist camera's patches after the agent view's; default 1).
+#              PROPRIO/WRIST change the model's inputs: --resume only continues a train_state made with the same ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
 SUITE="${SUITE:-libero_spatial}"
-DEMO_DIR="${DEMO_DIR:-artifacts/demos/$SUITE}"
+DEMO_DIR="${DEMO_DIR:-artifacts/demos/${SUITE}50k8}"
 DEMOS="${DEMOS:-$DEMO_DIR/*.hdf5}"
 OUT="${OUT:-artifacts/train/openvla-rsd-$SUITE}"
 DEVICE="${DEVICE:-cpu}"
@@ -23,20 +29,23 @@ py=.venv/bin/python
 mkdir -p "$OUT"
 
 run_demos() {
-  scripts/setup.sh libero
-  MUJOCO_GL="${MUJOCO_GL:-egl}" .venv-libero/bin/python -m client.libero.record_demos --suite "$SUITE" \
-    --out "$DEMO_DIR" --trials-per-task "${TRIALS_PER_TASK:-20}" --actions-out "data/${SUITE}_actions.hdf5" --resume
+  OUT="$DEMO_DIR" ACTIONS="data/${SUITE}_actions_50.hdf5" scripts/render_demos.sh
 }
 run_rfsq() {
   $py -m rsd.train_rfsq --data "$DEMOS" --mode robust --steps "${RFSQ_STEPS:-3000}" --out "$OUT/rfsq" --resume
 }
 run_main() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
+  local inputs=(); [ "${PROPRIO:-1}" = 1 ] && inputs+=(--proprio); [ "${WRIST:-1}" = 1 ] && inputs+=(--wrist)
   $py -m rsd.train_vla main --demos "$DEMOS" --rfsq "$OUT/rfsq" --out "$OUT/model" --preset "$PRESET" \
-    --steps "${MAIN_STEPS:-4000}" --device "$DEVICE" --eval-every 1000 --resume "${init[@]}"
+    --steps "${MAIN_STEPS:-4000}" --batch-size "${BATCH:-32}" --ema "${EMA:-0.999}" --device "$DEVICE" \
+    --threads "${THREADS:-0}" \
+    --eval-every 1000 --resume \
+    "${init[@]}" "${inputs[@]}"
 }
 run_draft() {
   $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-6000}" --device "$DEVICE" \
+    --threads "${THREADS:-0}" \
     --kind deep --save-dtype float16
 }
 run_install() {

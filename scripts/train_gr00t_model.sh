@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Train the tiny GR00T N1.5 policy (Eagle-style backbone + flow-matching DiT head) on LIBERO demonstrations and
 # install it, float16, in the released GR00T layout at models/checkpoints/gr00t-n1.5-tiny-libero-spatial.
+#   demos   -> scripts/render_demos.sh (the 498 shipped expert episodes, every 8th step rendered; resumable)
 #   train   -> python -m models.gr00t.train (resumable: re-run the same command after an interruption)
 #   install -> re-save OUT as float16 shards (the loader casts back to float32) into the checkpoint folder
-# Usage: scripts/train_gr00t_model.sh [all|train|install]
+# Usage: scripts/train_gr00t_model.sh [all|demos|train|install]
 # Knobs (env): DEMOS (glob of LIBERO-layout HDF5 with both cameras + state_8d; render them with
-#              python -m client.libero.render_demos), OUT, STEPS, BATCH, LR, DEVICE, THREADS, PRESET, INIT
+#              scripts/render_demos.sh), OUT, STEPS, BATCH, LR, EMA, DEVICE, THREADS, PRESET, INIT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
-DEMOS="${DEMOS:-artifacts/demos/libero_spatial/*.hdf5}"
+DEMOS="${DEMOS:-artifacts/demos/libero_spatial50k8/*.hdf5}"
 OUT="${OUT:-artifacts/gr00t/libero_spatial}"
 INSTALL_DIR=models/checkpoints/gr00t-n1.5-tiny-libero-spatial
 py=.venv/bin/python
@@ -17,8 +18,8 @@ py=.venv/bin/python
 run_train() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
   $py -m models.gr00t.train --demos "$DEMOS" --out "$OUT" --preset "${PRESET:-tiny}" --steps "${STEPS:-6000}" \
-    --batch-size "${BATCH:-16}" --lr "${LR:-3e-4}" --denoising-steps 8 --device "${DEVICE:-cpu}" \
-    --threads "${THREADS:-0}" --resume "${init[@]}"
+    --batch-size "${BATCH:-16}" --lr "${LR:-3e-4}" --ema "${EMA:-0.999}" --denoising-steps 8 \
+    --device "${DEVICE:-cpu}" --threads "${THREADS:-0}" --eval-every "${EVAL_EVERY:-1000}" --resume "${init[@]}"
 }
 run_install() {
   rm -rf "$INSTALL_DIR.tmp"
@@ -37,7 +38,7 @@ EOF
   du -sh "$INSTALL_DIR"
 }
 case "$stage" in
-  train) run_train ;; install) run_install ;;
-  all) run_train; run_install ;;
-  *) echo "usage: $0 [all|train|install]" >&2; exit 2 ;;
+  demos) scripts/render_demos.sh ;; train) run_train ;; install) run_install ;;
+  all) scripts/render_demos.sh; run_train; run_install ;;
+  *) echo "usage: $0 [all|demos|train|install]" >&2; exit 2 ;;
 esac

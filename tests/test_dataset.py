@@ -119,6 +119,31 @@ def test_training_samples(rendered: tuple[Path, list[dict]]) -> None:
     assert crops.shape == (5, 14, 14, 3)
 
 
+def test_sparse_frame_demos(tmp_path: Path) -> None:
+    """A demo rendered every k-th step (``obs/frame_steps``): one sample per frame, each with the chunk that
+    starts at the frame's own step; frame readers index frames; a bad index is refused by name."""
+    path = tmp_path / "pick_bowl_demo.hdf5"
+    full = _recording(13, seed=3, res=16)
+    steps = np.arange(2, 13, 4)  # frame_every=4, offset 2
+    sparse = {k: (v[steps] if k in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states",
+                                    "joint_states", "state_8d") else v) for k, v in full.items()}
+    sparse["frame_steps"] = steps.astype(np.int32)
+    dataset.write_demo(path, _task(), 0, init_index=2, actions=full["actions"], rec=sparse,
+                       env_args={"frame_every": 4}, params={}, seed=7)
+    s = dataset.load_samples(path, chunk_len=4)
+    assert len(s) == len(steps) == 3
+    np.testing.assert_array_equal(s.images, full["agentview_rgb"][steps])
+    np.testing.assert_array_equal(s.states, full["state_8d"][steps])
+    np.testing.assert_array_equal(s.chunks, dataset.chunk_actions(full["actions"], 4)[steps])
+    assert list(s.images[:, 0, 0, 1]) == [2, 6, 10]  # the first pixel encodes the step
+    frames = dataset.read_frames(dataset.sample_frames(path, 3, seed=0))
+    assert sorted(int(fr["image"][0, 0, 1]) for fr in frames) == [2, 6, 10]
+    with h5py.File(path, "a") as f:
+        f["data/demo_0/obs/frame_steps"][-1] = 13  # past the last action
+    with pytest.raises(ValueError, match="frame_steps"):
+        dataset.load_samples(path)
+
+
 def test_actions_file_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     progress = {

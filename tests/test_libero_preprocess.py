@@ -4,6 +4,10 @@ Upstream (``experiments/robot/libero/libero_utils.py``): ``img[::-1, ::-1]`` (LI
 ``tf.image.encode_jpeg`` (quality 95 by default) and decode, then ``tf.image.resize(..., "lanczos3",
 antialias=True)`` to 224x224, rounded and clipped to uint8. The expected outputs below are computed independently:
 a numpy flip, imageio's JPEG codec and a numpy lanczos3 resampler written from TF's scale-and-translate semantics.
+
+The ``gr00t`` preset mirrors Isaac-GR00T's ``examples/Libero/eval/run_libero_eval.py`` (GR00T N1.5): the env renders
+256x256, ``get_libero_image`` flips both cameras ``[::-1, ::-1]`` and nothing else happens on the client (no resize,
+no JPEG); the expected frames are computed with PIL's ``ROTATE_180`` and ``np.rot90``.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from PIL import Image
 
 from client.libero.config import EvalConfigError, config_from_args
 from client.libero.env import extract_obs
 from client.libero.protocol import (
+    GR00T_IMAGE_SIZE,
     OPENVLA_IMAGE_SIZE,
     PREPROCESS_DESCRIPTIONS,
     preprocess_image,
@@ -120,3 +126,38 @@ def test_flag_parses_validates_and_is_recorded_in_results(tmp_path) -> None:  # 
     assert block["preprocess"] == "openvla"
     assert block["preprocessing"] == PREPROCESS_DESCRIPTIONS["openvla"]
     assert "lanczos3" in block["preprocessing"] and "center_crop" in block["preprocessing"]
+
+
+def test_gr00t_preset_matches_upstream_harness() -> None:
+    raw = _raw_obs(256)
+    obs = extract_obs(raw, "put the bowl on the plate", "gr00t")
+    for key, cam in (("image", "agentview_image"), ("wrist_image", "robot0_eye_in_hand_image")):
+        got = obs[key]
+        assert GR00T_IMAGE_SIZE == 256
+        assert got.shape == (256, 256, 3) and got.dtype == np.uint8 and got.flags["C_CONTIGUOUS"]
+        expected = np.asarray(Image.fromarray(raw[cam]).transpose(Image.Transpose.ROTATE_180))
+        np.testing.assert_array_equal(got, expected)  # bit-exact: a flip only, no resize, no JPEG
+        np.testing.assert_array_equal(got, np.rot90(raw[cam], 2))
+    assert obs["image"][-3, -3, 0] > 200 and obs["image"][-3, -3, 1] < 60  # red top-left block now bottom-right
+    # same pixels as 'none' at 256, unlike openvla's 224 JPEG'd frames; only the results file tells them apart
+    np.testing.assert_array_equal(obs["image"], extract_obs(raw, "x", "none")["image"])
+    assert extract_obs(raw, "x", "openvla")["image"].shape == (224, 224, 3)
+    assert PREPROCESS_DESCRIPTIONS["gr00t"] != PREPROCESS_DESCRIPTIONS["none"]
+
+
+def test_gr00t_preset_refuses_other_render_sizes() -> None:
+    with pytest.raises(ValueError, match="--resolution 256"):
+        preprocess_image(rotate_180(_render_like(128)), "gr00t")
+
+
+def test_gr00t_flag_parses_and_is_recorded_in_results(tmp_path) -> None:  # noqa: ANN001
+    cfg = config_from_args(["libero_spatial", "--headless", "--preprocess", "gr00t"])
+    assert cfg.preprocess == "gr00t" and cfg.resolution == 256
+    with pytest.raises(EvalConfigError, match="--resolution 256"):
+        config_from_args(["libero_spatial", "--headless", "--preprocess", "gr00t", "--resolution", "128"])
+    path = tmp_path / "results.json"
+    ResultsFile(path, "libero_spatial", cfg.to_dict(), {}).write()
+    block = json.loads(path.read_text())["config"]
+    assert block["preprocess"] == "gr00t"
+    assert block["preprocessing"] == PREPROCESS_DESCRIPTIONS["gr00t"]
+    assert "run_libero_eval.py" in block["preprocessing"] and "no resize" in block["preprocessing"]

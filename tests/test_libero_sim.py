@@ -95,6 +95,34 @@ def test_expert_solves_a_spatial_task_and_replay_is_deterministic(spatial_tasks)
         close_env(env)
 
 
+def test_sparse_rendering_records_the_same_frames(spatial_tasks):
+    """``replay_and_record(frame_every=3)`` renders only every third step, and the frames it keeps (images,
+    state) are bit-identical to an every-step recording's at those steps; actions and sim states stay per step."""
+    from client.dataset import read_actions_file
+    from client.libero.record_demos import RENDER_RES, replay_and_record
+    from client.testing import REPO
+
+    task = spatial_tasks[0]
+    _, by_task = read_actions_file(REPO / "data" / "libero_spatial_actions_50.hdf5")
+    init, actions = by_task[0][0]
+    actions = actions[:10]
+    env = make_env(task, RENDER_RES, cameras=True)
+    try:
+        full = replay_and_record(env, task, init, actions, seed=7)
+        sparse = replay_and_record(env, task, init, actions, seed=7, frame_every=3, frame_offset=1)
+    finally:
+        close_env(env)
+    assert "frame_steps" not in full and len(full["agentview_rgb"]) == 10
+    np.testing.assert_array_equal(sparse["frame_steps"], [1, 4, 7])
+    for key in ("agentview_rgb", "eye_in_hand_rgb", "state_8d", "joint_states"):
+        np.testing.assert_array_equal(sparse[key], full[key][[1, 4, 7]])
+    np.testing.assert_array_equal(sparse["actions"], full["actions"])
+    np.testing.assert_array_equal(sparse["states"], full["states"])
+    assert sparse["agentview_rgb"][0].std() > 10.0
+    with pytest.raises(ValueError, match="frame_offset"):
+        replay_and_record(None, task, init, actions, seed=7, frame_every=2, frame_offset=2)
+
+
 def test_demo_file_layout(tmp_path, spatial_tasks):
     """``write_demo`` produces LIBERO's layout (checked on a short synthetic recording, no rendering)."""
     h5py = pytest.importorskip("h5py")

@@ -196,4 +196,4 @@ def test_build_for_scan_is_meta(openvla_dir: tuple[Path, object], gr00t_dir: tup
     for policy, path in (("openvla", openvla_dir[0]), ("openvla-rsd", openvla_dir[0]), ("gr00t", gr00t_dir[0])):
         m = build_for_scan(policy, path)
         assert all(p.device.type == "meta" for p in m.parameters())
-    assert models.POLICIES == ("openvla", "openvla-rsd", "gr00t")
+    assert models.POLICIES == ("openvla", "openvla-rsd", "openvla-oft", "gr00t")

@@ -98,6 +98,7 @@ class MatrixConfig:
     seed: int = 7
     max_steps: int | None = None
     resolution: int | None = None
+    replan: int | None = None  # client --replan (None: the server's replan_steps, else the whole chunk)
     server_python: str = field(default_factory=lambda: default_python(".venv"))
     client_python: str = field(default_factory=lambda: default_python(".venv-libero"))
     server_extra: list[str] = field(default_factory=list)
@@ -149,6 +150,8 @@ def _job_cmd(cfg: MatrixConfig, v: Variant, port: int, task: int, results: Path)
         cmd += ["--max-steps", str(cfg.max_steps)]
     if cfg.resolution:
         cmd += ["--resolution", str(cfg.resolution)]
+    if cfg.replan:
+        cmd += ["--replan", str(cfg.replan)]
     return cmd + v.client_args
 
 
@@ -244,7 +247,8 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
             summary[v.label]["server_report"] = servers[v.label].server_report()
         return {"variants": summary, "failures": failures, "wall_s": round(time.monotonic() - t_start, 1),
                 "suite": cfg.suite, "tasks": cfg.tasks, "trials": cfg.trials, "seed": cfg.seed,
-                "max_steps": cfg.max_steps, "resolution": cfg.resolution, "workers": cfg.workers}
+                "max_steps": cfg.max_steps, "resolution": cfg.resolution, "replan": cfg.replan,
+                "workers": cfg.workers}
     finally:
         for proc, *_rest in running:
             if proc.poll() is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any
 
 from client.libero.protocol import (
     DEFAULT_SEED,
+    GR00T_IMAGE_SIZE,
     GRIPPER_CONVENTIONS,
     NUM_WAIT_STEPS,
     PREPROCESS_CHOICES,
     PREPROCESS_DESCRIPTIONS,
+    PREPROCESS_GR00T,
     PREPROCESS_NONE,
     SUITES,
     max_steps_for,
@@ -90,12 +93,21 @@ class EvalConfig:
                                    "project's own models); 'openvla' = upstream OpenVLA's LIBERO harness (JPEG "
                                    "round trip, lanczos3 resize to 224x224); its 0.9-area centre crop for "
                                    "checkpoints trained with image augmentation stays the server policy's "
-                                   "center_crop option")
+                                   "center_crop option; 'gr00t' = Isaac-GR00T's N1.5 LIBERO harness (the "
+                                   "rotated 256x256 render unchanged; needs --resolution 256)")
     progress: bool = setting(True, off=("--no-progress",), help="no progress bar")
     render_all_steps: bool = setting(False, "--render-all-steps",
                                      help="render every camera at every step as robosuite does by default; by "
                                           "default only the frames that are sent (and the video's camera) are "
                                           "rendered: identical images, ~5-10x faster episodes on a CPU renderer")
+    workers: int = setting(1, "--workers", check=at_least(1),
+                           help="simulator processes on this machine draining the (task, trial) episodes from one "
+                                "queue, each with its own env and server connection; one results file written by "
+                                "the parent; a worker that dies has its episode retried once (1: one process)")
+    ray: str | None = setting(None, "--ray", metavar="ADDRESS",
+                              help="run the episodes as Ray tasks: 'auto' (the running cluster), 'local' (start a "
+                                   "local Ray instance) or a cluster ADDRESS; needs the 'ray' extra "
+                                   "(pip install '.[ray]')")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,6 +130,18 @@ class EvalConfig:
         """Check every field (they may have been changed since construction) and that a window can be opened
         when one is asked for; raises :class:`EvalConfigError` (a ``ValueError``) naming the flag."""
         check_fields(self, EvalConfigError)
+        if self.preprocess == PREPROCESS_GR00T and self.resolution != GR00T_IMAGE_SIZE:
+            raise EvalConfigError(
+                f"--preprocess {PREPROCESS_GR00T} sends the render unchanged, and GR00T's LIBERO data config "
+                f"expects {GR00T_IMAGE_SIZE}x{GR00T_IMAGE_SIZE} frames: use --resolution {GR00T_IMAGE_SIZE} "
+                f"(got {self.resolution})"
+            )
+        if self.ray is not None and self.workers > 1:
+            raise EvalConfigError("--workers and --ray are exclusive: Ray schedules the episodes on its own workers "
+                                  f"(got --workers {self.workers} --ray {self.ray})")
+        if self.ray is not None and importlib.util.find_spec("ray") is None:
+            raise EvalConfigError(f"--ray {self.ray} needs the ray package, which is not installed in this "
+                                  "environment: pip install '.[ray]' (scripts/setup.sh libero installs it)")
         if not self.headless and not os.environ.get("DISPLAY"):
             raise EvalConfigError(
                 "no DISPLAY is set, so a window cannot be opened: pass --headless to render off-screen "

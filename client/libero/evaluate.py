@@ -163,6 +163,11 @@ def evaluate(cfg: EvalConfig) -> int:
     todo = [(t, k) for t in task_ids for k in range(cfg.trials) if (t, k) not in done_keys]
     log.info("%s: %d episodes to run (%d already done), results -> %s",
              cfg.suite, len(todo), len(done_keys), cfg.results_path)
+    if cfg.ray is not None or cfg.workers > 1:  # several simulators: client.libero.parallel; 1 stays this loop
+        from client.libero.parallel import evaluate_parallel
+
+        stopped = evaluate_parallel(cfg, todo, results, backend)
+        return _finish(cfg, results, stopped)
 
     from tqdm import tqdm
 
@@ -203,6 +208,10 @@ def evaluate(cfg: EvalConfig) -> int:
         client.close()
         if env is not None:
             close_env(env)
+    return _finish(cfg, results, stopped)
+
+
+def _finish(cfg: EvalConfig, results: ResultsFile, stopped: bool) -> int:
     results.write()
     print(results.summary_table())
     print(f"results: {cfg.results_path}")

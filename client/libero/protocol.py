@@ -93,10 +93,15 @@ def max_steps_for(suite: str) -> int:
 # -- image preprocessing presets (what the client sends, to match a checkpoint's own evaluation harness) --------
 PREPROCESS_NONE = "none"  # the render, rotated 180 degrees, at --resolution (the project's own models)
 PREPROCESS_OPENVLA = "openvla"  # upstream OpenVLA's LIBERO harness (experiments/robot/libero/libero_utils.py)
-PREPROCESS_CHOICES = (PREPROCESS_NONE, PREPROCESS_OPENVLA)
+PREPROCESS_GR00T = "gr00t"  # Isaac-GR00T's GR00T N1.5 LIBERO harness (examples/Libero/eval/run_libero_eval.py)
+PREPROCESS_CHOICES = (PREPROCESS_NONE, PREPROCESS_OPENVLA, PREPROCESS_GR00T)
 #: Side of OpenVLA's LIBERO images, and ``tf.image.encode_jpeg``'s default quality (4:2:0 chroma subsampling).
 OPENVLA_IMAGE_SIZE = 224
 OPENVLA_JPEG_QUALITY = 95
+#: Side of the render Isaac-GR00T's LIBERO harness sends (its env is built at 256x256). The server's data config
+#: (``LiberoDataConfig``) centre-crops 0.95 and resizes to 224 with bilinear interpolation, and refuses frames
+#: whose size differs from the training videos' (256x256), so the client renders and sends exactly this size.
+GR00T_IMAGE_SIZE = 256
 
 PREPROCESS_DESCRIPTIONS: dict[str, str] = {
     PREPROCESS_NONE: "rotate 180 degrees; sent at the render resolution",
@@ -104,6 +109,15 @@ PREPROCESS_DESCRIPTIONS: dict[str, str] = {
                          f"lanczos3 antialiased resize to {OPENVLA_IMAGE_SIZE}x{OPENVLA_IMAGE_SIZE}, rounded to "
                          "uint8 (upstream OpenVLA LIBERO harness; the 0.9-area centre crop is the server "
                          "policy's center_crop option)"),
+    PREPROCESS_GR00T: (f"rotate 180 degrees ([::-1, ::-1]); no resize, no JPEG round trip: the "
+                       f"{GR00T_IMAGE_SIZE}x{GR00T_IMAGE_SIZE} uint8 render is sent as is (Isaac-GR00T "
+                       "examples/Libero/eval/run_libero_eval.py with its utils.get_libero_image, GR00T N1.5 LIBERO "
+                       "fine-tunes; the 0.95 centre crop and bilinear resize to 224x224 are the server's "
+                       "LiberoDataConfig video transforms). That harness otherwise differs from the client's "
+                       "defaults: it queries every step and executes only the first of the 16 returned actions "
+                       "(--replan 1), its step limits are goal 600 and libero_10 1000 (spatial 220, object 280, "
+                       "libero_90 400 as here), 10 wait steps, 5 trials per task, env.seed(0); its gripper mapping "
+                       "sign(1 - 2g) is the openvla convention"),
 }
 
 
@@ -139,4 +153,10 @@ def preprocess_image(img: np.ndarray, preset: str) -> np.ndarray:
         return img
     if preset == PREPROCESS_OPENVLA:
         return resize_lanczos(jpeg_round_trip(img), OPENVLA_IMAGE_SIZE)
+    if preset == PREPROCESS_GR00T:
+        if img.shape[:2] != (GR00T_IMAGE_SIZE, GR00T_IMAGE_SIZE):
+            raise ValueError(f"the {PREPROCESS_GR00T!r} preset sends the {GR00T_IMAGE_SIZE}x{GR00T_IMAGE_SIZE} "
+                             f"render unchanged; got an image of {img.shape[1]}x{img.shape[0]} "
+                             f"(render with --resolution {GR00T_IMAGE_SIZE})")
+        return np.ascontiguousarray(img, dtype=np.uint8)
     raise ValueError(f"unknown preprocess preset {preset!r}; expected one of {PREPROCESS_CHOICES}")

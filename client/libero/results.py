@@ -112,6 +112,8 @@ class ResultsFile:
         self.config = config
         self.versions = versions
         self.episodes: list[dict[str, Any]] = []
+        # Parallel runs (--workers, --ray): an episode whose worker was lost and that ran again, one entry per retry.
+        self.retries: list[dict[str, Any]] = []
         self.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if self.path.exists():
             if not resume:
@@ -122,6 +124,7 @@ class ResultsFile:
             if doc.get("suite") != suite:
                 raise ValueError(f"results file {self.path} is for suite {doc.get('suite')!r}, not {suite!r}")
             self.episodes = list(doc.get("episodes", []))
+            self.retries = list(doc.get("retries", []))
             self.created = doc.get("created", self.created)
             log.info("resuming %s: %d episodes already recorded", self.path, len(self.episodes))
 
@@ -135,6 +138,12 @@ class ResultsFile:
         self.episodes.append(d)
         self.write()
 
+    def record_retry(self, task_id: int, trial: int, reason: str, attempt: int = 2) -> None:
+        """Note that episode (task_id, trial) is run again (``attempt``) because ``reason``; rewrites the file."""
+        self.retries.append({"task_id": task_id, "trial": trial, "attempt": attempt, "reason": reason,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self.write()
+
     def per_task(self) -> dict[int, dict[str, Any]]:
         tasks: dict[int, list[dict[str, Any]]] = {}
         for e in self.episodes:
@@ -146,7 +155,7 @@ class ResultsFile:
         return out
 
     def document(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema_version": SCHEMA_VERSION,
             "suite": self.suite,
             "created": self.created,
@@ -157,6 +166,9 @@ class ResultsFile:
             "per_task": {str(k): v for k, v in self.per_task().items()},
             "episodes": sorted(self.episodes, key=lambda e: (e["task_id"], e["trial"])),
         }
+        if self.retries:
+            doc["retries"] = self.retries
+        return doc
 
     def write(self) -> None:
         atomic_write_json(self.path, self.document())

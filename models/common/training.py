@@ -15,7 +15,11 @@ so every trainer schedules, clips, checkpoints, resumes and reports the same way
   checkpoint that a resume would trust;
 * history (loss, learning rate, the loss function's stats, validation metrics), a tqdm bar, and a log line
   every ``log_every`` steps so the log file of a background job shows progress too;
-* ``stop_at``: checkpoint and return at that step as if interrupted (time-boxed runs, resume tests).
+* ``stop_at``: checkpoint and return at that step as if interrupted (time-boxed runs, resume tests);
+* ``ema_decay``: an exponential moving average of the trainable weights (``ema.safetensors`` in the
+  checkpoint), used for validation and left in the model at the end -- the weights a trainer then saves.
+  Why: a policy is judged by closed-loop rollouts, where the last iterate's step-to-step jitter costs
+  episodes; Diffusion Policy and most LIBERO-scale recipes ship EMA weights.
 
     cfg = TrainConfig(steps=1000, batch_size=64, lr=3e-4, warmup_steps=100, grad_clip=1.0)
     result = fit(model, len(dataset), cfg, loss_fn=lambda b: model(x[b.index]).loss, checkpoint_dir=out / "ckpt")
@@ -42,6 +46,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -61,6 +66,7 @@ class TrainConfig:
     eval_every: int = 0  # call validate every N steps (0: never during training)
     log_every: int = 50  # history record + log line every N steps
     stop_at: int | None = None
+    ema_decay: float = 0.0  # 0: no EMA; else e.g. 0.999 (warmed up as min(decay, (1 + step) / (10 + step)))
     progress: bool = True
     desc: str = "train"
 
@@ -107,9 +113,48 @@ def make_batch(seed: int, step: int, num_samples: int, batch_size: int) -> Batch
     return Batch(step=step, index=index, rng=rng, seed=int(rng.integers(0, 2**62)))
 
 
+class EMA:
+    """Exponential moving average of named trainable parameters (shadow copies, same device and dtype)."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_mul_(self.shadow, d)
+        torch._foreach_add_(self.shadow, [p.detach() for p in self.params], alpha=1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the model's weights and the averages (call twice to undo)."""
+        for s, p in zip(self.shadow, self.params, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: s.detach().cpu().contiguous().clone() for n, s in zip(self.names, self.shadow, strict=True)}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in sd]
+        if missing:
+            raise ValueError(f"EMA checkpoint lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        for n, s in zip(self.names, self.shadow, strict=True):
+            s.copy_(sd[n].to(s.device, s.dtype))
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Writes weights, optimizer and ``state`` into ``directory`` atomically (temporary directory + rename)."""
+def save_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
+                    ema: EMA | None = None) -> None:
+    """Writes weights, optimizer, ``state`` (and the EMA) into ``directory`` atomically (temporary directory +
+    rename)."""
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -125,6 +170,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Op
         storages.add(ptr)
     save_file(weights, str(tmp / WEIGHTS_FILE))
     torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)
+    if ema is not None:
+        save_file(ema.state_dict(), str(tmp / EMA_FILE))
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     shutil.rmtree(old, ignore_errors=True)
     if d.exists():
@@ -152,8 +199,10 @@ def read_checkpoint_state(directory: str | Path) -> dict[str, Any] | None:
     return None if d is None else json.loads((d / STATE_FILE).read_text())
 
 
-def load_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-    """Loads weights and optimizer from ``directory`` into ``model``/``opt``; returns the state (None if none)."""
+def load_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    ema: EMA | None = None) -> dict[str, Any] | None:
+    """Loads weights and optimizer (and the EMA, when the checkpoint has one) from ``directory``; returns the
+    state (None if there is no checkpoint)."""
     from safetensors.torch import load_file
 
     d = find_checkpoint(directory)
@@ -162,6 +211,12 @@ def load_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Op
     # read on the CPU and copied into the model's own tensors: no second copy of a large model on the GPU
     model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device="cpu"), strict=True)
     opt.load_state_dict(torch.load(d / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+    if ema is not None:
+        if (d / EMA_FILE).is_file():
+            ema.load_state_dict(load_file(str(d / EMA_FILE), device="cpu"))
+        else:
+            logger.warning("%s has no %s: the EMA restarts from the resumed weights", d, EMA_FILE)
+            ema.shadow = [p.detach().clone() for p in ema.params]
     return json.loads((d / STATE_FILE).read_text())
 
 
@@ -184,11 +239,13 @@ mode after it).
     if num_samples < 1:
         raise ValueError("no training samples")
     loss_fn = loss_fn or model.loss  # type: ignore[assignment]
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    ema = EMA(named, cfg.ema_decay) if cfg.ema_decay else None
     step, history, meta = 0, [], dict(meta or {})
     if resume and checkpoint_dir is not None:
-        state = load_checkpoint(checkpoint_dir, model, opt)
+        state = load_checkpoint(checkpoint_dir, model, opt, ema)
         if state is None:
             logger.warning("resume: no checkpoint in %s; starting from scratch", checkpoint_dir)
         else:
@@ -198,7 +255,7 @@ mode after it).
 
     def save(at: int) -> None:
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, model, opt, {"step": at, "history": history, "meta": meta})
+            save_checkpoint(checkpoint_dir, model, opt, {"step": at, "history": history, "meta": meta}, ema)
 
     from tqdm import tqdm
 
@@ -227,6 +284,8 @@ mode after it).
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            ema.update(step)
         step += 1
         value = float(loss.detach())
         losses.append((step, value))
@@ -236,7 +295,11 @@ mode after it).
             record = {"step": step, "loss": value, "lr": lr, **stats}
             bar.set_postfix(loss=f"{value:.4g}")
         if validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if ema is not None:
+                ema.swap()
             metrics = validate()
+            if ema is not None:
+                ema.swap()
             model.train()
             record = {"step": step, "loss": value, "lr": lr, **stats, **(record or {}), **metrics}
         if record is not None:
@@ -250,6 +313,9 @@ mode after it).
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             save(step)
     bar.close()
+    if ema is not None:
+        ema.swap()  # the averaged weights are the result (the checkpoint keeps the raw ones for resuming)
+        logger.info("%s: model holds the EMA weights (decay %g)", cfg.desc, cfg.ema_decay)
     model.eval()
     return FitResult(step=step, stopped=stopped, history=history, losses=losses, meta=meta,
                      seconds=time.perf_counter() - t0)

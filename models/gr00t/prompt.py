@@ -21,11 +21,13 @@ instruction + ``<|im_end|>\\n<|im_start|>assistant\\n``, tokenized piecewise.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
@@ -80,12 +82,19 @@ def upstream_instruction_text(instruction: str) -> str:
     return str([instruction])
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> Any:
+    """The template compiled once: compiling costs ~35 ms, rendering a compiled one ~0.1 ms (measured on the
+    Eagle 2.5 template; compiling per observation was 1/3 of a tiny GR00T's training step)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    return env.from_string(template)
+
+
 def render_chat(template: str, text: str, num_images: int) -> str:
     """Render one user turn (``num_images`` image items, then ``text``) the way HF ``apply_chat_template`` does."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-    return env.from_string(template).render(messages=[{"role": "user", "content": content}],
-                                            add_generation_prompt=True, add_vision_id=False)
+    return _compiled(template).render(messages=[{"role": "user", "content": content}],
+                                      add_generation_prompt=True, add_vision_id=False)
 
 
 def expand_image_placeholders(text: str, tokens_per_image: int) -> str:

@@ -227,7 +227,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tcfg = training.TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, betas=(0.95, 0.999), grad_clip=1.0, seed=args.seed,
-        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="gr00t")
+        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="gr00t", ema_decay=args.ema)
     extra = {"demos": str(args.demos), "seed": args.seed, "preset": None if args.init else args.preset,
              "init": args.init}
     result = training.fit(model, len(train_set), tcfg, batch_loss, validate=validate if len(held) else None,
@@ -242,6 +242,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     metrics.update({
         "steps": step, "train_seconds_this_run": round(result.seconds, 1), "train_samples": len(train_set),
         "heldout_samples": len(held), "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "ema_decay": args.ema,
         "init": args.init, "preset": None if args.init else args.preset, "demos": str(args.demos),
         "train_loss_first": losses[0][1] if losses else None,
         "train_loss_last_fifth_mean": float(np.mean(tail)) if losses else None,
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state if present")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="EMA decay of the weights that are validated and saved (0 = last iterate; e.g. 0.999)")
     return p
 
 

@@ -41,6 +41,20 @@ class OpenVLAOptions(CalibrationOptions):
 
 
 @dataclass(frozen=True)
+class OpenVLAOFTOptions(CalibrationOptions):
+    unnorm_key: str | None = setting(None, help="dataset statistics to unnormalise with (e.g. libero_spatial_no_noops;"
+                                                " 'libero_spatial' finds its _no_noops key)")
+    center_crop: bool = setting(True, help="centre-crop 90% of every image's area (upstream's LIBERO harness does, "
+                                           "the released fine-tunes were trained with random crops)")
+    gripper_convention: str | None = setting(None, choices=GRIPPER_CONVENTIONS,
+                                             help="gripper convention of the actions (default: read from the "
+                                                  "checkpoint's action statistics)")
+    num_images: int = setting(2, choices=(1, 2), help="images per observation: image (+ wrist_image)")
+    chunk: int = setting(8, check=at_least(1), help="actions per chunk (NUM_ACTIONS_CHUNK the head was trained "
+                                                    "with: 8 for LIBERO)")
+
+
+@dataclass(frozen=True)
 class GR00TOptions(CalibrationOptions):
     gripper_convention: str = setting("libero", choices=GRIPPER_CONVENTIONS,
                                       help="gripper convention of the actions")
@@ -69,6 +83,21 @@ def _wrap_openvla(ctx: PolicyContext, model: Any, quantization: dict[str, Any]) 
     o: OpenVLAOptions = ctx.options
     return OpenVLAPolicy(model, str(ctx.model_path), o.unnorm_key, o.center_crop, o.gripper_convention,
                          quantization)
+
+
+def _load_openvla_oft(ctx: PolicyContext) -> Any:
+    from models.openvla.oft import load
+
+    return load(ctx.model_path, device=ctx.config.device, dtype=_torch_dtype(ctx.config.dtype),
+                num_images=ctx.options.num_images, chunk=ctx.options.chunk)
+
+
+def _wrap_openvla_oft(ctx: PolicyContext, model: Any, quantization: dict[str, Any]) -> Policy:
+    from server.policies.openvla_oft import OpenVLAOFTPolicy
+
+    o: OpenVLAOFTOptions = ctx.options
+    return OpenVLAOFTPolicy(model, str(ctx.model_path), o.unnorm_key, o.center_crop, o.gripper_convention,
+                            quantization)
 
 
 def _load_gr00t(ctx: PolicyContext) -> Any:
@@ -115,6 +144,9 @@ DEBUG = register_policy(PolicySpec(
 OPENVLA = register_policy(PolicySpec(
     "openvla", "OpenVLA (Prismatic) from a local checkpoint, stock 7-token decoding", _wrap_openvla,
     OpenVLAOptions, load=_load_openvla))
+OPENVLA_OFT = register_policy(PolicySpec(
+    "openvla-oft", "OpenVLA-OFT from a local checkpoint (parallel decoding, L1-regression head, 8-step chunks; "
+    "image + wrist_image + state)", _wrap_openvla_oft, OpenVLAOFTOptions, load=_load_openvla_oft))
 GR00T = register_policy(PolicySpec(
     "gr00t", "GR00T N1.5 from a local checkpoint (flow-matching DiT action head)", _wrap_gr00t, GR00TOptions,
     load=_load_gr00t))

@@ -185,7 +185,11 @@ class OpenVLARSDPolicy(Policy):
         self.torch = torch
         self.model = model
         self.model_path = model_path
-        self.data_config = data_config or LiberoDataConfig()
+        cfg = model.cfg
+        # The checkpoint's rsd_config.json says whether it reads the wrist camera / the state (OpenVLA-OFT style).
+        self.data_config = data_config or LiberoDataConfig(
+            wrist_image_key="wrist_image" if cfg.use_wrist_image else None,
+            state_key="state" if cfg.use_proprio else None)
         self.rsd_config = rsd_config
         self.quantization = quantization
         if model.draft is None and rsd_config.enabled:
@@ -204,14 +208,22 @@ class OpenVLARSDPolicy(Policy):
     def _calibrate(self) -> dict[str, float]:
         """Time prefill, n-token passes and the draft once at start-up (the adaptive planner's first costs)."""
         torch = self.torch
+        cfg = self.model.cfg
+        zeros = np.zeros((1, 128, 128, 3), np.uint8)
         with torch.inference_mode():  # any image size: the processor resizes
-            embeds, mask = self.model.prefix(np.zeros((1, 128, 128, 3), np.uint8), ["calibrate the pass costs"])
+            embeds, mask = self.model.prefix(zeros, ["calibrate the pass costs"],
+                                             states=np.zeros((1, cfg.proprio_dim), np.float32),
+                                             wrist_images=zeros)
             costs = self.engine.calibrate(embeds, mask)
         logger.info("RSD pass costs at start-up (ms): %s", {k: round(v, 3) for k, v in costs.items()})
         return costs
 
     def validate(self, obs: dict[str, Any]) -> None:
         _check_image(obs, self.data_config.image_key, required=True)
+        if self.data_config.wrist_image_key is not None:
+            _check_image(obs, self.data_config.wrist_image_key, required=True)
+        if self.data_config.state_key is not None:
+            _check_state(obs, self.model.cfg.proprio_dim)
         _check_instruction(obs)
 
     def infer(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
@@ -219,11 +231,17 @@ class OpenVLARSDPolicy(Policy):
 
         torch = self.torch
         proc = self.model.processor
+        crop = self.model.cfg.center_crop
         images, instructions = self.data_config.from_libero(observations)
+        wrist_key, state_key = self.data_config.wrist_image_key, self.data_config.state_key
         with torch.inference_mode():
-            pixel_values = torch.cat([proc.preprocess_images(np.asarray(img)[None], self.model.cfg.center_crop)
-                                      for img in images])
-            embeds, mask = self.model.prefix(None, instructions, pixel_values=pixel_values)
+            pixel_values = torch.cat([proc.preprocess_images(np.asarray(img)[None], crop) for img in images])
+            wrist_pixel_values = None if wrist_key is None else torch.cat(
+                [proc.preprocess_images(np.asarray(o[wrist_key])[None], crop) for o in observations])
+            states = None if state_key is None else np.stack(
+                [np.asarray(o[state_key], dtype=np.float32) for o in observations])
+            embeds, mask = self.model.prefix(None, instructions, pixel_values=pixel_values, states=states,
+                                             wrist_pixel_values=wrist_pixel_values)
             layers, stats = self.engine.generate(embeds, mask)
             actions = chunk_actions_from_tokens(self.model, layers, stats.decoded_layers)
         summary = stats.to_dict()
@@ -282,6 +300,7 @@ class OpenVLARSDPolicy(Policy):
             "action_horizon": int(self.tokenizer.chunk_len),
             "action_dim": int(self.tokenizer.config.action_dim),
             "gripper_convention": "libero",
+            "inputs": self.model.input_keys,
             "rsd_config": dataclasses.asdict(self.rsd_config),
             "has_draft": self.model.draft is not None,
             "draft_kind": "deep" if getattr(self.model.draft, "deep", False) else "seed",

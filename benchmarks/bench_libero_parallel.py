@@ -1,0 +1,87 @@
+"""LIBERO evaluation throughput with 1 vs 2 simulator processes (``--workers``), against one real server.
+
+The server runs the deterministic ``debug`` policy (microseconds per query), so the simulator is what is measured:
+the same episodes are evaluated with ``--workers 1`` and ``--workers 2`` (each a full ``client.libero.evaluate``
+run: process start, env creation, episodes, results file), and episodes per hour are compared. On N free cores the
+ideal ratio is min(N, 2); on a busy machine it shows what the spare cores give.
+
+    .venv-libero/bin/python -m benchmarks.bench_libero_parallel --quick      # CI: 2 tasks x 1 trial, 12 steps
+    .venv-libero/bin/python -m benchmarks.bench_libero_parallel --tasks 0,1,2,3 --trials 2 --max-steps 100
+
+Last line: one JSON object with ``eval_scaling_2_vs_1`` (= eph(2) / eph(1)) and both rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from client.testing import REPO, ServerProcess, venv_python
+
+
+def run_eval(port: int, workers: int, args: argparse.Namespace, out: Path) -> dict:
+    results = out / f"workers{workers}.json"
+    cmd = [args.client_python, "-m", "client.libero.evaluate", args.suite, "--headless", "--port", str(port),
+           "--tasks", args.tasks, "--trials", str(args.trials), "--max-steps", str(args.max_steps),
+           "--resolution", str(args.resolution), "--no-video", "--no-progress", "--results", str(results),
+           "--workers", str(workers)]
+    env = dict(os.environ)
+    env.setdefault("MUJOCO_GL", "egl")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"error: --workers {workers} run failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    doc = json.loads(results.read_text())
+    eps = doc["episodes"]
+    return {"workers": workers, "episodes": len(eps), "errored": sum(e["errored"] for e in eps),
+            "successes": sum(e["success"] for e in eps), "wall_s": round(wall, 2),
+            "episode_wall_s_mean": round(sum(e["wall_time_s"] for e in eps) / max(1, len(eps)), 2),
+            "eph": round(3600.0 * len(eps) / wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="libero_spatial")
+    ap.add_argument("--tasks", default="0,1,2,3")
+    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=60)
+    ap.add_argument("--resolution", type=int, default=128)
+    ap.add_argument("--client-python", default=sys.executable)
+    ap.add_argument("--server-python", default=venv_python(".venv"))
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per evaluation run, seconds")
+    ap.add_argument("--quick", action="store_true", help="CI size: 2 tasks x 1 trial, 12 steps")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tasks, args.trials, args.max_steps = "0,1", 1, 12
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_libero_parallel_") as tmp, \
+            ServerProcess(python=args.server_python) as server:
+        for workers in (1, 2):
+            rows.append(run_eval(server.port, workers, args, Path(tmp)))
+    one, two = rows
+    if (one["episodes"], one["successes"]) != (two["episodes"], two["successes"]):
+        print(f"warning: the runs differ: {one} vs {two}", file=sys.stderr)
+    print(f"\nLIBERO {args.suite}: tasks {args.tasks}, {args.trials} trial(s), {args.max_steps} steps, "
+          f"{args.resolution}px, debug policy, {os.cpu_count()} CPUs")
+    print(f"{'workers':>7} {'episodes':>8} {'errored':>7} {'wall s':>8} {'s/episode':>9} {'episodes/h':>10}")
+    for r in rows:
+        print(f"{r['workers']:>7} {r['episodes']:>8} {r['errored']:>7} {r['wall_s']:>8.1f} "
+              f"{r['episode_wall_s_mean']:>9.2f} {r['eph']:>10.1f}")
+    scaling = round(two["eph"] / one["eph"], 3) if one["eph"] else None
+    print(f"scaling 2 vs 1 workers: {scaling}")
+    print(json.dumps({"eval_scaling_2_vs_1": scaling, "eph_workers_1": one["eph"], "eph_workers_2": two["eph"],
+                      "episodes": one["episodes"], "wall_s_workers_1": one["wall_s"],
+                      "wall_s_workers_2": two["wall_s"], "max_steps": args.max_steps, "quick": args.quick}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Parallel LIBERO evaluation (client/libero/parallel.py): ``--workers N`` processes and ``--ray``.
+
+A real server process (the deterministic debug policy, .venv) and the real headless simulator (.venv-libero, this
+interpreter), with tiny episodes (a few steps at 64x64) so each test stays well under a minute on two busy cores.
+Killed workers come from test hooks (``VLA_EVAL_TEST_HOOK_*``) that make a worker exit hard holding an episode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("libero.libero", reason="needs the LIBERO simulator (.venv-libero: scripts/setup.sh libero)")
+
+from client.libero.parallel import TEST_HOOK_EXIT_WORKER, TEST_HOOK_RAY_KILL_ONCE  # noqa: E402
+from client.testing import REPO, SERVER_PYTHON, ServerProcess  # noqa: E402
+
+pytestmark = pytest.mark.libero
+
+TINY = ["--max-steps", "6", "--resolution", "64", "--no-video", "--no-progress", "--headless"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("MUJOCO_GL", "egl")
+    env.update(extra)
+    return env
+
+
+def _evaluate(args: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client.libero.evaluate", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env or _env())
+
+
+@pytest.fixture(scope="module")
+def server():
+    assert Path(SERVER_PYTHON).exists(), f"{SERVER_PYTHON} is absent: create it with scripts/setup.sh server"
+    with ServerProcess() as s:
+        yield s
+
+
+def _base(server, results: Path, tasks: str = "0,1", trials: int = 1) -> list[str]:
+    return ["libero_spatial", "--port", str(server.port), "--tasks", tasks, "--trials", str(trials),
+            "--results", str(results), *TINY]
+
+
+def _outcomes(doc: dict) -> list[tuple]:
+    return [(e["task_id"], e["trial"], e["success"], e["errored"], e["steps"], e["num_queries"])
+            for e in doc["episodes"]]
+
+
+def test_two_workers_match_one_worker(server, tmp_path):
+    one, two = tmp_path / "w1.json", tmp_path / "w2.json"
+    r1 = _evaluate([*_base(server, one), "--workers", "1"])
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _evaluate([*_base(server, two), "--workers", "2"])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    d1, d2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert _outcomes(d1) == _outcomes(d2) and len(d2["episodes"]) == 2
+    assert not any(e["errored"] for e in d2["episodes"])
+    for key in ("summary", "per_task"):
+        assert d1[key] == d2[key]
+    assert set(d1) == set(d2) and "retries" not in d2  # same schema; no retry happened
+    assert d2["config"]["workers"] == 2 and "worker 1 started" in r2.stderr
+
+
+def test_killed_worker_episode_is_retried_once_on_another_worker(server, tmp_path):
+    res = tmp_path / "killed.json"
+    r = _evaluate([*_base(server, res), "--workers", "2"], env=_env(**{TEST_HOOK_EXIT_WORKER: "0"}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(res.read_text())
+    keys = [(e["task_id"], e["trial"]) for e in doc["episodes"]]
+    assert sorted(keys) == [(0, 0), (1, 0)]  # every episode exactly once
+    assert not any(e["errored"] for e in doc["episodes"])
+    (retry,) = doc["retries"]
+    assert (retry["task_id"], retry["trial"]) in keys and retry["attempt"] == 2
+    assert "worker 0" in retry["reason"] and "exited with code 57" in retry["reason"]
+    assert doc["summary"]["episodes"] == 2
+
+
+def test_resume_after_interrupted_parallel_run_runs_only_the_missing_episodes(server, tmp_path):
+    res = tmp_path / "resume.json"
+    args = _base(server, res, trials=2)
+    proc = subprocess.Popen([sys.executable, "-m", "client.libero.evaluate", *args, "--workers", "2"], cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if res.exists() and json.loads(res.read_text())["episodes"]:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no episode was written in 120 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run (parent + workers) is interrupted at once
+        proc.wait()
+    before = {(e["task_id"], e["trial"]): e for e in json.loads(res.read_text())["episodes"]}
+    assert 1 <= len(before) < 4
+    r = _evaluate([*args, "--workers", "2", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{4 - len(before)} episodes to run ({len(before)} already done)" in r.stderr
+    doc = json.loads(res.read_text())
+    after = {(e["task_id"], e["trial"]): e for e in doc["episodes"]}
+    assert len(doc["episodes"]) == 4 and sorted(after) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for k, e in before.items():
+        assert after[k] == e  # the finished episodes were not run again
+    assert doc["summary"]["episodes"] == 4
+
+
+def test_ray_cluster_retries_a_killed_worker(server, tmp_path):
+    pytest.importorskip("ray", reason="needs ray (pip install '.[ray]')")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20,
+                                                            "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+        cluster.wait_for_nodes()
+        res, marker, address = tmp_path / "ray.json", tmp_path / "killed_once", cluster.address
+        r = _evaluate([*_base(server, res), "--ray", address],
+                      env=_env(**{TEST_HOOK_RAY_KILL_ONCE: str(marker)}))
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    assert marker.exists()  # a Ray worker did die holding an episode
+    doc = json.loads(res.read_text())
+    keys = sorted((e["task_id"], e["trial"]) for e in doc["episodes"])
+    assert keys == [(0, 0), (1, 0)] and not any(e["errored"] for e in doc["episodes"])
+    (retry,) = doc["retries"]
+    killed = marker.read_text().split()[1]
+    assert f"{retry['task_id']}:{retry['trial']}" == killed and retry["attempt"] == 2
+    assert doc["config"]["ray"] == address
+
+
+def test_ray_flag_without_ray_names_the_flag(tmp_path, monkeypatch):
+    import importlib.util
+
+    from client.libero.config import config_from_args
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ValueError, match="--ray auto needs the ray package"):
+        config_from_args(["libero_spatial", "--headless", "--ray", "auto"])
+    with pytest.raises(ValueError, match="--workers and --ray are exclusive"):
+        config_from_args(["libero_spatial", "--headless", "--ray", "auto", "--workers", "2"])
