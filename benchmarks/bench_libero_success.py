@@ -27,6 +27,7 @@ from benchmarks.support.libero_matrix import (
     MatrixConfig,
     Variant,
     default_python,
+    plot_success,
     quant_variants,
     rsd_variants,
     run_matrix,
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-python", default=default_python(".venv"))
     ap.add_argument("--client-python", default=default_python(".venv-libero"))
     ap.add_argument("--out", default="artifacts/libero_success")
+    ap.add_argument("--plot", default=None, help="PNG of success per task and variant (default: OUT/success.png)")
     ap.add_argument("--quick", action="store_true", help="CI size: main-only vs exact, task 0, 1 trial, 12 steps")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                        server_extra=["--device", args.device, "--torch-threads", str(args.server_threads)])
     report = run_matrix(variants, cfg)
     (out / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    plot = plot_success(report, Path(args.plot) if args.plot else out / "success.png")
     print(f"\nLIBERO {cfg.suite}: tasks {cfg.tasks}, {cfg.trials} trials each, seed {cfg.seed}, "
           f"{cfg.workers} workers, {report['wall_s']} s")
     print(f"{'variant':<22} {'success':>12} {'rate':>7} {'95% CI':>15} {'mean steps':>10}  per task")
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"paired {a} vs {b}: {figures[f'{a}_vs_{b}_paired_episodes']} episodes, only {a} "
                   f"{figures[f'{a}_vs_{b}_only_{a}']}, only {b} {figures[f'{a}_vs_{b}_only_{b}']}, "
                   f"exact McNemar p = {figures[f'{a}_vs_{b}_mcnemar_p']}")
+    print(f"plot: {plot}")
     for f in report["failures"]:
         print(f"FAILED job: {f}")
     figures.update({"episodes_per_variant": cfg.trials * len(cfg.tasks), "wall_s": report["wall_s"],

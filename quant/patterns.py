@@ -3,7 +3,7 @@
 Why not the regexes of the published GR00T DuQuant recipe (see docs/duquant.md): it selected
 ``.*(backbone\\..*\\.(q_proj|...|down_proj)|action_head\\..*\\.mlp\\.(gate_proj|up_proj|down_proj)).*`` and excluded
 ``(?:^|\\.)(vision|radio|norm|ln|layernorm|embed|lm_head)(?:\\.|$)|action_head\\..*\\.self_attn\\.``. Against the
-real GR00T N1.5 module tree (``models/fixtures/gr00t_n15_3b_keys.json``) that is wrong twice:
+real GR00T N1.5 module tree (``models/fixtures/gr00t_n15_3b_public_keys.json``) that is wrong twice:
 
 * the action head has no ``mlp.{gate,up,down}_proj``: its DiT MLP Linears are
   ``action_head.model.transformer_blocks.N.ff.net.0.proj`` and ``...ff.net.2`` (diffusers ``FeedForward``), so the

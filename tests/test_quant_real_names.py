@@ -1,22 +1,18 @@
-"""Default selection against the released checkpoints' full key lists (fixtures kept by models/, if present)."""
+"""Default layer selection against the released checkpoints' key names (public facts, tests/public_keys.py)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
-from pathlib import Path
+
+from public_keys import expand, public_fixture
 
 from quant.patterns import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 
-FIX = Path(__file__).resolve().parents[1] / "models" / "fixtures"
-
 
 def _selected(fname: str) -> list[str]:
-    path = FIX / fname
-    assert path.exists(), f"{path} is missing (python -m models.common.keys regenerates it)"
-    keys = json.loads(path.read_text())["keys"]
-    mods = [k[: -len(".weight")] for k, v in keys.items() if k.endswith(".weight") and len(v) == 2]
+    keys = expand(public_fixture(fname))
+    mods = [k[: -len(".weight")] for k, v in keys.items() if k.endswith(".weight") and v is not None and len(v) == 2]
     inc, exc = re.compile(DEFAULT_INCLUDE), re.compile(DEFAULT_EXCLUDE)
     return [m for m in mods if inc.search(m) and not exc.search(m)]
 
@@ -26,7 +22,7 @@ def _kinds(names: list[str]) -> Counter[str]:
 
 
 def test_gr00t_n15_3b() -> None:
-    sel = _selected("gr00t_n15_3b_keys.json")
+    sel = _selected("gr00t_n15_3b_public_keys.json")
     kinds = _kinds(sel)
     assert len(sel) == 12 * 7 + 16 * 2 + 4 * 2  # truncated Qwen3 (12 layers) + DiT ff + VL-self-attention ff
     assert kinds["action_head.model.transformer_blocks.N.ff.net.2"] == 16
@@ -35,5 +31,5 @@ def test_gr00t_n15_3b() -> None:
 
 
 def test_openvla_7b() -> None:
-    sel = _selected("openvla_7b_keys.json")
+    sel = _selected("openvla_7b_public_keys.json")
     assert len(sel) == 32 * 7 and all(n.startswith("language_model.model.layers.") for n in sel)

@@ -255,3 +255,40 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
                 proc.kill()
         for s in servers.values():
             s.stop()
+
+
+def plot_success(report: dict[str, Any], path: Path) -> Path:
+    """Bar chart: success per task and overall for every variant, with Wilson 95% intervals (PNG at ``path``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from client.libero.results import wilson_ci
+
+    variants = report["variants"]
+    tasks = sorted({int(t) for v in variants.values() for t in v["per_task"]})
+    groups = [str(t) for t in tasks] + ["all"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(variants)) ** 0.5 + 2), 3.6))
+    width = 0.8 / max(1, len(variants))
+    for i, (label, v) in enumerate(variants.items()):
+        counts = [tuple(int(x) for x in v["per_task"].get(str(t), "0/0").split("/")) for t in tasks]
+        counts.append((v["successes"], v["valid_episodes"]))
+        rate = np.array([s / n if n else np.nan for s, n in counts])
+        ci = np.array([wilson_ci(s, n) if n else (np.nan, np.nan) for s, n in counts])
+        err = np.vstack([rate - ci[:, 0], ci[:, 1] - rate])
+        x = np.arange(len(groups)) + (i - (len(variants) - 1) / 2) * width
+        ax.bar(x, 100 * rate, width, yerr=100 * err, capsize=2, label=f"{label} ({v['successes']}/{v['valid_episodes']})")
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_xlabel("task")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"LIBERO {report.get('suite', '')}: {report.get('trials')} trials per task, seed {report.get('seed')}"
+                 " (bars: Wilson 95%)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -24,7 +24,9 @@ Design (``--workers N``, :class:`EpisodePool`):
 worker was lost (``max_retries=1``), a tiny actor counts attempts so the driver can record the retry; the driver
 merges results into the same file as they arrive. ``ray`` is imported only there.
 
-``benchmarks/support/libero_matrix.py`` drives the same :class:`EpisodePool` with one config per variant.
+Messages on the worker pipes are multiprocessing's own (pickled between this process and the children it
+spawned, never bytes from the network). ``benchmarks/support/libero_matrix.py`` still has its own pool of
+(variant, task) jobs; :class:`EpisodePool` takes a config per job, which is what moving it here needs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Key/shape fixtures of the full-size released checkpoints, built on the meta device (no weights).
 
-``python -m models.common.keys --policy openvla|gr00t --out FILE`` regenerates a fixture; the header records
-where the names and shapes come from, and the tests compare a fresh meta build against the stored file.
+``python -m models.common.keys --policy openvla|gr00t --out FILE`` writes the build's list (for inspection).
+Tests never compare against such a self-generated list: ``tests/test_models_keys.py`` checks the meta build
+against ``models/fixtures/*_public_keys.json``, names and shapes written by hand from public sources.
 """
 
 from __future__ import annotations
