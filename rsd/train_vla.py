@@ -15,6 +15,14 @@ the draft to imitate main's own greedy coarse layers (distillation; see rsd/draf
 agreement on held-out demonstrations. Both stages run the shared loop (:func:`models.common.training.fit`):
 seeded, tqdm progress plus a log line every few steps; ``main`` resumes exactly from ``OUT/train_state``
 (safetensors weights; optimizer tensors loaded with ``weights_only=True``).
+
+At scale (``main``; see models/common/scale.py): ``--lora-r 32`` trains peft LoRA adapters on the Llama projections
+(``--lora-targets``) plus the RFSQ layer head and proprio projector, everything else frozen, and merges the adapters
+into the saved backbone (a plain released-format directory); ``--precision bf16`` autocasts (frozen weights stored in
+bf16 with LoRA), ``--grad-accum N`` splits each step's ``--batch-size`` into N micro-batches,
+``--grad-checkpointing`` recomputes the Llama activations; ``torchrun --nproc-per-node N python -m rsd.train_vla
+main ...`` runs data parallel (one shard of every step's batch per rank; rank 0 logs, validates and saves). A memory
+estimate is printed before the run and a run that cannot fit the device is refused (``--memory-check off``).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from client.dataset import DemoSamples, load_samples, random_crop
-from models.common import training
+from models.common import scale, training
 from rsd.vla import OpenVLARSD, VLARSDConfig, load_openvla_rsd
 
 logger = logging.getLogger("rsd.train_vla")
@@ -124,9 +132,25 @@ def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor,
             "heldout_greedy_action_mae": float(np.mean(action_err))}
 
 
+def _preflight(model: OpenVLARSD, args: argparse.Namespace, world: int, lora: scale.LoraOptions) -> None:
+    """Print the memory estimate of this run (per device) and refuse one that cannot fit."""
+    from models.common.memory import preflight
+
+    llm_cfg = model.main.backbone.config
+    seq = (1 + model.backbone.num_patches * (2 if model.cfg.use_wrist_image else 1) + 32
+           + int(model.cfg.use_proprio) + model.cfg.num_layers - 1)
+    preflight(model, args.device, log=logger.info, enabled=args.memory_check == "on",
+              batch=max(1, args.batch_size // (args.grad_accum * world)), seq=seq,
+              hidden=int(llm_cfg.hidden_size), layers=int(llm_cfg.num_hidden_layers),
+              intermediate=int(llm_cfg.intermediate_size), checkpointing=args.grad_checkpointing,
+              precision=args.precision, lora_r=lora.r, lora_targets=len(lora.targets),
+              logits_dim=model.cfg.codes_per_layer * model.cfg.levels, what="OpenVLA-RSD main stage")
+
+
 def train_main(args: argparse.Namespace) -> dict:
     from rsd.rfsq import RFSQTokenizer
 
+    rank, world, args.device = scale.init_distributed(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +170,9 @@ def train_main(args: argparse.Namespace) -> dict:
         cfg.proprio_mean, cfg.proprio_std = _proprio_stats(train.states)
     model = OpenVLARSD(backbone, cfg).to(args.device)
     model.tokenizer = tokenizer
+    lora = scale.prepare_model(model, model.backbone.language_model, args, keep_trainable=[
+        model.main.code_embed, model.main.layer_embed, model.main.head, model.proprio_projector])
+    _preflight(model, args, world, lora)
     logger.info("main model: %.2fM parameters, %d train / %d held-out samples, %d steps",
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(train), len(held),
                 args.steps)
@@ -166,12 +193,17 @@ def train_main(args: argparse.Namespace) -> dict:
     tcfg = training.TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, betas=(0.9, 0.95), grad_clip=1.0, seed=args.seed,
-        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="main", ema_decay=args.ema)
+        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="main", ema_decay=args.ema,
+        **scale.train_config_kwargs(args))
     result = training.fit(model, len(train), tcfg, batch_loss,
                           validate=(lambda: evaluate_main(model, held, held_layers, max_samples=512)) if len(held) else None,
-                          checkpoint_dir=out / STATE_DIR, resume=args.resume, meta={"stage": "main"})
+                          checkpoint_dir=out / STATE_DIR, resume=args.resume,
+                          meta={"stage": "main", "lora_r": lora.r, "precision": args.precision})
     step, history = result.step, [h for h in result.history if "heldout_loss" in h]
+    scale.finish_model(model)  # LoRA merged into the backbone, fp32: the released format
     model.eval()
+    if rank != 0:  # rank 0 evaluates and saves
+        return {"steps": step, "rank": rank}
     metrics = evaluate_main(model, held, held_layers) if len(held) else {}
     metrics.update({"steps": step, "train_seconds": round(result.seconds, 1), "train_samples": len(train),
                     "heldout_samples": len(held), "history": history})
@@ -290,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the normalised 8-D state (obs/state_8d) as one projected prefix token (OpenVLA-OFT)")
     m.add_argument("--wrist", action="store_true",
                    help="feed the wrist camera (obs/eye_in_hand_rgb) through the same vision towers (OpenVLA-OFT)")
+    scale.add_scale_arguments(m)
     d = sub.add_parser("draft", parents=[common])
     d.add_argument("--model", required=True, help="OpenVLA-RSD directory from the main stage (draft saved into it)")
     d.add_argument("--steps", type=int, default=3000)
@@ -315,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train_main(args) if args.stage == "main" else train_draft_stage(args)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    if scale.is_main_process():
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return 0
 
 

@@ -20,6 +20,16 @@ so every trainer schedules, clips, checkpoints, resumes and reports the same way
   checkpoint), used for validation and left in the model at the end -- the weights a trainer then saves.
   Why: a policy is judged by closed-loop rollouts, where the last iterate's step-to-step jitter costs
   episodes; Diffusion Policy and most LIBERO-scale recipes ship EMA weights.
+* scale (see :mod:`models.common.scale` for LoRA and the launch side): ``grad_accum`` micro-batches per optimiser
+  step; ``precision="bf16"`` runs the loss under ``torch.autocast(bfloat16)`` (CUDA and CPU; the trainable weights,
+  their gradients and AdamW's states stay fp32); ``grad_checkpointing`` enables HF gradient checkpointing on the
+  submodules that support it; data parallel across ``torch.distributed`` processes (torchrun): every rank builds
+  the same model (rank 0's weights are broadcast), takes its own shard of each step's batch, and the gradients are
+  averaged with one all-reduce per optimiser step (after the accumulation), so the result equals one process with
+  the whole batch up to float rounding. Only rank 0 logs, validates and writes checkpoints; every rank resumes
+  from the same checkpoint. ``batch_size`` is always the whole step's batch: the sample indices of a step do not
+  depend on ``grad_accum`` or the number of ranks, and micro-batch ``m`` of rank ``r`` is the slice
+  ``(m * world + r)`` of it (its augmentation generator is seeded by ``(seed, step, m * world + r)``).
 
     cfg = TrainConfig(steps=1000, batch_size=64, lr=3e-4, warmup_steps=100, grad_clip=1.0)
     result = fit(model, len(dataset), cfg, loss_fn=lambda b: model(x[b.index]).loss, checkpoint_dir=out / "ckpt")
@@ -27,6 +37,7 @@ so every trainer schedules, clips, checkpoints, resumes and reports the same way
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -69,6 +80,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: no EMA; else e.g. 0.999 (warmed up as min(decay, (1 + step) / (10 + step)))
     progress: bool = True
     desc: str = "train"
+    grad_accum: int = 1  # micro-batches per optimiser step (batch_size is split over micro-batches and ranks)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast; fp32 master weights)
+    grad_checkpointing: bool = False  # gradient_checkpointing_enable() on HF submodules that support it
 
 
 @dataclass
@@ -79,6 +93,7 @@ class Batch:
     index: np.ndarray  # [batch_size] int64 sample indices
     rng: np.random.Generator  # for the trainer's own augmentation (crops, ...)
     seed: int  # derived from (seed, step); seeds ``generator``
+    micro: int = 0  # which shard of the step's batch (micro-batch m of rank r: m * world + r)
 
     @property
     def generator(self) -> torch.Generator:
@@ -106,11 +121,56 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def make_batch(seed: int, step: int, num_samples: int, batch_size: int) -> Batch:
-    """The batch of ``step``: a pure function of ``(seed, step)``, which is what makes resuming exact."""
+def make_batch(seed: int, step: int, num_samples: int, batch_size: int, micro: int = 0,
+               num_micro: int = 1) -> Batch:
+    """The batch of ``step`` (or its shard ``micro`` of ``num_micro`` equal ones): a pure function of
+    ``(seed, step, micro)``, which is what makes resuming exact. With one shard it is the whole step's batch."""
     rng = np.random.default_rng([seed, step])
     index = rng.integers(0, num_samples, size=batch_size)
-    return Batch(step=step, index=index, rng=rng, seed=int(rng.integers(0, 2**62)))
+    if num_micro == 1:
+        return Batch(step=step, index=index, rng=rng, seed=int(rng.integers(0, 2**62)))
+    if batch_size % num_micro:
+        raise ValueError(f"batch_size {batch_size} is not divisible into {num_micro} micro-batches "
+                         "(grad_accum x world size)")
+    per = batch_size // num_micro
+    sub = np.random.default_rng([seed, step, micro])
+    return Batch(step=step, index=index[micro * per:(micro + 1) * per], rng=sub, seed=int(sub.integers(0, 2**62)),
+                 micro=micro)
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def _allreduce_mean(tensors: list[torch.Tensor], world: int, bucket_bytes: int = 256 << 20) -> None:
+    """Average ``tensors`` over the ranks in place, in flat buckets (one collective per ~256 MB)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        if bucket:
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat /= world
+            for t, s in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                t.copy_(s)
+            bucket.clear()
+
+    for t in tensors:
+        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device or size >= bucket_bytes):
+            flush()
+            size = 0
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    flush()
 
 
 class EMA:
@@ -238,9 +298,34 @@ mode after it).
     """
     if num_samples < 1:
         raise ValueError("no training samples")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+    if cfg.grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
+    rank, world = _dist()
+    num_micro = cfg.grad_accum * world
+    if cfg.batch_size % num_micro:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x world size = {num_micro}")
     loss_fn = loss_fn or model.loss  # type: ignore[assignment]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    low = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    if low:
+        logger.warning("%s: trainable parameters in %s (AdamW states follow them); bf16 training keeps fp32 master "
+                       "weights and autocasts instead", cfg.desc, ", ".join(low))
+    if cfg.grad_checkpointing:
+        from models.common.scale import enable_gradient_checkpointing
+
+        done = enable_gradient_checkpointing(model)
+        if done:
+            logger.info("%s: gradient checkpointing on %s", cfg.desc, ", ".join(n or "<model>" for n in done))
+        else:
+            logger.warning("%s: grad_checkpointing asked for, but no submodule supports it", cfg.desc)
+    device_type = params[0].device.type
+    amp = ((lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)) if cfg.precision == "bf16"
+           else contextlib.nullcontext)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     ema = EMA(named, cfg.ema_decay) if cfg.ema_decay else None
     step, history, meta = 0, [], dict(meta or {})
@@ -252,15 +337,25 @@ mode after it).
             step, history = int(state["step"]), list(state.get("history", []))
             meta = {**state.get("meta", {}), **meta}
             logger.info("resumed from %s at step %d", checkpoint_dir, step)
+    if world > 1:  # every rank starts from rank 0's weights (a rank's own random init would diverge)
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, 0)
 
     def save(at: int) -> None:
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and rank == 0:
             save_checkpoint(checkpoint_dir, model, opt, {"step": at, "history": history, "meta": meta}, ema)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.desc, dynamic_ncols=True,
-               disable=None if cfg.progress else True)
+               disable=None if cfg.progress and rank == 0 else True)
     losses: list[tuple[int, float]] = []
     t0 = time.perf_counter()
     t_log, step_log = t0, step
@@ -272,37 +367,54 @@ mode after it).
             logger.info("%s: stopping at step %d (stop_at); resume to continue", cfg.desc, step)
             stopped = True
             break
-        batch = make_batch(cfg.seed, step, num_samples, cfg.batch_size)
-        torch.manual_seed(batch.seed)  # noise drawn inside the model (dropout, flow matching) is per step too
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        out = loss_fn(batch)
-        loss, stats = out if isinstance(out, tuple) else (out, {})
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum, stats_sum = 0.0, {}
+        for m in range(cfg.grad_accum):
+            batch = make_batch(cfg.seed, step, num_samples, cfg.batch_size, m * world + rank, num_micro)
+            torch.manual_seed(batch.seed)  # noise drawn inside the model (dropout, flow matching) is per step too
+            with amp():
+                out = loss_fn(batch)
+            loss, stats = out if isinstance(out, tuple) else (out, {})
+            (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+            loss_sum += float(loss.detach())
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+        value = loss_sum / cfg.grad_accum
+        stats = {k: v / cfg.grad_accum for k, v in stats_sum.items()}
+        if world > 1:
+            for p in params:
+                if p.grad is None:  # unused on this rank's micro-batches: a zero gradient joins the average
+                    p.grad = torch.zeros_like(p)
+            _allreduce_mean([p.grad for p in params], world)
+            logged = torch.tensor([value, *stats.values()], dtype=torch.float64)
+            _allreduce_mean([logged], world)
+            value, stats = float(logged[0]), dict(zip(stats, logged[1:].tolist(), strict=True))
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         if ema is not None:
             ema.update(step)
         step += 1
-        value = float(loss.detach())
         losses.append((step, value))
         bar.update(1)
         record: dict[str, float] | None = None
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = {"step": step, "loss": value, "lr": lr, **stats}
             bar.set_postfix(loss=f"{value:.4g}")
-        if validate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if (validate is not None and rank == 0 and cfg.eval_every
+                and (step % cfg.eval_every == 0 or step == cfg.steps)):
             if ema is not None:
                 ema.swap()
-            metrics = validate()
+            with amp():  # bf16 runs may hold frozen bf16 weights: validation computes as training does
+                metrics = validate()
             if ema is not None:
                 ema.swap()
             model.train()
             record = {"step": step, "loss": value, "lr": lr, **stats, **(record or {}), **metrics}
-        if record is not None:
+        if record is not None and rank == 0:
             history.append(record)
             now = time.perf_counter()
             rate = (step - step_log) / max(now - t_log, 1e-9)

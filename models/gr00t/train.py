@@ -21,6 +21,11 @@ Batches, crops and flow-matching noise are drawn from generators seeded by ``(se
 step k continues exactly as an uninterrupted run would (resuming rebuilds the model from ``--init`` or
 ``--preset`` first, then loads the checkpoint's weights). The held-out action MAE (Euler sampler with
 ``--denoising-steps`` steps, fixed noise) goes to ``OUT/train_metrics.json``.
+
+At scale (models/common/scale.py): ``--lora-r 32`` puts peft LoRA adapters on the Qwen3 projections (the action head
+stays fully trainable, the vision tower and projector frozen) and merges them into the saved LLM; ``--precision
+bf16``, ``--grad-accum N``, ``--grad-checkpointing`` (Qwen3 and SigLIP), ``torchrun --nproc-per-node N`` for data
+parallel; a memory estimate is printed first and a run that cannot fit is refused (``--memory-check off``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 
 from client.dataset import load_samples as load_demo_samples
 from client.dataset import random_crop
-from models.common import training
+from models.common import scale, training
 from models.gr00t.config import GR00TConfig
 from models.gr00t.data_config import LiberoDataConfig, make_metadata
 from models.gr00t.modeling import GR00TPolicyModel
@@ -187,11 +192,25 @@ def load_samples(demos: str, max_demos_per_task: int | None = None) -> Any:
     return samples
 
 
+def _preflight(model: GR00TPolicyModel, args: argparse.Namespace, world: int, lora: scale.LoraOptions) -> None:
+    """Print the memory estimate of this run (per device) and refuse one that cannot fit."""
+    from models.common.memory import preflight
+
+    text = model.config.eagle_config["text_config"]
+    seq = 2 * model.tokens_per_image + 48  # two cameras + prompt; the DiT's action tokens are few
+    preflight(model, args.device, log=logger.info, enabled=args.memory_check == "on",
+              batch=max(1, args.batch_size // (args.grad_accum * world)), seq=seq, hidden=int(text["hidden_size"]),
+              layers=len(model.backbone.eagle_model.language_model.model.layers),
+              intermediate=int(text["intermediate_size"]), checkpointing=args.grad_checkpointing,
+              precision=args.precision, lora_r=lora.r, lora_targets=len(lora.targets), what="GR00T N1.5 fine-tune")
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) training; write the released-layout checkpoint and metrics into ``args.out``."""
     import models
     from models.gr00t.tiny import save_pretrained
 
+    rank, world, args.device = scale.init_distributed(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     samples = load_samples(args.demos, args.max_demos_per_task)
@@ -209,6 +228,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.metadata = {**(model.metadata or {}), **metadata}
     model.data_config.embodiment_tag = "new_embodiment"
     model.denoising_steps = args.denoising_steps
+    lora = scale.prepare_model(model, model.backbone.eagle_model.language_model, args,
+                               keep_trainable=[model.action_head])
+    _preflight(model, args, world, lora)
     logger.info("GR00T: %.2fM trainable parameters, %d train / %d held-out samples (%d/%d demos), %d steps",
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(train_set), len(held),
                 len(np.unique(train_set.demo_of)), len(np.unique(held.demo_of)), args.steps)
@@ -227,14 +249,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tcfg = training.TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, betas=(0.95, 0.999), grad_clip=1.0, seed=args.seed,
-        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="gr00t", ema_decay=args.ema)
+        save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="gr00t", ema_decay=args.ema,
+        **scale.train_config_kwargs(args))
     extra = {"demos": str(args.demos), "seed": args.seed, "preset": None if args.init else args.preset,
              "init": args.init}
     result = training.fit(model, len(train_set), tcfg, batch_loss, validate=validate if len(held) else None,
                           checkpoint_dir=out / STATE_DIR, resume=args.resume, meta=extra)
     step, losses = result.step, result.losses
     history = [h for h in result.history if "heldout_action_mae" in h]
+    scale.finish_model(model)  # LoRA merged into the LLM, fp32: the released format
     model.eval()
+    if rank != 0:  # rank 0 evaluates and saves
+        return {"steps": step, "rank": rank}
     metrics: dict[str, Any] = evaluate(model, held, args.denoising_steps, args.eval_samples, seed=args.seed)
     if not metrics:
         logger.warning("no held-out demonstrations (--heldout-frac %s): held-out MAE not measured", args.heldout_frac)
@@ -281,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state if present")
     p.add_argument("--ema", type=float, default=0.0,
                    help="EMA decay of the weights that are validated and saved (0 = last iterate; e.g. 0.999)")
+    scale.add_scale_arguments(p)
     return p
 
 
@@ -294,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.init and not Path(args.init).is_dir():
         raise SystemExit(f"--init {args.init}: not a directory")
     result = train(args)
+    if not scale.is_main_process():
+        return 0
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "train_loss_curve")}))
     return 0
 
