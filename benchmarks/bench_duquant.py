@@ -217,6 +217,8 @@ def _packed_row(label: str, fp: nn.Module, cfg: DuQuantConfig, calib: list[Any],
     of ``run_fp(model)`` (median of repeats) for FP32, fake and packed, and the packed-vs-fake difference of
     ``outs(model)``."""
     fake, packed = copy.deepcopy(fp), copy.deepcopy(fp)
+    if cfg.wopt == "auto":  # both are calibrated below: resolve as the server does, so both run GPTQ
+        cfg = cfg.replace(wopt="gptq")
     names = [r.name for r in replace_linear_layers(fake, cfg, method="duquant", force=True)]
     replace_linear_layers(packed, cfg.replace(packed=True), method="duquant", force=True)
     for m in (fake, packed):
@@ -288,9 +290,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods: list[tuple[str, str, DuQuantConfig]] = [
         ("RTN", "rtn", base),
         ("SmoothQuant", "smoothquant", base),
+        # Defaults with a calibration set: WOPT=auto runs GPTQ (the calibrate() call below is the calibration set).
         ("DuQuant", "duquant", base),
+        ("DuQuant data-free", "duquant", base.replace(wopt="clip")),
         ("DuQuant WOPT=gptq", "duquant", base.replace(wopt="gptq")),
+        # W4A4 (issue 18): per-token activation scales with rotation; RTN on the same footing (per-token too).
+        ("RTN W4A4", "rtn", base.replace(abits=4, act_gran="token")),
+        ("DuQuant W4A4", "duquant", base.replace(abits=4, act_gran="token")),
     ]
+    if args.levers:  # the knobs tried for the calibrated default (docs/duquant.md has the table)
+        methods += [
+            ("gptq seq (MEM_MB=0)", "duquant", base.replace(gptq_mem_mb=0)),
+            ("gptq no act-order", "duquant", base.replace(gptq_act_order=False)),
+            ("gptq damp=0.1", "duquant", base.replace(gptq_damp=0.1)),
+            ("gptq damp=0.001", "duquant", base.replace(gptq_damp=0.001)),
+            ("gptq no clip", "duquant", base.replace(clip_search=False)),
+            ("gptq block=32", "duquant", base.replace(block=32, block_out=32)),
+            ("gptq block=64", "duquant", base.replace(block=64, block_out=64)),
+            ("gptq block=128", "duquant", base.replace(block=128, block_out=128)),
+            ("gptq ACT_PCT=99.99", "duquant", base.replace(act_pct=99.99)),
+            ("gptq ACT_PCT=100", "duquant", base.replace(act_pct=100.0)),
+            ("gptq ACT_GRAN=token", "duquant", base.replace(act_gran="token")),
+            ("gptq rot=svd", "duquant", base.replace(rot="svd")),
+            ("W4A4 static tensor", "duquant", base.replace(abits=4)),
+            ("W4A4 block=64", "duquant", base.replace(abits=4, act_gran="token", block=64, block_out=64)),
+        ]
     if not args.quick:
         methods += [
             ("DuQuant rot=svd", "duquant", base.replace(rot="svd")),
@@ -376,9 +400,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{r['lat_vs_fake']:>7.2f} {r['out_rel_diff']:>10.2e}")
     by = {r["label"]: r for r in rows}
     d, rt, sq, g = by["DuQuant"], by["RTN"], by["SmoothQuant"], by["DuQuant WOPT=gptq"]
+    df, r4, d4 = by["DuQuant data-free"], by["RTN W4A4"], by["DuQuant W4A4"]
     return {
         "model": args.model,
+        # defaults with the calibration batch (WOPT=auto -> GPTQ); the data-free (WOPT=clip) figure next to it
         "duquant_to_rtn_error_ratio": round(d["final_rel_err"] / rt["final_rel_err"], 4),
+        "duquant_datafree_to_rtn_error_ratio": round(df["final_rel_err"] / rt["final_rel_err"], 4),
+        "duquant_datafree_rel_error": round(df["final_rel_err"], 5),
+        "duquant_w4a4_to_rtn_error_ratio": round(d4["final_rel_err"] / r4["final_rel_err"], 4),
+        "duquant_w4a4_rel_error": round(d4["final_rel_err"], 5),
+        "rtn_w4a4_rel_error": round(r4["final_rel_err"], 5),
         "duquant_to_rtn_layer_error_ratio": round(d["layer_rel_err_mean"] / rt["layer_rel_err_mean"], 4),
         "duquant_rel_error": round(d["final_rel_err"], 5),
         "rtn_rel_error": round(rt["final_rel_err"], 5),
@@ -413,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-steps", type=int, default=None)
     ap.add_argument("--calib-batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--levers", action="store_true",
+                    help="also measure the knobs tried for the calibrated default (GPTQ damp/act-order/passes, "
+                         "block, clip search, ACT_PCT, ACT_GRAN, ROT, W4A4 variants)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
     args = ap.parse_args(argv)
     if args.model != "minilm" and not args.model_path:

@@ -208,7 +208,18 @@ def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: 
     res: dict[str, Any] = {"note": p.note, "heldout_observations": len(held), "calibration_observations": len(calib),
                            "model_id": meta.get("model_id"), "action_horizon": meta.get("action_horizon")}
     variants = {}
-    for label, c, method in (("rtn", cfg, "rtn"), ("duquant", cfg, "duquant"), ("rtn_env", rtn_env_cfg, "duquant")):
+    # RTN baselines: data-free weights and one activation scale per layer, whatever the defaults (RTN_ENV says so
+    # for the env-built one). The DuQuant rows: defaults (WOPT=auto -> GPTQ with this calibration set,
+    # DIT_STEP_SCALES=auto -> one activation scale per denoising step in the DiT) and the same with a single scale,
+    # at W4A8 and W4A4 (issue 18: the DiT's static scales per Euler step).
+    rtn_cfg = cfg.replace(wopt="clip", dit_step_scales="0")
+    runs = [("rtn", rtn_cfg, "rtn"), ("duquant", cfg, "duquant"), ("rtn_env", rtn_env_cfg, "duquant"),
+            ("duquant_single_scale", cfg.replace(dit_step_scales="0"), "duquant"),
+            ("duquant_step_scales", cfg.replace(dit_step_scales="1"), "duquant")]
+    if p.name == "gr00t":
+        runs += [("duquant_w4a4_single_scale", cfg.replace(abits=4, dit_step_scales="0"), "duquant"),
+                 ("duquant_w4a4_step_scales", cfg.replace(abits=4, dit_step_scales="1"), "duquant")]
+    for label, c, method in runs:
         t = time.perf_counter()
         q = quantise(p, c, method, calib)
         a = act(q, held)
@@ -228,6 +239,10 @@ def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: 
     for label in variants:
         res[f"{label}_action_err_rel_spread"] = res[f"{label}_action_err"] / max(spread, 1e-12)
     res["duquant_to_rtn_error_ratio"] = res["duquant_action_err"] / max(res["rtn_action_err"], 1e-12)
+    for a in ("", "_w4a4"):
+        if f"duquant{a}_step_scales_action_err" in res:
+            res[f"dit_step{a}_to_single_scale_error_ratio"] = (
+                res[f"duquant{a}_step_scales_action_err"] / max(res[f"duquant{a}_single_scale_action_err"], 1e-12))
     one = held[:1]
     res["latency_ms_fp"] = _median_ms(lambda: act(fp, one), args.repeats)
     res["latency_ms_rtn"] = _median_ms(lambda: act(variants["rtn"][0], one), args.repeats)
@@ -335,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         for f in ("duquant_action_err", "rtn_action_err", "duquant_to_rtn_error_ratio", "duquant_action_err_normalized",
                   "rtn_action_err_normalized", "latency_ms_fp", "latency_ms_rtn", "latency_ms_duquant",
                   "duquant_layers", "rtn_env_vs_rtn_max_diff", "duquant_action_err_rel_spread",
-                  "rtn_action_err_rel_spread", "fp_action_spread"):
+                  "rtn_action_err_rel_spread", "fp_action_spread", "duquant_single_scale_action_err",
+                  "duquant_step_scales_action_err", "dit_step_to_single_scale_error_ratio",
+                  "duquant_w4a4_single_scale_action_err", "duquant_w4a4_step_scales_action_err",
+                  "dit_step_w4a4_to_single_scale_error_ratio"):
             if f in r:
                 summary[f"{key}_{f}"] = round(r[f], 6) if isinstance(r[f], float) else r[f]
         if r.get("sensitivity_top_duquant"):

@@ -28,6 +28,10 @@ NDARRAY_EXT_CODE = 42  # array inline in the msgpack map
 OOB_NDARRAY_EXT_CODE = 43  # array carried in its own ZeroMQ frame after the msgpack header frame
 # Arrays at least this large travel out of band (zero-copy on both sides); smaller ones inline.
 OOB_MIN_BYTES = 16 * 1024
+#: First byte of the routing tag frame the replica front end (server/replicas.py) puts before an empty delimiter
+#: frame when it forwards a request to a replica: 0xc1 is the one byte msgpack never uses, so no header frame can
+#: start with it and a server tells ``[tag, b"", *payload]`` from a client's ``[header, *arrays]`` by it alone.
+ROUTE_TAG_PREFIX = b"\xc1"
 
 REQUEST_TYPES = ("infer", "ping", "metadata", "reset", "stats")
 

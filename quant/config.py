@@ -10,8 +10,9 @@ from the fields of :class:`DuQuantConfig`, so each default is written once):
 
 <variables>
 
-``ROT``, ``CLIP_SEARCH`` and ``WOPT`` are additions (the published recipe fixed them); ROT and CLIP_SEARCH are part
-of the pack-cache key (WOPT refines weights after calibration, which the pack cache does not hold).
+``ROT``, ``CLIP_SEARCH``, ``WOPT``, ``GPTQ_*`` and ``DIT_STEP_SCALES`` are additions (the published recipe fixed
+them); ROT and CLIP_SEARCH are part of the pack-cache key (WOPT refines weights after calibration, which the pack
+cache does not hold).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ PREFIX = "GR00T_DUQUANT_"
 
 ROW_ROT_MODES = ("restore", "propagate", "0")
 ROT_MODES = ("svd", "hadamard", "none")
-WOPT_MODES = ("clip", "act", "gptq")
+WOPT_MODES = ("auto", "clip", "act", "gptq")
+STEP_SCALE_MODES = ("auto", "1", "0")
 
 
 class DuQuantConfigError(SettingError):
@@ -137,10 +139,26 @@ class DuQuantConfig:
     ls: float = setting(0.15, env=_env("LS"), check=in_range(0.0, 1.0),
                         help="lambda smoothing of channel energy, e <- (1-LS) e + LS mean(e)")
     clip_search: bool = setting(True, env=_env("CLIP_SEARCH"), help="per-row clipping-ratio search for weights")
-    wopt: str = setting("clip", env=_env("WOPT"), parse=_lower, choices=WOPT_MODES,
-                        help="weight refinement: ``clip`` (data-free clip search, recipe), ``act`` (clip search "
-                             "weighted by calibration E[x^2]), ``gptq`` (``act`` + GPTQ error feedback; needs an "
-                             "in x in statistic per layer during calibration)")
+    wopt: str = setting("auto", env=_env("WOPT"), parse=_lower, choices=WOPT_MODES,
+                        help="weight refinement: ``auto`` (default: ``gptq`` when a calibration set is given, "
+                             "i.e. :func:`quant.calibrate` runs; ``clip`` when there is none, data free), ``clip`` "
+                             "(data-free clip search, recipe), ``act`` (clip search weighted by calibration "
+                             "E[x^2]), ``gptq`` (``act`` + GPTQ error feedback, run pass by pass, see GPTQ_MEM_MB)")
+    gptq_mem_mb: int = setting(0, env=_env("GPTQ_MEM_MB"), check=at_least(0),
+                               help="GPTQ runs layer by layer in sequential calibration passes; each pass "
+                                    "accumulates the in x in fp32 Hessians of at most this many MiB of layers "
+                                    "(a larger layer gets a pass of its own; 0, the default: exactly one layer "
+                                    "per pass, one forward of the calibration set per layer, measured best on "
+                                    "MiniLM). Later passes see the already-quantised earlier layers")
+    gptq_damp: float = setting(0.1, env=_env("GPTQ_DAMP"), check=in_range(0.0, 1.0),
+                               help="GPTQ dampening, as a fraction of the mean Hessian diagonal (0.1 measured "
+                                    "better than GPTQ's usual 0.01 on MiniLM W4A8 with few calibration batches)")
+    gptq_act_order: bool = setting(True, env=_env("GPTQ_ACT_ORDER"),
+                                   help="GPTQ quantises columns in decreasing Hessian-diagonal order")
+    dit_step_scales: str = setting("auto", env=_env("DIT_STEP_SCALES"), parse=_lower, choices=STEP_SCALE_MODES,
+                                   help="one static activation scale per denoising step for layers inside a "
+                                        "timestep-conditioned module (GR00T's DiT, ``action_head.model``): "
+                                        "``auto`` (on with static per-tensor activation scales), ``1``, ``0``")
     packdir: str | None = setting(None, env=_env("PACKDIR"),
                                   help="directory of the pack cache (safetensors + JSON per layer)")
     scope: str = setting("", env=_env("SCOPE"), help="layer-name prefix")
@@ -178,6 +196,13 @@ class DuQuantConfig:
         """Activation quantisation is on (ABITS > 0)."""
         return self.abits > 0
 
+    @property
+    def step_scales_on(self) -> bool:
+        """Per-denoising-step activation scales apply (DIT_STEP_SCALES, ``auto``: static per-tensor scales)."""
+        if not self.act_quant or self.dit_step_scales == "0":
+            return False
+        return self.dit_step_scales == "1" or self.act_gran == "tensor"
+
     def bits_for(self, name: str) -> int:
         """Weight bits for one layer (per-layer WBITS override, else WBITS_DEFAULT)."""
         return self.wbits.get(name, self.wbits_default)
@@ -213,7 +238,7 @@ class DuQuantConfig:
         return (
             f"W{self.wbits_default} A{self.abits if self.act_quant else 'off'} block={self.block} "
             f"block_out={self.block_out} permute={int(self.permute)} row_rot={self.row_rot} rot={self.rot} "
-            f"wopt={self.wopt} act_gran={self.act_gran} "
+            f"wopt={self.wopt} act_gran={self.act_gran} dit_step_scales={self.dit_step_scales} "
             f"act_pct={self.act_pct} calib_steps={self.calib_steps} ls={self.ls} scope={self.scope!r} "
             f"packdir={self.packdir!r} packed={int(self.packed)} layers={len(self.layers)} "
             f"wbits_overrides={len(self.wbits)}"

@@ -37,8 +37,9 @@ from quant.profile import PROFILER
 LOG = logging.getLogger("quant")
 
 #: Weight refinement: ``clip`` data-free clipping search (the recipe's), ``act`` activation-weighted clipping search,
-#: ``gptq`` activation-weighted clipping + GPTQ error feedback (both use the calibration batches).
-WOPT_MODES = ("clip", "act", "gptq")
+#: ``gptq`` activation-weighted clipping + GPTQ error feedback (both use the calibration batches); ``auto`` is ``gptq``
+#: when :func:`quant.calibrate` runs (a calibration set exists) and ``clip`` when the layer calibrates lazily.
+WOPT_MODES = ("auto", "clip", "act", "gptq")
 
 #: Samples kept per layer for the activation percentile (a uniform sample of every value seen, see AbsObserver).
 OBSERVER_CAPACITY = 1 << 17
@@ -141,6 +142,7 @@ class FakeQuantLinear(nn.Module):
         precache: bool = True,
         profile: bool = False,
         packed: bool = False,
+        step_scales: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -162,6 +164,13 @@ class FakeQuantLinear(nn.Module):
         self.profile = profile
         self.calib_state = "uncalibrated" if abits > 0 else "frozen"
         self.observer: AbsObserver | None = None
+        # Per-denoising-step static activation scales (DIT_STEP_SCALES): ``step_key`` is set before each call by a
+        # hook on the enclosing timestep-conditioned module (quant.replace.install_step_hooks); a key seen in
+        # calibration uses its own scale, any other (or None) the scale over all steps, ``act_scale``.
+        self.step_scales = bool(step_scales) and abits > 0 and act_gran == "tensor"
+        self.step_key: int | None = None
+        self.step_observers: dict[int, AbsObserver] = {}
+        self.step_act_scales: dict[int, torch.Tensor] = {}
         self.register_buffer("act_scale", torch.zeros(()), persistent=False)
         self.register_buffer("w_q", None, persistent=False)
         self.register_buffer("w_scale", None, persistent=False)
@@ -273,8 +282,23 @@ class FakeQuantLinear(nn.Module):
         return y
 
     # -- calibration ------------------------------------------------------------------------------------------
-    def start_calibration(self) -> None:
+    def plan_weights(self, calibrated: bool) -> None:
+        """Subclass hook: decide the weight refinement before calibration starts (``calibrated``: a calibration
+        set is given, as opposed to lazy calibration from serving calls)."""
+
+    @property
+    def hessian_bytes(self) -> int:
+        """Bytes of the per-layer second-moment statistic calibration will hold (0: none)."""
+        return 0
+
+    def hold(self) -> None:
+        """Wait for a later calibration pass: quantise weights only, observe nothing, never calibrate lazily."""
+        if self.abits > 0 and self.calib_state != "frozen":
+            self.calib_state = "pending"
+
+    def start_calibration(self, calibrated: bool = True) -> None:
         """Enter explicit calibration (:func:`quant.calibration.calibrate`): observe until :meth:`freeze`."""
+        self.plan_weights(calibrated)
         if self.abits <= 0:
             return
         if self.w_packed is not None and self.refines_on_freeze:
@@ -284,6 +308,7 @@ class FakeQuantLinear(nn.Module):
             )
         self.calib_state = "calibrating"
         self.observer = AbsObserver(seed=zlib.crc32(self.name.encode()))
+        self.step_observers, self.step_act_scales = {}, {}
         self.reset_extra_stats()
 
     def reset_extra_stats(self) -> None:
@@ -307,6 +332,11 @@ class FakeQuantLinear(nn.Module):
         self.on_freeze()
         amax = self.observer.percentile(self.act_pct)
         self.act_scale = torch.tensor(max(amax, 1e-8) / T.qmax_for(self.abits), device=self.device)
+        self.step_act_scales = {
+            k: torch.tensor(max(o.percentile(self.act_pct), 1e-8) / T.qmax_for(self.abits), device=self.device)
+            for k, o in self.step_observers.items()
+        }
+        self.step_observers = {}
         self.calib_state = "frozen"
         if self.packed:
             self.pack_weights()
@@ -326,12 +356,16 @@ class FakeQuantLinear(nn.Module):
                 "[GR00T-DUQUANT] %s: not calibrated before first use; calibrating lazily from its first %d calls",
                 self.name, self.calib_steps,
             )
-            self.start_calibration()
+            self.start_calibration(calibrated=False)
             self.calib_state = "lazy"
         assert self.observer is not None
         self.observe_extra(x_raw)
         self.observe_qspace(x_q)
         self.observer.observe(x_q)
+        if self.step_scales and self.step_key is not None:
+            if self.step_key not in self.step_observers:
+                self.step_observers[self.step_key] = AbsObserver(seed=zlib.crc32(self.name.encode()) + self.step_key)
+            self.step_observers[self.step_key].observe(x_q)
         if self.calib_state == "lazy" and self.observer.calls >= self.calib_steps:
             self.freeze()
             LOG.info("[GR00T-DUQUANT] %s: lazily calibrated from %d calls", self.name, self.observer.calls)
@@ -347,13 +381,15 @@ class FakeQuantLinear(nn.Module):
                 xt = self.to_qspace(x.float())
             if self.abits > 0:
                 with self._section("act_quant", dev):
-                    if self.calib_state != "frozen":
+                    if self.calib_state not in ("frozen", "pending"):
                         self._observe(x, xt)
                     if self.act_gran == "token":
                         qa = T.qmax_for(self.abits)
                         xt = T.fake_quant(xt, xt.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qa, qa)
                     elif self.calib_state == "frozen":
-                        xt = T.fake_quant(xt, self.act_scale, T.qmax_for(self.abits))
+                        scale = self.step_act_scales.get(self.step_key, self.act_scale) if self.step_key is not None \
+                            else self.act_scale
+                        xt = T.fake_quant(xt, scale, T.qmax_for(self.abits))
             if self.w_packed is not None:
                 with self._section("matmul", dev):
                     yt = self._packed_matmul(xt)
@@ -394,6 +430,7 @@ class SmoothQuantLinear(FakeQuantLinear):
 
     def __init__(self, linear: nn.Linear, name: str, wbits: int, abits: int, alpha: float = 0.5, **kw: Any) -> None:
         kw.setdefault("clip_search", False)
+        kw["step_scales"] = False  # its scale is re-taken at freeze from kept rows, over all steps
         super().__init__(linear, name, wbits, abits, **kw)
         self.alpha = alpha
         self.register_buffer("smooth", torch.ones(self.in_features), persistent=False)
@@ -477,6 +514,8 @@ class DuQuantLinear(FakeQuantLinear):
         consumer_ok: bool = False,
         pack: dict[str, torch.Tensor] | None = None,
         wopt: str = "clip",
+        gptq_damp: float = 0.01,
+        gptq_act_order: bool = False,
         **kw: Any,
     ) -> None:
         super().__init__(linear, name, wbits, abits, **kw)
@@ -507,6 +546,11 @@ class DuQuantLinear(FakeQuantLinear):
             raise ValueError(f"wopt must be one of {WOPT_MODES}, got {wopt!r}")
         # Data-aware weight refinement needs calibration; without activation quantisation there is none.
         self.wopt = wopt if abits > 0 else "clip"
+        # What this calibration runs: ``auto`` is resolved by plan_weights (gptq with a calibration set, else clip).
+        self.wopt_run = "clip" if self.wopt == "auto" else self.wopt
+        self.gptq_damp = gptq_damp
+        self.gptq_act_order = gptq_act_order
+        self.wopt_samples = 0  # calibration calls the refined weights came from (0: data free)
         self._h: torch.Tensor | None = None
         self._h_rows = 0
         self.pack_reused = pack is not None
@@ -515,17 +559,42 @@ class DuQuantLinear(FakeQuantLinear):
 
     @property
     def refines_on_freeze(self) -> bool:
-        return self.wopt != "clip" and self.weight_quant
+        if not self.weight_quant:
+            return False
+        # ``auto`` on a packed layer packs the data-free weights at construction (the float weight is freed at
+        # once); :func:`server.policies.quantize.apply_duquant` resolves ``auto`` to ``gptq`` before replacement
+        # when it has a calibration set, so a packed server layer still gets GPTQ and packs at freeze.
+        return not self.packed if self.wopt == "auto" else self.wopt != "clip"
 
     def reset_extra_stats(self) -> None:
         self._h, self._h_rows = None, 0
 
+    def plan_weights(self, calibrated: bool) -> None:
+        if self.wopt == "auto":
+            self.wopt_run = "gptq" if calibrated and self.weight is not None and self.refines_on_freeze else "clip"
+
+    @property
+    def hessian_bytes(self) -> int:
+        if not self.weight_quant or self.wopt_run == "clip" or self.abits <= 0:
+            return 0
+        n = self.perm.numel()
+        return n * n * 4 if self.wopt_run == "gptq" else n * 4
+
+    @property
+    def weights_desc(self) -> str:
+        """How the weights were rounded, for the log: GPTQ/act-weighted (calibrated) or RTN (data free)."""
+        if not self.weight_quant:
+            return "float"
+        if self.wopt_run == "clip" or self.wopt_samples == 0:
+            return "RTN (data-free)"
+        return f"{'GPTQ' if self.wopt_run == 'gptq' else 'act-weighted RTN'} (calibrated, {self.wopt_samples} samples)"
+
     def observe_qspace(self, xt: torch.Tensor) -> None:
         """Accumulate ``E[x_t^2]`` (``act``) or ``E[x_t x_t^T]`` (``gptq``) of the transformed inputs."""
-        if self.wopt == "clip" or not self.weight_quant:
+        if self.wopt_run == "clip" or not self.weight_quant:
             return
         x = xt.detach().reshape(-1, xt.shape[-1]).float()
-        stat = x.pow(2).sum(0) if self.wopt == "act" else x.t() @ x
+        stat = x.pow(2).sum(0) if self.wopt_run == "act" else x.t() @ x
         self._h = stat if self._h is None else self._h + stat
         self._h_rows += x.shape[0]
 
@@ -537,11 +606,13 @@ class DuQuantLinear(FakeQuantLinear):
         w = self.qspace_weight()
         diag = h if h.dim() == 1 else torch.diagonal(h)
         self.w_scale = T.weight_row_scales(w, self.wbits, self.clip_search, importance=diag)
-        if self.wopt == "gptq":
+        if self.wopt_run == "gptq":
             # GPTQ's result is not a function of (weight, scale) alone, so it is always kept (PRECACHE ignored).
-            self.w_q = T.gptq_quantize(w, self.w_scale, self.wbits, h).to(self.compute_dtype)
+            self.w_q = T.gptq_quantize(w, self.w_scale, self.wbits, h, damp=self.gptq_damp,
+                                       act_order=self.gptq_act_order).to(self.compute_dtype)
         else:
             self.prepare_weights()
+        self.wopt_samples = self.observer.calls if self.observer is not None else 0
         self._h = None
 
     def effective_weight(self) -> torch.Tensor:

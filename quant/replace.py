@@ -12,8 +12,9 @@ KV heads reuse their KV head's rotation). ``BLOCK_OUT`` must divide ``head_dim``
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -145,6 +146,7 @@ def replace_linear_layers(
         act_pct=config.act_pct, act_gran=config.act_gran, calib_steps=config.calib_steps, clip_search=config.clip_search,
         precache=config.precache_weights, profile=config.profile, packed=config.packed,
     )
+    step_scope = _step_scopes(model) if config.step_scales_on else []
     if config.profile:
         PROFILER.register(config.profile_sync)
 
@@ -156,6 +158,7 @@ def replace_linear_layers(
     lines: dict[str, str] = {}
     for s in order:
         lin = s.module
+        common["step_scales"] = any(s.name.startswith(prefix + ".") for prefix in step_scope)
         if method == "rtn":
             new: FakeQuantLinear = RTNLinear(lin, s.name, s.wbits, s.abits, **common)
             row_rot = ""
@@ -186,7 +189,8 @@ def replace_linear_layers(
             new = DuQuantLinear(
                 lin, s.name, s.wbits, s.abits, block=config.block, block_out=config.block_out,
                 permute=config.permute, row_rot=row_rot, rot=config.rot, ls=config.ls, pre_rot=pre_rot,
-                consumer_ok=s.name in pairs, pack=pack, wopt=config.wopt, **common,
+                consumer_ok=s.name in pairs, pack=pack, wopt=config.wopt, gptq_damp=config.gptq_damp,
+                gptq_act_order=config.gptq_act_order, **common,
             )
             if cache is not None and key is not None:
                 if pack is None:
@@ -197,6 +201,7 @@ def replace_linear_layers(
                              "PACKED=1); packed from the float weight and the entry updated", s.name,
                              pack_key_digest(key))
                     cache.save(s.name, key, new.pack_tensors())
+        new.gptq_mem_mb = config.gptq_mem_mb
         parent, leaf = _parent(model, s.name)
         setattr(parent, leaf, new)
         built[s.name] = new
@@ -206,8 +211,67 @@ def replace_linear_layers(
         report.append(ReplacedLayer(s.name, s.module.in_features, s.module.out_features, s.wbits, s.abits))
     if cache is not None:
         LOG.info("%s", cache.summary())
+    hooked = install_step_hooks(model) if step_scope else 0
+    if hooked:
+        LOG.info("[GR00T-DUQUANT] DIT_STEP_SCALES: %d layers under %s take one activation scale per denoising step",
+                 hooked, ", ".join(step_scope))
     LOG.info("[GR00T-DUQUANT] Total layers replaced: %d", len(report))
     return report
+
+
+def _timestep_arg(module: nn.Module) -> int | None:
+    """Position of a ``timestep`` parameter of ``module.forward`` (GR00T's DiT: ``forward(x, context, timestep,
+    ...)``), or None."""
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("timestep") if "timestep" in params else None
+
+
+def _step_scopes(model: nn.Module) -> list[str]:
+    """Names of the outermost timestep-conditioned submodules (their forward takes ``timestep``)."""
+    out: list[str] = []
+    for name, mod in model.named_modules():
+        if name and _timestep_arg(mod) is not None and not any(name.startswith(o + ".") for o in out):
+            out.append(name)
+    return out
+
+
+def install_step_hooks(model: nn.Module) -> int:
+    """Tell the step-scale layers inside each timestep-conditioned module which denoising step runs.
+
+    GR00T's Euler loop calls ``action_head.model(seq, vl, t_disc, mask)`` once per step with ``t_disc`` the
+    step's discretised time (``int(i / n * buckets)``, distinct per step), so a forward pre-hook reading
+    ``timestep`` gives every layer inside a per-step key without touching the model's code; a post-hook clears it.
+    Returns how many layers got a hook (0: none, e.g. no DiT). Idempotent.
+    """
+    count = 0
+    for name in _step_scopes(model):
+        mod = model.get_submodule(name)
+        idx = _timestep_arg(mod)
+        if idx is None or getattr(mod, "_duquant_step_hooked", False):
+            continue
+        layers = [m for m in mod.modules() if isinstance(m, FakeQuantLinear) and m.step_scales]
+        if not layers:
+            continue
+
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layers: list = layers,
+                idx: int = idx) -> None:
+            t = kwargs.get("timestep", args[idx] if len(args) > idx else None)
+            key = int(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) and t.numel() else None
+            for m in layers:
+                m.step_key = key
+
+        def post(_m: nn.Module, _args: tuple[Any, ...], _out: Any, layers: list = layers) -> None:
+            for m in layers:
+                m.step_key = None
+
+        mod.register_forward_pre_hook(pre, with_kwargs=True)
+        mod.register_forward_hook(post)
+        mod._duquant_step_hooked = True
+        count += len(layers)
+    return count
 
 
 def scan_lines(selected: list[SelectedLayer], config: DuQuantConfig) -> list[str]:

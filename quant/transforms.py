@@ -200,18 +200,25 @@ def weight_row_scales(
 
 
 def gptq_quantize(
-    w: torch.Tensor, scale: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float = 0.01, blocksize: int = 128
+    w: torch.Tensor, scale: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float = 0.01, blocksize: int = 128,
+    act_order: bool = False,
 ) -> torch.Tensor:
     """GPTQ (Frantar et al. 2022) with fixed per-row scales: quantise columns in order, pushing each column's error
     onto the not-yet-quantised columns through the inverse Hessian ``H = E[x x^T]`` of the layer's inputs.
 
     Written from the paper's algorithm (Cholesky of ``H^-1``, lazy block updates). Returns the dequantised weight.
     Why: at W4 per-row scaling leaves a weight-error floor that rotations cannot remove; error feedback lowers it
-    using the same calibration data the activation scales already need.
+    using the same calibration data the activation scales already need. ``act_order``: columns in decreasing
+    ``diag(H)`` order (the most active inputs first, while the most columns are left to absorb their error).
+    Memory: the ``in x in`` Hessian (float64 while inverting) plus the weight, for one layer.
     """
     w = w.float().clone()
     n = w.shape[1]
     h = hessian.double().to(w.device).clone()
+    order = None
+    if act_order:
+        order = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, order], h[order][:, order]
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -233,6 +240,8 @@ def gptq_quantize(
             w1[:, i:] -= e.unsqueeze(1) * hb[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if order is not None:
+        q = q[:, torch.argsort(order)]
     return q
 
 

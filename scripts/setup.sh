@@ -19,7 +19,7 @@ setup_server() {
   echo "[setup] creating $v (server, dev)"
   [ -x "$v/bin/python" ] || "$PY" -m venv "$v"
   "$v/bin/pip" install -q -U pip
-  "$v/bin/pip" install -q -e ".[server,client,dev]"
+  "$v/bin/pip" install -q -e ".[server,client,dev,train]"
   # The distribution is the client only (pyproject.toml); the server stack (server/ quant/ rsd/ models/) runs
   # from this checkout, which a .pth file puts on the environment's path.
   "$v/bin/python" -c 'import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "vla_checkout.pth").write_text(sys.argv[1] + "\n")' "$PWD"

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from server.config import ConfigError, parse_server_config
+from server.config import ConfigError, ServerConfig, parse_server_config
 
 if TYPE_CHECKING:
     from server.policies import Policy
@@ -60,6 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                          + (["the websocket port"] if config.ws_port is not None else [])),
             "" if config.ws_port is None else " and no --ws-port",
         )
+    if config.replicas > 1 or config.replica_endpoints is not None:
+        from server.replicas import check_combination
+
+        try:
+            check_combination(config)
+        except ConfigError as exc:
+            sys.stderr.write(f"python -m server: error: {exc}\n")
+            return 2
     curve_setup = None
     if config.curve_keys is not None:
         from server.security import curve_server_setup
@@ -70,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"python -m server: error: --curve-keys: {exc}\n")
             return 2
 
+    if config.replica_endpoints is not None:  # a front for servers elsewhere: no policy here
+        return _serve_replicas(config, argv, curve_setup)
     # Everything that can be checked without loading weights is checked now, before anything binds: a bad
     # --policy-option, a missing checkpoint or a bad GR00T_DUQUANT_* variable exits 2 at once.
     from models.common.errors import CheckpointError
@@ -91,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if config.policy == "debug":
         logger.warning("serving the DEBUGGING policy: deterministic actions from no model")
+    if config.replicas > 1:
+        return _serve_replicas(config, argv, curve_setup)
 
     def build() -> Policy:
         """Runs on the inference thread while the socket already answers ping with status "loading"."""
@@ -129,6 +141,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logger.error("loading the policy failed", exc_info=exc)
     return 1
+
+
+def _serve_replicas(config: ServerConfig, argv: Sequence[str], curve_setup: object) -> int:
+    """``--replicas N`` / ``--replica-endpoints``: the front process of :mod:`server.replicas`."""
+    import zmq
+
+    from server.replicas import ReplicaBroker, build_replicas
+
+    try:
+        replicas = build_replicas(config, argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"python -m server: error: {exc}\n")
+        return 2
+    try:
+        return ReplicaBroker(config, replicas, curve_setup=curve_setup).serve()
+    except zmq.ZMQError as exc:
+        sys.stderr.write(f"python -m server: error: cannot serve on {config.endpoint}: {exc}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -52,6 +52,23 @@ HARD_CAP_FACTOR = 2
 MAX_MESSAGES_PER_WAKE = 64
 
 
+def split_envelope(frames: list[zmq.Frame]) -> tuple[list[bytes], list[zmq.Frame]] | None:
+    """A ROUTER message -> (reply envelope, payload frames), or ``None`` when it carries no payload.
+
+    ROUTER frames: ``[identity, *payload]`` from DEALER, ``[identity, b"", *payload]`` from REQ, and
+    ``[identity, tag, b"", *payload]`` from the replica front end (:mod:`server.replicas`), whose ``tag`` frame
+    starts with :data:`client.wire.ROUTE_TAG_PREFIX` (a byte msgpack never uses, so no client header can look like
+    one). The payload is a msgpack header frame plus out-of-band array frames (client/wire.py).
+    """
+    if len(frames) >= 3 and frames[1].buffer.nbytes == 0:
+        return [frames[0].bytes, b""], frames[2:]
+    if len(frames) >= 4 and frames[2].buffer.nbytes == 0 and frames[1].bytes[:1] == wire.ROUTE_TAG_PREFIX:
+        return [frames[0].bytes, frames[1].bytes, b""], frames[3:]
+    if len(frames) >= 2 and frames[1].buffer.nbytes > 0:
+        return [frames[0].bytes], frames[1:]
+    return None
+
+
 @dataclass
 class ServedOutput(PolicyOutput):
     """A policy output as answered to a client: float32 actions plus the server's timing breakdown."""
@@ -279,16 +296,12 @@ class PolicyServer:
         self._send(envelope, wire.error_reply(req_id, code, message))
 
     def _handle_frames(self, frames: list[zmq.Frame]) -> None:
-        # ROUTER frames: [identity, *payload] from DEALER, [identity, b"", *payload] from REQ; the
-        # payload is a msgpack header frame plus out-of-band array frames (client/wire.py).
-        if len(frames) >= 3 and frames[1].buffer.nbytes == 0:
-            envelope, payload = [frames[0].bytes, b""], frames[2:]
-        elif len(frames) >= 2 and frames[1].buffer.nbytes > 0:
-            envelope, payload = [frames[0].bytes], frames[1:]
-        else:
+        split = split_envelope(frames)
+        if split is None:
             self.stats.dropped_frames += 1
             logger.warning("dropping a message with no payload frame")
             return
+        envelope, payload = split
         received = time.perf_counter()
         try:
             message = wire.unpack_frames(payload, self.limits)

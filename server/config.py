@@ -55,6 +55,20 @@ def _directory(value: str) -> str | None:
     return None if Path(value).is_dir() else "is not a directory"
 
 
+def _endpoints(value: str) -> str | None:
+    for item in value.split(","):
+        item = item.strip()
+        host, _, port = item.removeprefix("tcp://").rpartition(":")
+        if not item.startswith("tcp://") or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return f"expects tcp://HOST:PORT[,tcp://HOST:PORT...], got {item!r}"
+    return None
+
+
+def replica_endpoint_list(value: str | None) -> list[str]:
+    """The endpoints of ``--replica-endpoints`` (empty when not given)."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Every setting of one server process (built by :func:`parse_server_config`; tests may construct it)."""
@@ -114,6 +128,15 @@ class ServerConfig:
     gr00t_api: str = setting("n1.5", "--gr00t-api", env="VLA_SERVER_GR00T_API", choices=("n1.5", "n1.6"),
                              help="GR00T client generation get_modality_config answers (N1.5: as_json strings "
                                   "and action.* keys; N1.6: maps and bare keys); get_action accepts both")
+    replicas: int = setting(1, "--replicas", env="VLA_SERVER_REPLICAS", check=at_least(1),
+                            help="serve N replica processes of this server behind --port (one per GPU with "
+                                 "--device cuda: replica k on cuda:k; on CPU each gets --torch-threads, by "
+                                 "default an equal share of the cores); see docs/replicas.md")
+    replica_endpoints: str | None = setting(None, "--replica-endpoints", env="VLA_SERVER_REPLICA_ENDPOINTS",
+                                            check=_endpoints,
+                                            help="comma-separated tcp://host:port of already-running servers "
+                                                 "(other machines) to serve behind --port instead of local "
+                                                 "replicas; see docs/replicas.md")
     # Raw ``--policy-option KEY=VALUE`` text; each policy parses its own typed options from it.
     policy_options: dict[str, str] = field(default_factory=dict)
     rsd: RSDConfig = field(default_factory=RSDConfig)

@@ -47,8 +47,11 @@ def apply_duquant(model: Any, config: Any, calibration: Iterable[Any] | None = N
     if not getattr(config, "enabled", False):
         logger.info("DuQuant not enabled")
         return {"enabled": False}
-    from quant import calibrate, replace_linear_layers
+    from quant import calibrate, quantized_layers, replace_linear_layers
 
+    if getattr(config, "wopt", None) == "auto":
+        # The default weight rounding: GPTQ when there is a calibration set, data-free RTN (clip search) without.
+        config = config.replace(wopt="gptq" if calibration is not None else "clip")
     report = replace_linear_layers(model, config)
     calibrated = False
     if calibration is not None:
@@ -57,6 +60,9 @@ def apply_duquant(model: Any, config: Any, calibration: Iterable[Any] | None = N
         else:
             calibrate(model, calibration, forward_fn)
         calibrated = True
+    kinds = sorted({getattr(m, "weights_desc", "RTN") for m in quantized_layers(model).values()})
+    if not calibrated:
+        logger.info("[GR00T-DUQUANT] weights: RTN (data-free; no calibration set)")
     return {
         "enabled": True,
         "method": "duquant",
@@ -66,6 +72,8 @@ def apply_duquant(model: Any, config: Any, calibration: Iterable[Any] | None = N
         "block": config.block,
         "permute": config.permute,
         "row_rot": config.row_rot,
+        "wopt": getattr(config, "wopt", None),
+        "weights": "; ".join(kinds),
         "calibrated_at_startup": calibrated,
     }
 
