@@ -52,6 +52,21 @@ HARD_CAP_FACTOR = 2
 MAX_MESSAGES_PER_WAKE = 64
 
 
+def bind_client_socket(ctx: zmq.Context, config: ServerConfig, curve_setup: Any | None = None) -> zmq.Socket:
+    """The client-facing ROUTER socket (a server's, or the replica front's), configured and bound to
+    ``config.endpoint``: frames over ``HARD_CAP_FACTOR`` x the message limit are cut by libzmq before allocation."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * HARD_CAP_FACTOR)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # unroutable replies (client gone) are dropped silently
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.RCVHWM, 10000)
+    if curve_setup is not None:
+        curve_setup(sock)
+    sock.bind(config.endpoint)
+    return sock
+
+
 def split_envelope(frames: list[zmq.Frame]) -> tuple[list[bytes], list[zmq.Frame]] | None:
     """A ROUTER message -> (reply envelope, payload frames), or ``None`` when it carries no payload.
 
@@ -118,15 +133,7 @@ class PolicyServer:
 
     async def serve(self) -> None:
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes * HARD_CAP_FACTOR)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # unroutable replies (client gone) are dropped silently
-        sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.setsockopt(zmq.RCVHWM, 10000)
-        if self._curve_setup is not None:
-            self._curve_setup(sock)
-        sock.bind(self.config.endpoint)
+        sock = bind_client_socket(ctx, self.config, self._curve_setup)
         self._socket = sock
         self.bound_port = self.config.port
         loop = asyncio.get_running_loop()

@@ -50,7 +50,7 @@ import zmq
 
 from client import wire
 from client.gr00t_client import packb as gr00t_packb
-from server.app import HARD_CAP_FACTOR, split_envelope
+from server.app import bind_client_socket, split_envelope
 from server.config import ConfigError, ServerConfig, build_parser, replica_endpoint_list
 from server.gr00t_protocol import error_reply as gr00t_error
 from server.gr00t_protocol import is_gr00t_message
@@ -197,15 +197,7 @@ class ReplicaBroker:
     def serve(self) -> int:
         """Bind, start the replicas, relay until SIGINT/SIGTERM; 0, or 2 when every replica failed to start."""
         self._ctx = ctx = zmq.Context()
-        front = ctx.socket(zmq.ROUTER)
-        front.setsockopt(zmq.LINGER, 2000)
-        front.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes * HARD_CAP_FACTOR)
-        front.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        front.setsockopt(zmq.SNDHWM, 10000)
-        front.setsockopt(zmq.RCVHWM, 10000)
-        if self._curve_setup is not None:
-            self._curve_setup(front)
-        front.bind(self.config.endpoint)
+        front = bind_client_socket(ctx, self.config, self._curve_setup)
         self._front = front
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread

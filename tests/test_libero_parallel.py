@@ -102,7 +102,7 @@ def test_resume_after_interrupted_parallel_run_runs_only_the_missing_episodes(se
         os.killpg(proc.pid, signal.SIGKILL)  # the whole run (parent + workers) is interrupted at once
         proc.wait()
     before = {(e["task_id"], e["trial"]): e for e in json.loads(res.read_text())["episodes"]}
-    assert 1 <= len(before) < 4
+    assert 0 < len(before) < 4
     r = _evaluate([*args, "--workers", "2", "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{4 - len(before)} episodes to run ({len(before)} already done)" in r.stderr

@@ -41,14 +41,11 @@ class OpenVLAOptions(CalibrationOptions):
 
 
 @dataclass(frozen=True)
-class OpenVLAOFTOptions(CalibrationOptions):
+class OpenVLAOFTOptions(OpenVLAOptions):
     unnorm_key: str | None = setting(None, help="dataset statistics to unnormalise with (e.g. libero_spatial_no_noops;"
                                                 " 'libero_spatial' finds its _no_noops key)")
     center_crop: bool = setting(True, help="centre-crop 90% of every image's area (upstream's LIBERO harness does, "
                                            "the released fine-tunes were trained with random crops)")
-    gripper_convention: str | None = setting(None, choices=GRIPPER_CONVENTIONS,
-                                             help="gripper convention of the actions (default: read from the "
-                                                  "checkpoint's action statistics)")
     num_images: int = setting(2, choices=(1, 2), help="images per observation: image (+ wrist_image)")
     chunk: int = setting(8, check=at_least(1), help="actions per chunk (NUM_ACTIONS_CHUNK the head was trained "
                                                     "with: 8 for LIBERO)")
