@@ -7,14 +7,16 @@
 
 ``main`` fine-tunes the whole backbone (vision towers, projector, LLM) and the layer head with teacher-forced
 cross-entropy over the 8 RFSQ layers of the action chunk that starts at each demonstration step; ``--init`` takes
-any released-format OpenVLA directory (a 7B one on a GPU, or the project's tiny one), ``--preset`` builds a
-fresh same-architecture backbone. ``--proprio`` adds the normalised 8-D state as one projected prefix token and
-``--wrist`` the wrist camera's patches (OpenVLA-OFT's extra inputs; the demonstrations must hold them); the draft
-stage and the server read the choice from ``rsd/rsd_config.json``. ``draft`` freezes that main model and trains
-the draft to imitate main's own greedy coarse layers (distillation; see rsd/draft.py), reporting per-layer code and whole-layer
-agreement on held-out demonstrations. Both stages run the shared loop (:func:`models.common.training.fit`):
-seeded, tqdm progress plus a log line every few steps; ``main`` resumes exactly from ``OUT/train_state``
-(safetensors weights; optimizer tensors loaded with ``weights_only=True``).
+any released-format OpenVLA directory (a 7B one on a GPU, or the project's tiny one) or a released OpenVLA-OFT one
+(``openvla-7b-oft-finetuned-libero-*``, told apart by its ``action_head--*_checkpoint`` file; see
+:func:`_oft_init`), ``--preset`` builds a fresh same-architecture backbone. ``--proprio`` adds the normalised 8-D
+state as one projected prefix token and ``--wrist`` the wrist camera's patches (OpenVLA-OFT's extra inputs; the
+demonstrations must hold them); the draft stage and the server read the choice from ``rsd/rsd_config.json``.
+``draft`` freezes that main model and trains the draft to imitate main's own greedy coarse layers (distillation;
+see rsd/draft.py), reporting per-layer code and whole-layer agreement on held-out demonstrations. Both stages
+run the shared loop (:func:`models.common.training.fit`): seeded, tqdm progress plus a log line every few steps;
+``main`` resumes exactly from ``OUT/train_state`` (safetensors weights; optimizer tensors loaded with
+``weights_only=True``).
 
 At scale (``main``; see models/common/scale.py): ``--lora-r 32`` trains peft LoRA adapters on the Llama projections
 (``--lora-targets``) plus the RFSQ layer head and proprio projector, everything else frozen, and merges the adapters
@@ -31,7 +33,9 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +98,9 @@ def _extra_inputs(model: OpenVLARSD, samples: DemoSamples, j: np.ndarray) -> dic
 
 
 def _build_backbone(args: argparse.Namespace):
+    """The backbone to fine-tune: ``--init`` loaded as a released OpenVLA directory (an OpenVLA-OFT directory's
+    merged backbone is one: the same files, the OFT head files beside them are not read here), else a fresh
+    ``--preset``."""
     import models
     from models.openvla import tiny
 
@@ -101,6 +108,124 @@ def _build_backbone(args: argparse.Namespace):
         return models.load_pretrained("openvla", args.init, device=args.device)
     model = tiny.build_tiny(args.preset, seed=args.seed)
     return model.to(args.device)
+
+
+@dataclass
+class OFTInit:
+    """What an OpenVLA-OFT ``--init`` directory offers the RSD main model besides its backbone."""
+
+    root: Path
+    action_head: Path  # never loaded: RSD decodes RFSQ layers with its own head
+    proprio_path: Path | None
+    proprio: dict[str, torch.Tensor] | None  # read only when --proprio is on
+    proprio_stats: dict[str, Any] | None  # the OFT's ``bounds_q99`` proprio statistics, when it has them
+    stats_key: str | None
+
+
+def _oft_proprio_stats(norm_stats: dict[str, Any], key: str) -> tuple[str, dict[str, Any]] | None:
+    """The OFT's proprio statistics for ``key`` (``<key>_no_noops`` too, as OFT's LIBERO harness), else the only
+    dataset that has any; ``None`` when that is ambiguous or absent."""
+    for k in (key, f"{key}_no_noops"):
+        if "proprio" in norm_stats.get(k, {}):
+            return k, norm_stats[k]["proprio"]
+    with_proprio = [k for k, v in norm_stats.items() if isinstance(v, dict) and "proprio" in v]
+    return (with_proprio[0], norm_stats[with_proprio[0]]["proprio"]) if len(with_proprio) == 1 else None
+
+
+def _oft_init(args: argparse.Namespace, norm_stats: dict[str, Any]) -> OFTInit | None:
+    """Inspect ``--init`` when it is an OpenVLA-OFT directory (else ``None``) and log what RSD takes from it.
+
+    ``norm_stats`` are the backbone's statistics as loaded, read before the main stage replaces them with the
+    demonstrations' own: the OFT's proprio range is what its projector was trained on. Only advice is logged for
+    the input flags (the OFT was fine-tuned with both cameras); the user's ``--wrist`` / ``--proprio`` stand.
+    """
+    from models.openvla import oft
+
+    if not args.init or not oft.is_oft_dir(args.init):
+        return None
+    root = Path(args.init)
+    head = oft.find_component(root, oft.ACTION_HEAD)
+    assert head is not None
+    proprio_path = oft.find_component(root, oft.PROPRIO_PROJECTOR, required=False)
+    logger.info("--init %s is an OpenVLA-OFT checkpoint: its merged backbone (vision towers, projector, LLM) "
+                "initialises the RSD backbone; OFT fine-tuned that LLM with bidirectional attention, RSD runs it "
+                "causally and the main stage adapts it", root)
+    logger.info("%s: the L1-regression action head is not used (RSD predicts RFSQ layers); the RSD layer head "
+                "(code/layer embeddings + logits head) is freshly initialised", head.name)
+    if not args.wrist:
+        logger.warning("OpenVLA-OFT checkpoints are fine-tuned on two cameras (third-person + wrist) but --wrist "
+                       "is off: this RSD model will see the third-person camera only. Pass --wrist (WRIST=1 in "
+                       "scripts/train_default_model.sh) to keep the wrist input the backbone was trained with")
+    proprio = None
+    if proprio_path is None:
+        if args.proprio:
+            logger.info("%s has no proprio projector: the RSD proprio projector is freshly initialised", root)
+    elif not args.proprio:
+        logger.info("%s is not used (--proprio is off)", proprio_path.name)
+    else:
+        proprio = oft.read_component(proprio_path)
+    found = _oft_proprio_stats(norm_stats, args.unnorm_key) if proprio is not None else None
+    return OFTInit(root=root, action_head=head, proprio_path=proprio_path, proprio=proprio,
+                   proprio_stats=None if found is None else found[1], stats_key=None if found is None else found[0])
+
+
+def _bounds_as_mean_std(stats: dict[str, Any], dim: int) -> tuple[list[float], list[float]] | None:
+    """OFT's ``bounds_q99`` map ``2 (s - q01) / (q99 - q01 + eps) - 1`` written as RSD's ``(s - mean) / std``
+    (``mask``-false dimensions pass through: mean 0, std 1); ``None`` if the statistics are not ``dim``-D.
+    OFT also clips the result to [-1, 1]; RSD does not (states beyond the 1st/99th percentiles stay linear)."""
+    from models.openvla.oft import NORM_EPS
+
+    q01, q99 = np.asarray(stats.get("q01", []), np.float64), np.asarray(stats.get("q99", []), np.float64)
+    if q01.shape != (dim,) or q99.shape != (dim,):
+        return None
+    mask = np.asarray(stats.get("mask", np.ones(dim, dtype=bool)), dtype=bool)
+    mean = np.where(mask, (q01 + q99) / 2.0, 0.0)
+    std = np.where(mask, (q99 - q01 + NORM_EPS) / 2.0, 1.0)
+    return mean.tolist(), std.tolist()
+
+
+def _init_from_oft(model: OpenVLARSD, init: OFTInit) -> dict[str, Any]:
+    """Copy the OFT's proprio projector into ``model`` when the shapes match, and normalise the state as OFT did.
+
+    The projector learnt its map on OFT's q01/q99-normalised states, so reusing it is only worth anything with
+    that same normalisation: the config's mean/std are rewritten from the OFT's statistics. Returns the record
+    of what was reused and what was freshly initialised (kept in ``train_main_metrics.json``).
+    """
+    reused = ["backbone (vision towers, projector, LLM)"]
+    fresh = ["rsd layer head"]
+    record: dict[str, Any] = {"path": str(init.root), "kind": "openvla-oft", "unused": [init.action_head.name]}
+    proj = model.proprio_projector
+    if proj is not None and init.proprio is not None:
+        want = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in init.proprio.items()}
+        if want != got:
+            logger.warning("%s does not match the RSD proprio projector (its shapes %s, needed %s for %d-D states "
+                           "and LLM width %d): freshly initialised", init.proprio_path, got, want,
+                           model.cfg.proprio_dim, model.hidden_size)
+            fresh.append("proprio projector")
+        else:
+            proj.load_state_dict(init.proprio, strict=True)
+            reused.append("proprio projector")
+            norm = (None if init.proprio_stats is None
+                    else _bounds_as_mean_std(init.proprio_stats, model.cfg.proprio_dim))
+            if norm is None:
+                logger.warning("%s/dataset_statistics.json: no usable %d-D proprio q01/q99 for this run's "
+                               "--unnorm-key: the state is normalised with the demonstrations' mean/std, not the "
+                               "range the OFT projector was trained on", init.root, model.cfg.proprio_dim)
+            else:
+                model.cfg.proprio_mean, model.cfg.proprio_std = norm
+                logger.info("proprio projector initialised from %s; states normalised with the OFT's %r q01/q99 "
+                            "range (bounds_q99, as the projector was trained)", init.proprio_path.name,
+                            init.stats_key)
+            record["proprio_stats_key"] = init.stats_key if norm is not None else None
+    elif proj is not None:
+        fresh.append("proprio projector")
+    elif init.proprio_path is not None:
+        record["unused"].append(init.proprio_path.name)
+    record |= {"reused": reused, "fresh": fresh}
+    logger.info("OFT init: reused %s; freshly initialised %s; unused %s", ", ".join(reused), ", ".join(fresh),
+                ", ".join(record["unused"]))
+    return record
 
 
 @torch.no_grad()
@@ -160,6 +285,7 @@ def train_main(args: argparse.Namespace) -> dict:
     train_layers = _tokens_for(train, tokenizer)
     held_layers = _tokens_for(held, tokenizer) if len(held) else torch.zeros(0, 8, 128, dtype=torch.long)
     backbone = _build_backbone(args)
+    oft_init = _oft_init(args, backbone.norm_stats or {})  # before the demos' statistics replace the OFT's
     backbone.norm_stats = {args.unnorm_key: _action_stats(samples.chunks)}
     backbone.config.norm_stats = backbone.norm_stats
     cfg = VLARSDConfig(center_crop=True, trained_on=str(args.demos), use_proprio=args.proprio,
@@ -169,6 +295,7 @@ def train_main(args: argparse.Namespace) -> dict:
         cfg.proprio_dim = int(train.states.shape[1])
         cfg.proprio_mean, cfg.proprio_std = _proprio_stats(train.states)
     model = OpenVLARSD(backbone, cfg).to(args.device)
+    init_record = _init_from_oft(model, oft_init) if oft_init is not None else None
     model.tokenizer = tokenizer
     lora = scale.prepare_model(model, model.backbone.language_model, args, keep_trainable=[
         model.main.code_embed, model.main.layer_embed, model.main.head, model.proprio_projector])
@@ -207,6 +334,8 @@ def train_main(args: argparse.Namespace) -> dict:
     metrics = evaluate_main(model, held, held_layers) if len(held) else {}
     metrics.update({"steps": step, "train_seconds": round(result.seconds, 1), "train_samples": len(train),
                     "heldout_samples": len(held), "history": history})
+    if init_record is not None:
+        metrics["init"] = init_record
     from models.openvla.tiny import save_pretrained
 
     save_pretrained(model.backbone, out, num_shards=2)
@@ -305,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("main", parents=[common])
     m.add_argument("--rfsq", required=True, help="trained RFSQ tokenizer directory")
     m.add_argument("--out", required=True)
-    m.add_argument("--init", default=None, help="released-format OpenVLA directory to fine-tune")
+    m.add_argument("--init", default=None,
+                   help="released-format OpenVLA directory to fine-tune, or a released OpenVLA-OFT one (detected "
+                        "by its action_head--*_checkpoint file: its backbone, and with --proprio its proprio "
+                        "projector, initialise the RSD model; pass --wrist too, OFT uses both cameras)")
     m.add_argument("--preset", default="tiny", help="fresh backbone preset when --init is not given")
     m.add_argument("--steps", type=int, default=3000)
     m.add_argument("--batch-size", type=int, default=32)

@@ -10,7 +10,10 @@
 #   install-> copy the trained checkpoint (released layout + rsd/) to models/checkpoints/openvla-rsd-libero-spatial
 # Usage: scripts/train_default_model.sh [all|demos|rfsq|main|draft|install] ; every stage resumes.
 # Knobs (env): SUITE, DEMOS (glob), OUT, TRIALS_PER_TASK, RFSQ_STEPS, MAIN_STEPS, DRAFT_STEPS, PRESET, DEVICE,
-#              INIT (a released-format OpenVLA dir to fine-tune instead of a fresh PRESET backbone, e.g. 7B on a GPU),
+#              INIT (a released-format OpenVLA dir to fine-tune instead of a fresh PRESET backbone, e.g. 7B on a GPU;
+#                    or an OpenVLA-OFT dir, e.g. the seeds' openvla-7b-oft-finetuned-libero-spatial: told apart by its
+#                    action_head--*_checkpoint file, its backbone and (PROPRIO=1) proprio projector initialise the
+#                    model, its L1 action head is unused; keep WRIST=1, OFT is trained on both cameras),
 #              BATCH (main --batch-size, default 32), EMA (main --ema, default 0.999), THREADS (torch threads),
 #              PROPRIO=1|0 (main --proprio: the normalised 8-D state as one extra prefix token; default 1),
 #              WRIST=1|0 (main --wrist: the wrist camera's patches after the agent view's; default 1).

@@ -223,3 +223,77 @@ def test_served_policy_requires_and_uses_state_and_wrist() -> None:
     moved = dict(obs, state=obs["state"] + 5.0)
     batch = policy.infer([obs, moved])
     np.testing.assert_allclose(batch[0].actions, ref, atol=1e-5)  # batching only reorders float sums
+
+
+def _state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rsd_on_an_oft_backbone_init_train_draft_and_serve(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``main --init <OpenVLA-OFT dir>``: the OFT's backbone and proprio projector initialise the RSD model (the L1
+    head is unused), the result is a plain OpenVLA-RSD directory: ``draft`` trains on it, ``openvla-rsd`` serves it.
+    """
+    import logging
+
+    from client.testing import libero_observation
+    from models.openvla import oft
+    from rsd import train_vla
+    from server.config import ServerConfig
+    from server.policies import create_policy
+
+    oft_dir = oft.build_tiny_dir(tmp_path / "openvla-7b-oft-tiny")  # the released layout (tests/test_openvla_oft.py)
+    plain = tmp_path / "openvla-tiny"
+    save_pretrained(tiny.build_tiny("tiny", seed=0), plain)
+    assert oft.is_oft_dir(oft_dir) and not oft.is_oft_dir(plain)
+    ref = oft.load(oft_dir)
+    demos = tmp_path / "demos.hdf5"
+    _write_demos(demos)
+
+    # In process: the backbone _build_backbone returns is the OFT's, the proprio projector is copied from its file.
+    argv = ["main", "--demos", str(demos), "--rfsq", "unused", "--out", "unused", "--init", str(oft_dir), "--proprio"]
+    with caplog.at_level(logging.INFO, logger="rsd.train_vla"):
+        args = train_vla.build_parser().parse_args([*argv, "--wrist"])
+        backbone = train_vla._build_backbone(args)
+        assert _state_dicts_equal(backbone.state_dict(), ref.vla.state_dict())
+        init = train_vla._oft_init(args, backbone.norm_stats)
+        assert init is not None and init.action_head.name == "action_head--150000_checkpoint.pt"
+        model = OpenVLARSD(backbone, VLARSDConfig(use_proprio=True, use_wrist_image=True))
+        record = train_vla._init_from_oft(model, init)
+    assert _state_dicts_equal(model.proprio_projector.state_dict(), ref.proprio_projector.state_dict())
+    assert record["reused"] == ["backbone (vision towers, projector, LLM)", "proprio projector"]
+    assert record["fresh"] == ["rsd layer head"] and record["unused"] == ["action_head--150000_checkpoint.pt"]
+    assert "L1-regression action head is not used" in caplog.text
+    assert "--wrist is off" not in caplog.text
+    # RSD's (s - mean) / std reproduces OFT's bounds_q99 normalisation inside the q01..q99 range.
+    stats = ref.norm_stats["libero_spatial_no_noops"]["proprio"]
+    q01, q99 = np.array(stats["q01"]), np.array(stats["q99"])
+    s = q01 + np.random.default_rng(0).uniform(0.05, 0.95, (3, 8)) * (q99 - q01)
+    np.testing.assert_allclose(model.normalize_states(s, torch.device("cpu"), torch.float32).numpy(),
+                               oft.normalize_proprio(s, stats), atol=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rsd.train_vla"):  # --wrist off: advice, the flag is left alone
+        no_wrist = train_vla.build_parser().parse_args(argv)
+        assert train_vla._oft_init(no_wrist, {}) is not None and not no_wrist.wrist
+    assert any(r.levelno == logging.WARNING and "--wrist is off" in r.getMessage() for r in caplog.records)
+
+    # The CLI run: saved as today (released layout + rsd/), moved from the OFT's weights only by training.
+    out = tmp_path / "model"
+    assert _train_main(tmp_path, demos, out, "--init", str(oft_dir), "--proprio", "--wrist") == 0
+    metrics = json.loads((out / RSD_DIR / "train_main_metrics.json").read_text())
+    assert metrics["init"]["kind"] == "openvla-oft" and "proprio projector" in metrics["init"]["reused"]
+    cfg = json.loads((out / RSD_DIR / RSD_CONFIG).read_text())
+    assert cfg["use_proprio"] and cfg["use_wrist_image"]
+    np.testing.assert_allclose(cfg["proprio_mean"], (q01 + q99) / 2)
+    trained = load_openvla_rsd(out, with_draft=False)
+    got, want = trained.backbone.state_dict(), ref.vla.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[k], want[k], atol=1e-3) for k in got)
+    assert not _state_dicts_equal(got, want)  # two optimiser steps did move it
+    assert torch.allclose(trained.proprio_projector.fc1.weight, ref.proprio_projector.fc1.weight, atol=1e-3)
+
+    assert train_vla.main(["draft", "--model", str(out), "--demos", str(demos), "--steps", "2", "--max-samples", "16",
+                           "--heldout-frac", "0.5"]) == 0
+    policy = create_policy(ServerConfig(policy="openvla-rsd", model_path=str(out)))
+    assert policy.metadata()["inputs"] == ["image", "wrist_image", "state", "instruction"]
+    actions = policy.infer([libero_observation(0, size=64, instruction=INSTRUCTIONS[0])])[0].actions
+    assert actions.shape == (8, 7) and np.isfinite(actions).all()

@@ -275,6 +275,14 @@ def find_component(root: Path, name: str, required: bool = True) -> Path | None:
     return next((p for p in found if p.suffix == ".safetensors"), found[0])
 
 
+def is_oft_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an OFT checkpoint in the released layout: a backbone ``config.json`` with an
+    ``action_head--<step>_checkpoint`` file beside it (what :func:`load` requires). A plain OpenVLA directory has
+    no such file, so callers that accept both (``rsd.train_vla main --init``) can tell them apart by layout."""
+    root = Path(path)
+    return (root / "config.json").is_file() and find_component(root, ACTION_HEAD, required=False) is not None
+
+
 def read_component(path: Path) -> dict[str, torch.Tensor]:
     """A head file's tensors with the DDP ``module.`` prefix stripped; a non-tensor pickle is refused."""
     size = path.stat().st_size
