@@ -5,8 +5,9 @@ Matrices:
 * ``quant`` — full precision vs RTN W4A8 vs DuQuant W4A8 (default settings, calibrated on demonstrations, never on
   evaluation episodes) for each ``--quant-policy``.
 
-Every variant gets its own server; ``--workers`` simulator clients drain (variant, task) jobs, so all variants
-run the same init states with the same seed. Re-running the same command resumes (per-job results files).
+Every variant gets its own server; one pool of ``--workers`` simulator processes (``client.libero.parallel``)
+drains the (variant, task, trial) episodes, so all variants run the same init states with the same seed. Re-running
+the same command resumes (one results file per variant, ``OUT/<label>/results.json``).
 
     .venv-libero/bin/python -m benchmarks.bench_libero_success --matrix rsd --trials 10 --workers 2
     .venv-libero/bin/python -m benchmarks.bench_libero_success --matrix quant --quant-policy gr00t \

@@ -1,8 +1,8 @@
 """The success-rate matrix runner (benchmarks/support/libero_matrix.py) without the simulator.
 
-The scheduler's parts that decide what a table says: results merging, Wilson intervals, the same-episodes
-comparison figures, variant construction and job command lines. The real servers + simulator path runs in CI
-through ``benchmarks/bench_libero_success.py --quick``.
+The parts that decide what a table says: results merging, Wilson intervals, the same-episodes comparison
+figures, variant construction, each variant's client config, the episode jobs handed to the pool and what a
+re-run resumes. The real servers + simulator path runs in CI through ``benchmarks/bench_libero_success.py --quick``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 import benchmarks.support.libero_matrix as lm
 from benchmarks.bench_libero_success import derived_figures
+from client.libero.results import EpisodeResult
 
 
 def _write_results(path: Path, episodes: list[tuple[int, int, bool, bool]]) -> None:
@@ -67,16 +68,79 @@ def test_quant_variants_share_flags_and_differ_only_in_quantisation(tmp_path) ->
     assert fp.server_args[fp.server_args.index("--denoising-steps") + 1] == "4"
 
 
-def test_job_command_targets_one_task_and_resumes(tmp_path) -> None:
-    cfg = lm.MatrixConfig(suite="libero_spatial", tasks=[3], trials=7, workers=1, out_dir=tmp_path, seed=11,
-                          max_steps=20, resolution=128, client_python="py")
-    v = lm.Variant("relaxed", ["--policy", "openvla-rsd"], client_args=["--replan", "4"])
-    cmd = lm._job_cmd(cfg, v, 5601, 3, tmp_path / "r.json")
-    assert cmd[:3] == ["py", "-m", "client.libero.evaluate"]
-    for flag, value in (("--port", "5601"), ("--tasks", "3"), ("--trials", "7"), ("--seed", "11"),
-                        ("--max-steps", "20"), ("--resolution", "128"), ("--replan", "4")):
-        assert cmd[cmd.index(flag) + 1] == value
-    assert "--resume" in cmd and "--no-video" in cmd
+def _matrix(tmp_path: Path, **kw) -> lm.MatrixConfig:
+    base = dict(suite="libero_spatial", tasks=[3, 5], trials=2, workers=2, out_dir=tmp_path, seed=11, max_steps=20,
+                resolution=128, client_python="py")
+    return lm.MatrixConfig(**{**base, **kw})
+
+
+def _episode(task: int, trial: int, success: bool = True, errored: bool = False) -> EpisodeResult:
+    return EpisodeResult(task_id=task, task_name=f"t{task}", instruction="do it", trial=trial,
+                         init_state_index=trial, success=success, errored=errored, steps=50 if success else 20,
+                         wall_time_s=1.5, error="PolicyClientError: down" if errored else None)
+
+
+def test_eval_config_has_the_matrix_settings_and_the_variants_client_flags(tmp_path) -> None:
+    cfg = _matrix(tmp_path, trials=7, replan=2)
+    v = lm.Variant("relaxed", ["--policy", "openvla-rsd"], client_args=["--replan", "4", "--timeout", "90"])
+    e = lm.eval_config(cfg, v, 5601)
+    assert (e.suite, e.port, e.tasks, e.trials, e.seed) == ("libero_spatial", 5601, [3, 5], 7, 11)
+    assert (e.max_steps, e.resolution, e.workers) == (20, 128, 2)
+    assert e.replan == 4 and e.timeout_s == 90.0  # a variant's own client flags override the matrix's
+    assert e.resume and e.headless and not e.save_video and not e.progress
+    assert e.results_path == tmp_path / "relaxed" / "results.json" == lm.results_path(cfg, "relaxed")
+    plain = lm.eval_config(_matrix(tmp_path, max_steps=None, resolution=None), lm.Variant("a", []), 5602)
+    assert plain.replan is None and plain.resolution == 256 and plain.max_steps is None  # the client's defaults
+    with pytest.raises(ValueError, match="--replan"):
+        lm.eval_config(cfg, lm.Variant("bad", [], client_args=["--replan", "0"]), 5603)
+
+
+def test_jobs_are_task_major_interleave_the_variants_and_skip_recorded_episodes(tmp_path) -> None:
+    cfg = _matrix(tmp_path)
+    configs = {label: lm.eval_config(cfg, lm.Variant(label, []), port) for label, port in (("a", 6001), ("b", 6002))}
+    jobs = lm.build_jobs(configs, {"b": {(3, 1)}}, cfg.tasks, cfg.trials)
+    assert [(j.task_id, j.trial, j.tag) for j in jobs] == [
+        (3, 0, "a"), (3, 0, "b"), (3, 1, "a"), (5, 0, "a"), (5, 0, "b"), (5, 1, "a"), (5, 1, "b")]
+    assert all(j.cfg is configs[j.tag] for j in jobs)  # each episode goes to its own variant's server
+    assert {j.cfg.port for j in jobs if j.tag == "b"} == {6002}
+
+
+def test_rerun_resumes_each_variant_from_its_results_file(tmp_path) -> None:
+    cfg = _matrix(tmp_path, tasks=[0], trials=3)
+    configs = {label: lm.eval_config(cfg, lm.Variant(label, []), 6000) for label in ("a", "b")}
+    versions = {"mujoco": "x", "gl_backend": "egl"}
+    first = {label: lm.open_results(e, versions) for label, e in configs.items()}
+    rec = lm._Recorder(first)
+    jobs = lm.build_jobs(configs, {}, cfg.tasks, cfg.trials)
+    assert len(jobs) == 6
+    for job in jobs[:4]:  # stopped after (0, 0) and (0, 1) of both variants; b's (0, 1) errored
+        rec.on_result(job, _episode(job.task_id, job.trial, errored=(job.tag, job.trial) == ("b", 1)))
+    again = {label: lm.open_results(e, versions) for label, e in configs.items()}  # the same command again
+    todo = lm.build_jobs(configs, {label: r.done_keys() for label, r in again.items()}, cfg.tasks, cfg.trials)
+    assert [(j.tag, j.task_id, j.trial) for j in todo] == [("b", 0, 1), ("a", 0, 2), ("b", 0, 2)]
+    doc = json.loads(lm.results_path(cfg, "a").read_text())
+    assert doc["suite"] == "libero_spatial" and doc["config"]["port"] == 6000 and doc["versions"] == versions
+    assert [(e["task_id"], e["trial"]) for e in doc["episodes"]] == [(0, 0), (0, 1)]
+
+
+def test_recorder_writes_each_variant_and_reports_only_episodes_lost_by_workers(tmp_path) -> None:
+    cfg = _matrix(tmp_path, tasks=[0, 1], trials=1)
+    configs = {label: lm.eval_config(cfg, lm.Variant(label, []), 6000) for label in ("main_only", "exact")}
+    rec = lm._Recorder({label: lm.open_results(e, {}) for label, e in configs.items()})
+    a0, b0, a1, b1 = lm.build_jobs(configs, {}, cfg.tasks, cfg.trials)
+    rec.on_retry(a0, "worker 0 (pid 1) exited with code 57", 2)  # lost once, then it ran
+    rec.on_result(a0, _episode(0, 0, success=True))
+    rec.on_result(b0, _episode(0, 0, success=False))
+    rec.on_result(a1, _episode(1, 0, errored=True))  # the server failed it: errored, not a lost episode
+    rec.on_retry(b1, "worker 1: RuntimeError: no env", 2)
+    rec.on_result(b1, _episode(1, 0, errored=True))  # lost on both attempts
+    assert len(rec.failures) == 1 and rec.failures[0].startswith("exact task 1 trial 0:")
+    a = json.loads(lm.results_path(cfg, "main_only").read_text())
+    assert [(r["task_id"], r["trial"], r["attempt"]) for r in a["retries"]] == [(0, 0, 2)]
+    sa, sb = (lm._summarise([lm.results_path(cfg, label)]) for label in ("main_only", "exact"))
+    assert (sa["successes"], sa["valid_episodes"], sa["errored"], sa["per_task"]) == (1, 1, 1, {"0": "1/1"})
+    assert (sb["successes"], sb["valid_episodes"], sb["errored"], sb["outcomes"]) == (0, 1, 1, {"0:0": False})
+    assert sa["mean_steps"] == 50 and sa["median_episode_wall_s"] == 1.5
 
 
 def test_duplicate_labels_are_refused(tmp_path) -> None:

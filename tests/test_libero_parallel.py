@@ -7,6 +7,7 @@ Killed workers come from test hooks (``VLA_EVAL_TEST_HOOK_*``) that make a worke
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -150,3 +151,39 @@ def test_ray_flag_without_ray_names_the_flag(tmp_path, monkeypatch):
         config_from_args(["libero_spatial", "--headless", "--ray", "auto"])
     with pytest.raises(ValueError, match="--workers and --ray are exclusive"):
         config_from_args(["libero_spatial", "--headless", "--ray", "auto", "--workers", "2"])
+
+
+# A parent in the server's environment (.venv, which has torch and no LIBERO) whose workers run this simulator
+# interpreter, as benchmarks/bench_quant_policy.py drives the success matrix; it imports torch so that a worker
+# re-running it as its main module would fail.
+_FOREIGN_PARENT = """
+import json, sys
+import torch  # noqa: F401 - only the parent's environment has it
+from client.libero.config import EvalConfig
+from client.libero.parallel import EpisodeJob, EpisodePool
+
+if __name__ == "__main__":
+    cfg = EvalConfig(suite="libero_spatial", port=int(sys.argv[2]), max_steps=6, resolution=64, save_video=False,
+                     progress=False, headless=True)
+    out = []
+    EpisodePool(1, python=sys.argv[1]).run([EpisodeJob(cfg, 0, 0)], lambda job, ep: out.append(ep.__dict__))
+    print(json.dumps(out))
+"""
+
+
+def test_workers_on_another_environments_interpreter_import_from_their_own(server, tmp_path):
+    from client.libero.parallel import worker_sys_path
+
+    assert importlib.util.find_spec("torch") is None, "this test needs a simulator env without torch"
+    venv = str(Path(SERVER_PYTHON).parent.parent)
+    theirs = worker_sys_path(SERVER_PYTHON)
+    assert any(p.startswith(venv + os.sep) and p.endswith("site-packages") for p in theirs)
+    assert not any(p.startswith(sys.prefix + os.sep) for p in theirs)  # none of this environment's packages
+    script = tmp_path / "parent.py"
+    script.write_text(_FOREIGN_PARENT)
+    r = subprocess.run([SERVER_PYTHON, str(script), sys.executable, str(server.port)], cwd=REPO,
+                       env=_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ep,) = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (ep["task_id"], ep["trial"], ep["errored"]) == (0, 0, False), ep["error"]
+    assert ep["steps"] == 6 and ep["num_queries"] >= 1 and ep["task_name"]

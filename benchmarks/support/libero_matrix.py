@@ -1,14 +1,17 @@
-"""Run LIBERO success-rate evaluations for several server variants in parallel processes.
+"""Run LIBERO success-rate evaluations for several server variants on one pool of simulator processes.
 
-Why a scheduler rather than one ``run_libero_eval.sh`` per variant: an episode is dominated by the
-simulator (one core each), so the throughput is set by how many simulator processes run at once, not by
-how many variants there are. Every variant gets one server; the work is cut into (variant, task) jobs
-that a pool of client processes drains, interleaved so all variants advance together and a run stopped
-early still compares them on the same episodes. Each job writes its own results file with ``--resume``,
-so re-running the same command continues where it stopped.
+Why one pool rather than one ``run_libero_eval.sh`` per variant: an episode is dominated by the simulator (one
+core each), so the throughput is set by how many simulator processes run at once, not by how many variants there
+are. Every variant gets one server; the work is cut into (variant, task, trial) episodes that one
+:class:`client.libero.parallel.EpisodePool` of ``workers`` simulator processes drains (the pool of
+``client.libero.evaluate --workers``: a lost worker's episode is retried once), in task-major order so all
+variants advance together, a worker keeps its env across the variants' episodes of a task, and a run stopped
+early still compares them on the same episodes. Only this process writes results: one
+:class:`client.libero.results.ResultsFile` per variant (``OUT/<label>/results.json``, the schema of a single
+run), always resumed, so re-running the same command runs only the episodes not yet recorded.
 
-Only the client side is imported here (no torch): servers run under ``server_python``, clients under
-``client_python``.
+No torch here: servers run under ``server_python``, the pool's workers under ``client_python`` (this process may
+run either environment).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.libero.config import EvalConfig, config_from_args
+from client.libero.parallel import EpisodeJob, EpisodePool
+from client.libero.results import EpisodeResult, ResultsFile
 from client.testing import REPO, ServerProcess, venv_python
 
 log = logging.getLogger("bench.libero_matrix")
@@ -103,7 +109,7 @@ class MatrixConfig:
     client_python: str = field(default_factory=lambda: default_python(".venv-libero"))
     server_extra: list[str] = field(default_factory=list)
     ready_timeout_s: float = 900.0
-    job_timeout_s: float = 7200.0
+    episode_timeout_s: float | None = 1800.0  # a worker holding one episode longer is killed, the episode retried
 
 
 class _Server:
@@ -142,17 +148,86 @@ class _Server:
         return self.server.stop()
 
 
-def _job_cmd(cfg: MatrixConfig, v: Variant, port: int, task: int, results: Path) -> list[str]:
-    cmd = [cfg.client_python, "-m", "client.libero.evaluate", cfg.suite, "--headless", "--port", str(port),
-           "--tasks", str(task), "--trials", str(cfg.trials), "--seed", str(cfg.seed), "--no-video",
-           "--no-progress", "--results", str(results), "--resume"]
+def results_path(cfg: MatrixConfig, label: str) -> Path:
+    """Where one variant's episodes are recorded."""
+    return cfg.out_dir / label / "results.json"
+
+
+def eval_config(cfg: MatrixConfig, v: Variant, port: int) -> EvalConfig:
+    """The client settings of variant ``v``'s episodes against its server on ``port``.
+
+    Built from the flags one ``client.libero.evaluate`` run of the variant would get, so ``Variant.client_args``
+    mean (and override) exactly what they do on that command line, and are validated the same way.
+    """
+    argv = [cfg.suite, "--headless", "--port", str(port), "--tasks", ",".join(str(t) for t in cfg.tasks),
+            "--trials", str(cfg.trials), "--seed", str(cfg.seed), "--workers", str(cfg.workers), "--no-video",
+            "--no-progress", "--results", str(results_path(cfg, v.label)), "--resume"]
     if cfg.max_steps:
-        cmd += ["--max-steps", str(cfg.max_steps)]
+        argv += ["--max-steps", str(cfg.max_steps)]
     if cfg.resolution:
-        cmd += ["--resolution", str(cfg.resolution)]
+        argv += ["--resolution", str(cfg.resolution)]
     if cfg.replan:
-        cmd += ["--replan", str(cfg.replan)]
-    return cmd + v.client_args
+        argv += ["--replan", str(cfg.replan)]
+    return config_from_args(argv + v.client_args)
+
+
+def client_versions(python: str, gl_backend: str) -> dict[str, str]:
+    """The simulator's library versions as the workers' interpreter sees them (recorded in every results file,
+    as a single run records its own); asked of that interpreter, since this process may run another one."""
+    code = "import json; from client.libero.env import library_versions; print(json.dumps(library_versions()))"
+    r = subprocess.run([python, "-c", code], cwd=REPO, env=dict(os.environ, MUJOCO_GL=gl_backend),
+                       capture_output=True, text=True, timeout=300, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"client interpreter {python} cannot import the LIBERO client: {r.stderr.strip()[-800:]}")
+    versions = json.loads(r.stdout.strip().splitlines()[-1])
+    versions["gl_backend"] = gl_backend
+    return versions
+
+
+def open_results(ecfg: EvalConfig, versions: dict[str, str]) -> ResultsFile:
+    """A variant's results file, resumed when it exists (the matrix always continues its own earlier runs)."""
+    return ResultsFile(ecfg.results_path, ecfg.suite, ecfg.to_dict(), versions, resume=True)
+
+
+def build_jobs(configs: Mapping[str, EvalConfig], done: Mapping[str, set[tuple[int, int]]], tasks: Iterable[int],
+               trials: int) -> list[EpisodeJob]:
+    """One job per (variant, task, trial) not in ``done[label]``, tagged with the variant's label.
+
+    Task-major, then trial, then variant: every variant runs episode (t, k) before any runs a later one, and the
+    pool (which prefers jobs of the task a worker's env holds) keeps each env across all the episodes of a task.
+    """
+    return [EpisodeJob(ecfg, t, k, tag=label) for t in tasks for k in range(trials)
+            for label, ecfg in configs.items() if (t, k) not in done.get(label, set())]
+
+
+class _Recorder:
+    """The pool's callbacks: each episode goes to its variant's results file, here in the parent only.
+
+    ``failures``: errored episodes that a worker had lost (it died, or could not run them), the matrix's
+    equivalent of a crashed evaluation client; episodes errored by the server alone stay ``errored`` in the
+    summary, as in a single run.
+    """
+
+    def __init__(self, results: Mapping[str, ResultsFile], progress: Any = None) -> None:
+        self.results = results
+        self.progress = progress
+        self.failures: list[str] = []
+        self._lost: set[tuple[str, int, int]] = set()
+
+    def on_result(self, job: EpisodeJob, ep: EpisodeResult) -> None:
+        res = self.results[job.tag]
+        res.add(ep)
+        if ep.errored and (job.tag, job.task_id, job.trial) in self._lost:
+            self.failures.append(f"{job.tag} task {job.task_id} trial {job.trial}: {ep.error} (see {res.path})")
+        if self.progress is not None:
+            counts = (r.document()["summary"] for r in self.results.values())
+            self.progress.set_postfix_str(" ".join(f"{label} {c['successes']}/{c['valid_episodes']}"
+                                                   for label, c in zip(self.results, counts, strict=True)))
+            self.progress.update(1)
+
+    def on_retry(self, job: EpisodeJob, reason: str, attempt: int) -> None:
+        self._lost.add((job.tag, job.task_id, job.trial))
+        self.results[job.tag].record_retry(job.task_id, job.trial, reason, attempt)
 
 
 def _summarise(results_files: Sequence[Path]) -> dict[str, Any]:
@@ -189,60 +264,47 @@ def _summarise(results_files: Sequence[Path]) -> dict[str, Any]:
     }
 
 
-def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]:
-    """Start one server per variant, drain (variant, task) jobs with ``cfg.workers`` clients, summarise."""
+def _run_episodes(cfg: MatrixConfig, configs: Mapping[str, EvalConfig], gl_backend: str) -> list[str]:
+    """Open (resume) every variant's results file, run the missing episodes on one pool; returns the failures."""
     from tqdm import tqdm
 
+    versions = client_versions(cfg.client_python, gl_backend)
+    results = {label: open_results(ecfg, versions) for label, ecfg in configs.items()}
+    jobs = build_jobs(configs, {label: r.done_keys() for label, r in results.items()}, cfg.tasks, cfg.trials)
+    total = len(configs) * len(cfg.tasks) * cfg.trials
+    log.info("%d episodes to run (%d already recorded)", len(jobs), total - len(jobs))
+    bar = tqdm(total=len(jobs), desc="libero episodes", unit="ep", dynamic_ncols=True)
+    rec = _Recorder(results, bar)
+    pool = EpisodePool(cfg.workers, python=cfg.client_python, episode_timeout_s=cfg.episode_timeout_s,
+                       gl_backend=gl_backend)
+    try:
+        pool.run(jobs, rec.on_result, rec.on_retry)
+    except RuntimeError as exc:  # every worker died: report what was recorded, and this
+        rec.failures.append(f"pool: {exc}")
+    finally:
+        bar.close()
+    return rec.failures
+
+
+def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]:
+    """Start one server per variant, run every (variant, task, trial) episode on one pool, summarise."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     labels = [v.label for v in variants]
-    by_label = {v.label: v for v in variants}
     if len(set(labels)) != len(labels):
         raise ValueError(f"variant labels must be unique: {labels}")
     servers: dict[str, _Server] = {}
-    running: list[tuple[subprocess.Popen, str, int, float, Any]] = []
-    failures: list[str] = []
     t_start = time.monotonic()
     try:
         for v in variants:
             servers[v.label] = _Server(v, cfg)
+        configs = {v.label: eval_config(cfg, v, servers[v.label].port) for v in variants}
         for s in servers.values():
             s.wait_ready(cfg.ready_timeout_s)
         log.info("%d servers ready in %.1fs", len(servers), time.monotonic() - t_start)
-        # Task-major order: every variant sees task t before any variant sees task t+1.
-        jobs = [(v.label, t) for t in cfg.tasks for v in variants]
-        client_env = dict(os.environ)
-        client_env.setdefault("MUJOCO_GL", "egl")
-        bar = tqdm(total=len(jobs), desc="libero jobs", unit="job", dynamic_ncols=True)
-        pending = list(jobs)
-        while pending or running:
-            while pending and len(running) < cfg.workers:
-                label, task = pending.pop(0)
-                res = cfg.out_dir / label / f"task_{task:02d}.json"
-                res.parent.mkdir(parents=True, exist_ok=True)
-                logf = open(cfg.out_dir / label / f"task_{task:02d}.log", "a")  # noqa: SIM115 - closed below
-                proc = subprocess.Popen(_job_cmd(cfg, by_label[label], servers[label].port, task, res), cwd=REPO,
-                                        env=client_env, stdout=logf, stderr=subprocess.STDOUT)
-                running.append((proc, label, task, time.monotonic(), logf))
-            time.sleep(0.5)
-            still = []
-            for proc, label, task, t0, logf in running:
-                rc = proc.poll()
-                if rc is None and time.monotonic() - t0 > cfg.job_timeout_s:
-                    proc.kill()
-                    rc = proc.wait()
-                if rc is None:
-                    still.append((proc, label, task, t0, logf))
-                    continue
-                logf.close()
-                if rc != 0:
-                    failures.append(f"{label} task {task}: exit {rc} (see {cfg.out_dir / label})")
-                bar.update(1)
-            running = still
-        bar.close()
+        failures = _run_episodes(cfg, configs, os.environ.get("MUJOCO_GL") or "egl")
         summary: dict[str, Any] = {}
         for v in variants:
-            files = sorted((cfg.out_dir / v.label).glob("task_*.json"))
-            summary[v.label] = _summarise(files)
+            summary[v.label] = _summarise([results_path(cfg, v.label)])
             summary[v.label]["server"] = {"args": v.server_args, "env": v.env, "client_args": v.client_args}
             summary[v.label]["server_report"] = servers[v.label].server_report()
         return {"variants": summary, "failures": failures, "wall_s": round(time.monotonic() - t_start, 1),
@@ -250,9 +312,6 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
                 "max_steps": cfg.max_steps, "resolution": cfg.resolution, "replan": cfg.replan,
                 "workers": cfg.workers}
     finally:
-        for proc, *_rest in running:
-            if proc.poll() is None:
-                proc.kill()
         for s in servers.values():
             s.stop()
 

@@ -25,20 +25,27 @@ worker was lost (``max_retries=1``), a tiny actor counts attempts so the driver 
 merges results into the same file as they arrive. ``ray`` is imported only there.
 
 Messages on the worker pipes are multiprocessing's own (pickled between this process and the children it
-spawned, never bytes from the network). ``benchmarks/support/libero_matrix.py`` still has its own pool of
-(variant, task) jobs; :class:`EpisodePool` takes a config per job, which is what moving it here needs.
+spawned, never bytes from the network). A job carries its own config, so one pool can serve several servers:
+``benchmarks/support/libero_matrix.py`` runs its success matrices (one server per variant) on it, with workers on
+another environment's interpreter (``python=``) when the parent runs elsewhere.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
+import multiprocessing.spawn as mp_spawn
 import os
 import pickle
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -200,10 +207,48 @@ class _Worker:
     task: tuple[str, int] | None = None  # the (suite, task) its env holds
 
 
+def worker_sys_path(python: str) -> list[str]:
+    """The ``sys.path`` a worker on interpreter ``python`` needs: this process's own entries (the checkout,
+    ``PYTHONPATH``) without those of its environment, then ``python``'s own (its stdlib and site-packages).
+
+    Why: spawn gives a child the parent's ``sys.path``, so a worker on the simulator's venv started from a parent
+    in the server's venv would import from the server's site-packages and find no LIBERO.
+    """
+    r = subprocess.run([python, "-c", "import json, sys; print(json.dumps(sys.path))"], capture_output=True,
+                       text=True, timeout=300, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot run the worker interpreter {python}: {r.stderr.strip()[-500:]}")
+    theirs = [p for p in json.loads(r.stdout.strip().splitlines()[-1]) if p]
+    env_dirs = tuple(os.path.join(os.path.abspath(d), "") for d in {sys.prefix, sys.exec_prefix, sys.base_prefix})
+    ours = [p for p in sys.path if not os.path.join(os.path.abspath(p or os.curdir), "").startswith(env_dirs)]
+    return list(dict.fromkeys(ours + theirs))
+
+
+@contextlib.contextmanager
+def _spawning_on(python: str, sys_path: list[str]) -> Iterator[None]:
+    """While a child is started: spawn runs ``python`` with ``sys_path`` and re-imports no ``__main__``.
+
+    Why the ``__main__``: spawn re-runs the parent's main module in every child, and a parent's main (a benchmark
+    importing torch) need not import on the workers' interpreter; the worker needs only :func:`drain_worker`.
+    Spawn reads all three (executable, ``sys.path``, ``__main__``) in ``Process.start``; they are restored after.
+    """
+    saved = mp_spawn.get_executable(), sys.path[:], sys.modules["__main__"]
+    mp_spawn.set_executable(python)
+    sys.path[:] = sys_path
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        mp_spawn.set_executable(saved[0])
+        sys.path[:] = saved[1]
+        sys.modules["__main__"] = saved[2]
+
+
 class EpisodePool:
     """``workers`` simulator processes draining one queue of :class:`EpisodeJob` (see the module docstring).
 
-    ``python``: the workers' interpreter (default: this one). ``episode_timeout_s``: a worker holding one episode
+    ``python``: the workers' interpreter (default: this one); another one (another venv) gets its own ``sys.path``
+    (:func:`worker_sys_path`). ``episode_timeout_s``: a worker holding one episode
     longer is killed and the episode retried (``None``: no limit). ``max_respawns``: how many lost workers are
     replaced (default ``2 * workers + 2``), so a worker that dies at start-up cannot loop forever.
     """
@@ -226,8 +271,9 @@ class EpisodePool:
         if not jobs:
             return
         ctx = mp.get_context("spawn")
-        if self.python:
-            ctx.set_executable(self.python)
+        foreign: tuple[str, list[str]] | None = None  # (interpreter, its sys.path) when not this interpreter
+        if self.python is not None and os.path.abspath(self.python) != os.path.abspath(sys.executable):
+            foreign = (self.python, worker_sys_path(self.python))
         pending: collections.deque[int] = collections.deque(range(len(jobs)))
         attempts = [0] * len(jobs)
         finished = [False] * len(jobs)
@@ -241,7 +287,8 @@ class EpisodePool:
             here, there = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=drain_worker, args=(next_wid, there, self.gl_backend, level),
                                name=f"libero-worker-{next_wid}", daemon=True)
-            proc.start()
+            with _spawning_on(*foreign) if foreign is not None else contextlib.nullcontext():
+                proc.start()
             there.close()  # only the child holds it now: its death gives EOF here
             pool[next_wid] = _Worker(next_wid, proc, here)
             log.info("worker %d started (pid %d)", next_wid, proc.pid)
