@@ -58,8 +58,13 @@ def test_upstream_prompt_single_view_and_quote_in_instruction() -> None:
 
 def test_chat_template_is_read_from_the_directory(tmp_path: Path) -> None:
     assert read_chat_template(TINY) == read_chat_template(None)  # tiny dir ships none: the bundled Eagle one
+    # the tokenizer's own template (N1.5: Qwen3's text template) is never the processor's: ignored
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "X{{ messages[0]['role'] }}"}))
-    assert read_chat_template(tmp_path) == "X{{ messages[0]['role'] }}"
+    assert read_chat_template(tmp_path) == read_chat_template(None)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"chat_template": "P"}))
+    assert read_chat_template(tmp_path) == "P"
+    (tmp_path / "chat_template.jinja").write_text("J{{ messages[0]['role'] }}")
+    assert read_chat_template(tmp_path) == "J{{ messages[0]['role'] }}"
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "Y"}))
     assert read_chat_template(tmp_path) == "Y"
 

@@ -6,7 +6,8 @@ trained on an older, simpler prompt; changing its prompt would silently change i
 checkpoint uses is declared by ``config.json``'s top-level ``prompt_format`` key (absent => upstream).
 
 Upstream prompt (facts from Isaac-GR00T ``gr00t/model/transforms.py`` and
-``backbone/eagle2_hg_model/processing_eagle2_5_vl.py``):
+``backbone/eagle2_hg_model/{chat_template.json,processing_eagle2_5_vl.py}`` at the N1.5 release, recorded with
+their commit in ``models/fixtures/gr00t_n15_eagle_chat_facts.json``):
 
 1. the instruction text is ``str([instruction])`` (a Python list repr: ``"['pick up the bowl']"``);
 2. one user message, content = one image item per view, then the text; rendered with the Eagle 2.5 chat
@@ -43,7 +44,8 @@ PROMPT_FORMATS = (PROMPT_UPSTREAM, PROMPT_LEGACY)
 
 IMG_CONTEXT, IMG_START, IMG_END = "<IMG_CONTEXT>", "<img>", "</img>"
 
-# The Eagle 2.5 chat template (Qwen chat markup; images become ``<image-k>`` placeholders for the processor).
+# The Eagle 2.5 chat template (Qwen chat markup; images become ``<image-k>`` placeholders for the processor):
+# character-for-character the ``chat_template`` of N1.5's ``eagle2_hg_model/chat_template.json`` (see the fixture).
 EAGLE25_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -64,14 +66,20 @@ _PLACEHOLDER = re.compile(r"<image-(\d+)>")
 
 
 def read_chat_template(tokenizer_dir: str | os.PathLike[str] | None) -> str:
-    """The chat template a released-layout directory ships (``chat_template.json``, then ``processor_config.json``,
-    then ``tokenizer_config.json``), else :data:`EAGLE25_CHAT_TEMPLATE` (what GR00T N1.5 bundles)."""
+    """The processor chat template a released-layout directory ships (``chat_template.json``, then a raw
+    ``chat_template.jinja``, then ``processor_config.json``'s key), else :data:`EAGLE25_CHAT_TEMPLATE` (what
+    GR00T N1.5 bundles).
+
+    ``tokenizer_config.json`` is deliberately not read: upstream renders with the Eagle *processor*'s
+    ``apply_chat_template``, which never uses the tokenizer's template, and N1.5's tokenizer_config.json carries
+    Qwen3's text-only template (it cannot render image items)."""
     if tokenizer_dir is not None:
         root = Path(tokenizer_dir)
-        for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        for name in ("chat_template.json", "chat_template.jinja", "processor_config.json"):
             f = root / name
             if f.is_file():
-                template = json.loads(f.read_text()).get("chat_template")
+                text = f.read_text()
+                template = text if name.endswith(".jinja") else json.loads(text).get("chat_template")
                 if isinstance(template, str) and template:
                     return template
     return EAGLE25_CHAT_TEMPLATE
