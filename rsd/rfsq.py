@@ -517,7 +517,7 @@ class RFSQTokenizer:
 
     def decode(self, tokens: Any, layers: int | None = None) -> torch.Tensor:
         """Tokens [B, 8, 16, L'] → raw float32 actions [B, 8, 7] from the first ``layers`` layers."""
-        norm = self.decode_normalized(tokens, layers)
+        norm = self.decode_normalized(tokens, layers).float()  # bf16 under a bf16 run's autocast (validation)
         return torch.from_numpy(self.normalizer.unnormalize(norm.numpy()))
 
     def tokens_to_layers(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ At scale (``main``; see models/common/scale.py): ``--lora-r 32`` trains peft LoR
 (``--lora-targets``) plus the RFSQ layer head and proprio projector, everything else frozen, and merges the adapters
 into the saved backbone (a plain released-format directory); ``--precision bf16`` autocasts (frozen weights stored in
 bf16 with LoRA), ``--grad-accum N`` splits each step's ``--batch-size`` into N micro-batches,
-``--grad-checkpointing`` recomputes the Llama activations; ``torchrun --nproc-per-node N python -m rsd.train_vla
-main ...`` runs data parallel (one shard of every step's batch per rank; rank 0 logs, validates and saves). A memory
+``--grad-checkpointing`` recomputes the Llama activations; ``torchrun --nproc-per-node N -m rsd.train_vla
+main ...`` runs data parallel (one shard of every step's batch per rank; rank 0 logs, validates and saves), with
+``--data-parallel fsdp`` sharded (FSDP2 per Llama decoder layer: a full 7B fine-tune on 8 x 80 GB). A memory
 estimate is printed before the run and a run that cannot fit the device is refused (``--memory-check off``).
 """
 
@@ -269,7 +270,8 @@ def _preflight(model: OpenVLARSD, args: argparse.Namespace, world: int, lora: sc
               hidden=int(llm_cfg.hidden_size), layers=int(llm_cfg.num_hidden_layers),
               intermediate=int(llm_cfg.intermediate_size), checkpointing=args.grad_checkpointing,
               precision=args.precision, lora_r=lora.r, lora_targets=len(lora.targets),
-              logits_dim=model.cfg.codes_per_layer * model.cfg.levels, what="OpenVLA-RSD main stage")
+              logits_dim=model.cfg.codes_per_layer * model.cfg.levels, shards=scale.fsdp_shards(args, world),
+              what="OpenVLA-RSD main stage")
 
 
 def train_main(args: argparse.Namespace) -> dict:

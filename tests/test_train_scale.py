@@ -1,5 +1,6 @@
 """Fine-tuning at scale through the one loop: LoRA (peft), bf16 autocast, gradient accumulation, gradient
-checkpointing, 2-process data parallel (gloo) and the memory preflight (models/common/{training,scale,memory}.py).
+checkpointing, 2-process data parallel (gloo; DDP and FSDP) and the memory preflight
+(models/common/{training,scale,fsdp,memory}.py).
 
 Tiny random models on the CPU; a 7B run is only estimated here (benchmarks/bench_gpu.py measures one on a GPU).
 """
@@ -242,6 +243,139 @@ def test_two_process_data_parallel_equals_one_process_and_resumes(tmp_path: Path
         torch.testing.assert_close(again[0]["state"][k], v, atol=1e-6, rtol=1e-5, msg=k)
 
 
+def _fork_ranks(fn, args: tuple, nprocs: int = 2, timeout: float = 300.0) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` forked processes; a hang (mismatched collectives) fails instead of
+    blocking the suite. Fork, not spawn: the children reuse this process's imports (spawning re-imports torch +
+    transformers, minutes on a busy machine); torch runs one thread here, so forking is safe."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__}: the ranks did not finish in {timeout:.0f} s")
+
+
+def _fsdp_hooks(model: nn.Module) -> int:
+    """Module hooks FSDP registered (forward, state-dict save/load) still on ``model``."""
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+             "_load_state_dict_post_hooks")
+    return sum("fsdp" in str(getattr(h, "__module__", "")) for m in model.modules() for kind in kinds
+               for h in getattr(m, kind).values())
+
+
+FSDP_CFG = {"steps": 10, "precision": "bf16", "grad_checkpointing": True, "ema_decay": 0.9, "eval_every": 5}
+
+
+def _shard_fraction(model: nn.Module) -> float:
+    """Of the decoder layers' parameters (sharded between their forwards), the share this rank holds."""
+    from models.common import fsdp
+
+    dt = [p for u in fsdp.units(model) for p in u.parameters() if fsdp.is_dtensor(p)]
+    return sum(p.to_local().numel() for p in dt) / max(1, sum(p.numel() for p in dt))
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """LoRA r=8 + bf16 frozen weights + gradient checkpointing + EMA + 2 micro-batches under FSDP: stop at step 4,
+    resume in a fresh model to step 10, merge, and (rank 0) save the released format."""
+    import torch.distributed as dist
+
+    from models.common import fsdp
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        d = Path(out)
+        cfg = _cfg(**FSDP_CFG, data_parallel="fsdp", grad_accum=2)
+        model = _lora_model(precision="bf16")
+        data = _Data(model)
+        r1 = fit(model, 8, _cfg(**FSDP_CFG, data_parallel="fsdp", grad_accum=2, stop_at=4),
+                 lambda b: data.loss(model, b), checkpoint_dir=d / "ck")
+        model = _lora_model(precision="bf16")  # a fresh start, as a new process would build it
+        data = _Data(model)
+        validated = []
+
+        def validate() -> dict[str, float]:
+            with torch.no_grad():
+                value = float(data.loss(model, training.make_batch(9, 0, 8, 4)))
+            validated.append((value, _shard_fraction(model)))
+            return {"heldout": value}
+
+        r2 = fit(model, 8, cfg, lambda b: data.loss(model, b), validate=validate, checkpoint_dir=d / "ck",
+                 resume=True)
+        plain = (fsdp.is_sharded(model), _fsdp_hooks(model), sum(map(fsdp.is_dtensor, model.parameters())))
+        scale.finish_model(model)
+        result = {"r1": (r1.step, r1.stopped, r1.losses), "r2": (r2.step, r2.losses, r2.history), "plain": plain,
+                  "validated": validated, "state": model.state_dict()}
+        if rank == 0:  # alone: a forward must need no other rank now
+            result["logits"] = _layer_logits(model, data)
+            tiny.save_pretrained(model.backbone, d / "released", num_shards=2)
+            model.save_rsd(d / "released")
+        torch.save(result, d / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_fsdp_lora_bf16_resumes_and_saves_the_released_format(tmp_path: Path) -> None:
+    """FSDP (2 ranks, gloo): the run stopped at step 4 and resumed ends where one unsharded process does; the
+    gathered checkpoint is the single-process file; the merged model loads with load_openvla_rsd, unchanged."""
+    from client.testing import free_port
+
+    _fork_ranks(_fsdp_worker, (2, free_port(), str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = _lora_model(precision="bf16")
+    data = _Data(single)
+    # grad_accum=4: one process computes the ranks' very micro-batches (the same bf16 matmul shapes)
+    ref = fit(single, 8, _cfg(**FSDP_CFG, grad_accum=4), lambda b: data.loss(single, b),
+              checkpoint_dir=tmp_path / "single")
+    for rk in ranks:
+        assert rk["plain"] == (False, 0, 0)  # no DTensor, no FSDP class or hook left on any rank
+        assert rk["r1"][:2] == (4, True) and rk["r2"][0] == 10
+        assert [s for s, _ in rk["r2"][1]] == list(range(5, 11))  # continued from the saved step
+        assert len(rk["validated"]) == 2  # every rank validated, in lockstep
+        assert all(0.4 < frac < 0.6 for _, frac in rk["validated"])  # and held half of each decoder layer
+    fsdp_losses = [v for _, v in ranks[0]["r1"][2] + ranks[0]["r2"][1]]
+    ref_losses = [v for _, v in ref.losses]
+    np.testing.assert_allclose(fsdp_losses, ref_losses, rtol=1e-5)
+    assert np.mean(fsdp_losses[-3:]) < 0.9 * np.mean(fsdp_losses[:3]), fsdp_losses
+    assert ranks[0]["r1"][2] == ranks[1]["r1"][2]  # the loss logged is the mean over ranks
+    assert [v for v, _ in ranks[0]["validated"]] == [v for v, _ in ranks[1]["validated"]]
+    assert [h["step"] for h in ranks[0]["r2"][2] if "heldout" in h] == [5, 10]
+    # the gathered checkpoint is the single-process format: the same keys and raw weights
+    from safetensors.torch import load_file
+
+    ck, ck_ref = (load_file(str(tmp_path / n / training.WEIGHTS_FILE)) for n in ("ck", "single"))
+    assert ck.keys() == ck_ref.keys()
+    for k in ck_ref:
+        torch.testing.assert_close(ck[k], ck_ref[k], atol=1e-6, rtol=1e-5, msg=k)
+    opt = torch.load(tmp_path / "ck" / training.OPTIMIZER_FILE, weights_only=True)
+    opt_ref = torch.load(tmp_path / "single" / training.OPTIMIZER_FILE, weights_only=True)
+    assert opt["state"].keys() == opt_ref["state"].keys()
+    for i, st in opt_ref["state"].items():
+        torch.testing.assert_close(opt["state"][i]["exp_avg_sq"], st["exp_avg_sq"], atol=1e-9, rtol=1e-4)
+    # the released format: what rank 0 saved loads with the server's loader and equals the trained weights
+    trained = ranks[0]["state"]
+    scale.finish_model(single)  # the EMA weights, merged: what the unsharded run would release
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(trained[k], v, atol=1e-6, rtol=1e-5, msg=k)
+    assert not [k for k in trained if "lora" in k] and {v.dtype for v in trained.values()} <= {torch.float32,
+                                                                                               torch.int64}
+    loaded = load_openvla_rsd(tmp_path / "released")
+    sd = loaded.state_dict()
+    common = [k for k in sd if k in trained]
+    assert len(common) > 0.9 * len(trained)
+    for k in common:
+        assert torch.equal(sd[k], trained[k]), k
+    torch.testing.assert_close(_layer_logits(loaded, data), ranks[0]["logits"], atol=1e-5, rtol=1e-5)
+    for k, v in trained.items():  # every rank ends with the same whole model, as after DDP
+        assert torch.equal(ranks[1]["state"][k], v), k
+
+
 def test_memory_estimate_refuses_an_impossible_run_with_the_numbers() -> None:
     model = _lora_model()
     with pytest.raises(SystemExit) as exc:
@@ -259,6 +393,38 @@ def test_memory_estimate_refuses_an_impossible_run_with_the_numbers() -> None:
     assert memory.openvla_rsd_7b_estimate(lora_r=0, precision="fp32").total > 112e9
     with pytest.raises(SystemExit, match="GB"):
         memory.check_fits(memory.openvla_rsd_7b_estimate(lora_r=0, precision="fp32"), "cuda:0", available=80e9)
+
+
+def test_memory_estimate_under_fsdp_shards_the_state_and_adds_the_gathered_layers() -> None:
+    from models.common import fsdp
+
+    model = _lora_model(precision="bf16")
+    sizes = {"batch": 4, "seq": 300, "hidden": 128, "layers": 2, "intermediate": 256, "checkpointing": False,
+             "precision": "bf16", "lora_r": 8}
+    one, two = memory.estimate_from_model(model, **sizes), memory.estimate_from_model(model, shards=2, **sizes)
+    # weights (frozen, trainable), gradients, AdamW moments: half each on each of 2 ranks
+    for (_, whole), (name, half) in zip(one.rows[:4], two.rows[:4], strict=True):
+        assert half == pytest.approx(whole / 2) and name.endswith("1/2 shard")
+    root, per_layer = fsdp.group_sizes(model)
+    assert len(per_layer) == 2 and root + sum(per_layer) == sum(p.numel() for p in model.parameters())
+    gathered = dict(two.rows)["FSDP all-gathered (root group + 2 layers, weights + grads)"]
+    assert (root + 2 * max(per_layer)) * 2 <= gathered <= (root + 2 * max(per_layer)) * 8  # bf16 .. fp32+grad
+    assert [b for n, b in one.rows if n.startswith("activations")] == [b for n, b in two.rows
+                                                                       if n.startswith("activations")]
+    # 7B full fine-tune, bf16, batch 16 a GPU: 159 GB unsharded; FSDP over 8 GPUs fits 80 GB, 16 bytes a
+    # parameter of state become 2
+    full = memory.openvla_rsd_7b_estimate(lora_r=0, precision="bf16")
+    fsdp8 = memory.openvla_rsd_7b_estimate(lora_r=0, precision="bf16", shards=8)
+    fsdp8_ckpt = memory.openvla_rsd_7b_estimate(lora_r=0, precision="bf16", shards=8, checkpointing=True)
+    assert fsdp8_ckpt.total < fsdp8.total < 80e9 < full.total
+    assert sum(b for _, b in fsdp8.rows[:4]) == pytest.approx(sum(b for _, b in full.rows[:4]) / 8)
+    for est in (full, fsdp8, fsdp8_ckpt):  # the table in the module docstring is these numbers
+        assert f"{est.total / 1e9:.1f} GB" in memory.__doc__
+    with pytest.raises(SystemExit, match="--data-parallel fsdp"):
+        memory.check_fits(full, "cuda:0", available=80e9)
+    # the loaded model's own weights are added back to the free memory (the estimate counts them already)
+    own = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert own <= memory.resident_bytes(model, "cpu") <= 1.1 * own and memory.resident_bytes(model, "meta") == 0
 
 
 def test_trainer_flags_lora_bf16_accum_end_to_end(tmp_path: Path) -> None:
@@ -282,3 +448,41 @@ def test_trainer_flags_lora_bf16_accum_end_to_end(tmp_path: Path) -> None:
     assert keys and not [k for k in keys if "lora" in k or "base_layer" in k]
     model = load_openvla_rsd(out)
     assert not scale.has_lora(model)
+
+
+def _trainer_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """One torchrun rank: the environment torchrun sets, then the trainer's own entry point."""
+    import torch.distributed as dist
+
+    from rsd import train_vla
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    try:
+        assert train_vla.main(argv) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_trainer_data_parallel_fsdp_end_to_end(tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m rsd.train_vla main --data-parallel fsdp --lora-r 4 --precision bf16``
+    (two forked ranks on gloo): validation during training, then rank 0 writes a plain released-format directory."""
+    from test_rsd_vla import _write_demos
+
+    from client.testing import free_port
+
+    demos = tmp_path / "demos.hdf5"
+    _write_demos(demos)
+    _tokenizer().save_pretrained(tmp_path / "rfsq")
+    out = tmp_path / "model"
+    argv = ["main", "--demos", str(demos), "--rfsq", str(tmp_path / "rfsq"), "--out", str(out), "--steps", "2",
+            "--batch-size", "4", "--save-every", "2", "--eval-every", "1", "--heldout-frac", "0.5", "--threads", "1",
+            "--lora-r", "4", "--precision", "bf16", "--data-parallel", "fsdp"]
+    _fork_ranks(_trainer_worker, (2, free_port(), argv))
+    from safetensors.torch import load_file
+
+    keys = [k for f in out.glob("model-*.safetensors") for k in load_file(str(f))]
+    assert keys and not [k for k in keys if "lora" in k or "base_layer" in k]
+    assert not scale.has_lora(load_openvla_rsd(out))
+    assert (out / "train_state" / training.WEIGHTS_FILE).is_file()

@@ -15,9 +15,14 @@ does to its model before and after the loop:
   it (OpenVLA: the Llama ``LlamaForCausalLM``; GR00T: the Qwen3 ``Qwen3ForCausalLM`` and the SigLIP vision model);
 * :func:`add_scale_arguments` / :func:`scale_options` give every trainer the same flags.
 
-Data parallel: launch with ``torchrun --nproc-per-node N python -m rsd.train_vla main ...``; :func:`init_distributed`
-reads torchrun's environment (gloo on CPU, nccl on CUDA, one GPU per local rank). FSDP is not offered: a 7B LoRA
-fine-tune fits one 80 GB GPU (see :mod:`models.common.memory`), so each rank holds the whole model.
+Data parallel: launch with ``torchrun --nproc-per-node N -m rsd.train_vla main ...``; :func:`init_distributed`
+reads torchrun's environment (gloo on CPU, nccl on CUDA, one GPU per local rank). ``--data-parallel`` picks how the
+ranks share the work: ``ddp`` (default) keeps a whole replica on every rank and all-reduces the gradients -- right
+for LoRA, whose 7B run fits one 80 GB GPU; ``fsdp`` shards weights, gradients and AdamW states over the ranks
+(PyTorch FSDP2, one group per LLM decoder layer + the root; :mod:`models.common.fsdp`) -- what a full 7B fine-tune
+needs (about 57 GB a GPU on 8 GPUs against 159 GB unsharded; see :mod:`models.common.memory`). FSDP composes with
+LoRA (bf16 frozen weights included), bf16 autocast, gradient accumulation and checkpointing; checkpoints keep the
+single-process format, and the released model is saved by rank 0 exactly as under DDP.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from models.common.training import DATA_PARALLEL
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,10 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
                    "the whole step's batch over all micro-batches and ranks)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute the LLM's (and HF vision towers') activations in the backward pass")
+    g.add_argument("--data-parallel", default="ddp", choices=DATA_PARALLEL,
+                   help="with several ranks (torchrun): ddp = a whole model per rank + gradient all-reduce; fsdp = "
+                   "weights, gradients and AdamW states sharded over the ranks (FSDP2, per LLM decoder layer): a "
+                   "full 7B fine-tune on 8 x 80 GB. Ignored in one process")
     g.add_argument("--memory-check", default="on", choices=["on", "off"],
                    help="refuse a run whose memory estimate exceeds the device (on by default)")
 
@@ -225,4 +236,10 @@ def train_config_kwargs(args: argparse.Namespace) -> dict:
     if args.grad_accum < 1:
         raise SystemExit("--grad-accum must be >= 1")
     return {"grad_accum": int(args.grad_accum), "precision": args.precision,
-            "grad_checkpointing": bool(args.grad_checkpointing)}
+            "grad_checkpointing": bool(args.grad_checkpointing), "data_parallel": args.data_parallel}
+
+
+def fsdp_shards(args: argparse.Namespace, world: int) -> int:
+    """How many ranks the weights are sharded over (the memory estimate divides by it): ``world`` under
+    ``--data-parallel fsdp``, else 1."""
+    return world if args.data_parallel == "fsdp" and world > 1 else 1

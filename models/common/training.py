@@ -30,6 +30,12 @@ so every trainer schedules, clips, checkpoints, resumes and reports the same way
   from the same checkpoint. ``batch_size`` is always the whole step's batch: the sample indices of a step do not
   depend on ``grad_accum`` or the number of ranks, and micro-batch ``m`` of rank ``r`` is the slice
   ``(m * world + r)`` of it (its augmentation generator is seeded by ``(seed, step, m * world + r)``).
+  ``data_parallel="fsdp"`` shards instead (see :mod:`models.common.fsdp`): each rank holds ``1/world`` of the
+  weights, gradients and AdamW states (one FSDP group per LLM decoder layer + the root), FSDP reduce-scatters the
+  gradients after every micro-batch's backward (no full-size gradient is ever held, which is the point), validation
+  runs on every rank in lockstep (a forward needs every rank's shards; only rank 0 records it), checkpoints are
+  all-gathered into the same single-process files (rank 0 writes; resumable with any number of ranks or with DDP),
+  and at the end every rank holds the plain, whole trained model, exactly as after DDP.
 
     cfg = TrainConfig(steps=1000, batch_size=64, lr=3e-4, warmup_steps=100, grad_clip=1.0)
     result = fit(model, len(dataset), cfg, loss_fn=lambda b: model(x[b.index]).loss, checkpoint_dir=out / "ckpt")
@@ -52,12 +58,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.common import fsdp
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 EMA_FILE = "ema.safetensors"
+DATA_PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -83,6 +92,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimiser step (batch_size is split over micro-batches and ranks)
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; fp32 master weights)
     grad_checkpointing: bool = False  # gradient_checkpointing_enable() on HF submodules that support it
+    data_parallel: str = "ddp"  # with several ranks: "ddp" (replicas + all-reduce) | "fsdp" (sharded; see above)
 
 
 @dataclass
@@ -198,8 +208,15 @@ class EMA:
             p.copy_(s)
             s.copy_(tmp)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: s.detach().cpu().contiguous().clone() for n, s in zip(self.names, self.shadow, strict=True)}
+    def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Whole averages on the CPU. Under FSDP every rank must call it (all-gathers); only ``keep`` ranks get
+        the tensors (``{}`` elsewhere)."""
+        out = {}
+        for n, s in zip(self.names, self.shadow, strict=True):
+            full = fsdp.full_tensor(s, keep)
+            if full is not None:
+                out[n] = full.contiguous().clone()
+        return out
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
@@ -207,31 +224,39 @@ class EMA:
         if missing:
             raise ValueError(f"EMA checkpoint lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
         for n, s in zip(self.names, self.shadow, strict=True):
-            s.copy_(sd[n].to(s.device, s.dtype))
+            fsdp.copy_full_into(s, sd[n])  # a sharded average takes only this rank's piece
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
                     ema: EMA | None = None) -> None:
     """Writes weights, optimizer, ``state`` (and the EMA) into ``directory`` atomically (temporary directory +
-    rename)."""
+    rename). An FSDP-sharded ``model`` is written whole, in the same format: then every rank must call this (the
+    tensors are all-gathered one at a time) and rank 0 writes."""
     from safetensors.torch import save_file
 
+    sharded = fsdp.is_sharded(model)
+    keep = not sharded or _dist()[0] == 0
+    full = fsdp.gather_state_dict(model, keep)
+    opt_state = fsdp.gather_optimizer_state(opt, keep) if sharded else opt.state_dict()
+    ema_state = ema.state_dict(keep) if ema is not None else None
+    if not keep:
+        return
     d = Path(directory)
     tmp, old = d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights, storages = {}, set()
-    for k, v in model.state_dict().items():
-        t = v.detach().cpu().contiguous()
+    for k, v in full.items():
+        t = v.contiguous()
         ptr = t.untyped_storage().data_ptr()
         # safetensors refuses tensors that share memory (tied embeddings): the second one gets its own copy
         weights[k] = t.clone() if ptr in storages else t
         storages.add(ptr)
     save_file(weights, str(tmp / WEIGHTS_FILE))
-    torch.save(opt.state_dict(), tmp / OPTIMIZER_FILE)
-    if ema is not None:
-        save_file(ema.state_dict(), str(tmp / EMA_FILE))
+    torch.save(opt_state, tmp / OPTIMIZER_FILE)
+    if ema_state is not None:
+        save_file(ema_state, str(tmp / EMA_FILE))
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     shutil.rmtree(old, ignore_errors=True)
     if d.exists():
@@ -262,15 +287,19 @@ def read_checkpoint_state(directory: str | Path) -> dict[str, Any] | None:
 def load_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Optimizer,
                     ema: EMA | None = None) -> dict[str, Any] | None:
     """Loads weights and optimizer (and the EMA, when the checkpoint has one) from ``directory``; returns the
-    state (None if there is no checkpoint)."""
+    state (None if there is no checkpoint). An FSDP-sharded ``model``/``opt`` take each rank's own shards of the
+    (whole, single-process format) files."""
     from safetensors.torch import load_file
 
     d = find_checkpoint(directory)
     if d is None:
         return None
-    # read on the CPU and copied into the model's own tensors: no second copy of a large model on the GPU
-    model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device="cpu"), strict=True)
-    opt.load_state_dict(torch.load(d / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+    if fsdp.is_sharded(model):
+        _load_sharded(d, model, opt)
+    else:
+        # read on the CPU and copied into the model's own tensors: no second copy of a large model on the GPU
+        model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device="cpu"), strict=True)
+        opt.load_state_dict(torch.load(d / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
     if ema is not None:
         if (d / EMA_FILE).is_file():
             ema.load_state_dict(load_file(str(d / EMA_FILE), device="cpu"))
@@ -280,7 +309,46 @@ def load_checkpoint(directory: str | Path, model: nn.Module, opt: torch.optim.Op
     return json.loads((d / STATE_FILE).read_text())
 
 
+def _load_sharded(d: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Every rank reads the whole files lazily (safetensors one tensor at a time, the optimizer ``mmap`` ed) and
+    keeps its own shards: no rank holds a whole 7B state at once, and no communication is needed."""
+    from safetensors import safe_open
+
+    with safe_open(str(d / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+        fsdp.load_full_into(model, ((k, f.get_tensor(k)) for k in keys), set(keys))
+    full = torch.load(d / OPTIMIZER_FILE, weights_only=True, map_location="cpu", mmap=True)
+    opt.load_state_dict(fsdp.shard_optimizer_state(full, [p for g in opt.param_groups for p in g["params"]]))
+
+
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    """Every rank starts from rank 0's weights (a rank's own random init would diverge)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, 0)
+
+
+def _use_fsdp(cfg: TrainConfig, world: int) -> bool:
+    if cfg.data_parallel not in DATA_PARALLEL:
+        raise ValueError(f"data_parallel must be one of {DATA_PARALLEL}, got {cfg.data_parallel!r}")
+    if cfg.data_parallel == "fsdp" and world == 1:
+        logger.info("%s: data_parallel='fsdp' in one process: nothing to shard, training unsharded", cfg.desc)
+    return cfg.data_parallel == "fsdp" and world > 1
+
+
 # ---------------------------------------------------------------------------------------------- the loop
+def _enable_checkpointing(model: nn.Module, desc: str) -> None:
+    from models.common.scale import enable_gradient_checkpointing
+
+    done = enable_gradient_checkpointing(model)
+    if done:
+        logger.info("%s: gradient checkpointing on %s", desc, ", ".join(n or "<model>" for n in done))
+    else:
+        logger.warning("%s: grad_checkpointing asked for, but no submodule supports it", desc)
+
+
 LossFn = Callable[[Batch], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
 
@@ -303,26 +371,27 @@ mode after it).
     if cfg.grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
     rank, world = _dist()
+    sharded = _use_fsdp(cfg, world)
     num_micro = cfg.grad_accum * world
     if cfg.batch_size % num_micro:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x world size = {num_micro}")
     loss_fn = loss_fn or model.loss  # type: ignore[assignment]
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters")
+    if cfg.grad_checkpointing:
+        _enable_checkpointing(model, cfg.desc)
+    if world > 1:
+        _broadcast_from_rank0(model)
+    if sharded:
+        layers = fsdp.shard(model)
+        logger.info("%s: FSDP over %d ranks: %d decoder-layer groups + the root", cfg.desc, world, layers)
+    # after sharding: the parameters are then the DTensor shards the optimiser and the EMA must hold
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
     low = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
     if low:
         logger.warning("%s: trainable parameters in %s (AdamW states follow them); bf16 training keeps fp32 master "
                        "weights and autocasts instead", cfg.desc, ", ".join(low))
-    if cfg.grad_checkpointing:
-        from models.common.scale import enable_gradient_checkpointing
-
-        done = enable_gradient_checkpointing(model)
-        if done:
-            logger.info("%s: gradient checkpointing on %s", cfg.desc, ", ".join(n or "<model>" for n in done))
-        else:
-            logger.warning("%s: grad_checkpointing asked for, but no submodule supports it", cfg.desc)
     device_type = params[0].device.type
     amp = ((lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)) if cfg.precision == "bf16"
            else contextlib.nullcontext)
@@ -337,15 +406,9 @@ mode after it).
             step, history = int(state["step"]), list(state.get("history", []))
             meta = {**state.get("meta", {}), **meta}
             logger.info("resumed from %s at step %d", checkpoint_dir, step)
-    if world > 1:  # every rank starts from rank 0's weights (a rank's own random init would diverge)
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            for t in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(t.data, 0)
 
     def save(at: int) -> None:
-        if checkpoint_dir is not None and rank == 0:
+        if checkpoint_dir is not None and (rank == 0 or sharded):  # FSDP: every rank gathers, rank 0 writes
             save_checkpoint(checkpoint_dir, model, opt, {"step": at, "history": history, "meta": meta}, ema)
         if world > 1:
             import torch.distributed as dist
@@ -376,7 +439,7 @@ mode after it).
             batch = make_batch(cfg.seed, step, num_samples, cfg.batch_size, m * world + rank, num_micro)
             torch.manual_seed(batch.seed)  # noise drawn inside the model (dropout, flow matching) is per step too
             with amp():
-                out = loss_fn(batch)
+                out = fsdp.call(model, loss_fn, batch)  # FSDP: inside the root's forward hooks
             loss, stats = out if isinstance(out, tuple) else (out, {})
             (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
             loss_sum += float(loss.detach())
@@ -384,11 +447,12 @@ mode after it).
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
         value = loss_sum / cfg.grad_accum
         stats = {k: v / cfg.grad_accum for k, v in stats_sum.items()}
-        if world > 1:
+        if world > 1 and not sharded:  # FSDP reduce-scattered the gradients in the backward already
             for p in params:
                 if p.grad is None:  # unused on this rank's micro-batches: a zero gradient joins the average
                     p.grad = torch.zeros_like(p)
             _allreduce_mean([p.grad for p in params], world)
+        if world > 1:
             logged = torch.tensor([value, *stats.values()], dtype=torch.float64)
             _allreduce_mean([logged], world)
             value, stats = float(logged[0]), dict(zip(stats, logged[1:].tolist(), strict=True))
@@ -404,12 +468,14 @@ mode after it).
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = {"step": step, "loss": value, "lr": lr, **stats}
             bar.set_postfix(loss=f"{value:.4g}")
-        if (validate is not None and rank == 0 and cfg.eval_every
+        if (validate is not None and (rank == 0 or sharded) and cfg.eval_every
                 and (step % cfg.eval_every == 0 or step == cfg.steps)):
             if ema is not None:
                 ema.swap()
             with amp():  # bf16 runs may hold frozen bf16 weights: validation computes as training does
-                metrics = validate()
+                metrics = fsdp.call(model, validate)  # FSDP: every rank runs it (forwards need all shards)
+            if sharded:
+                fsdp.reshard_all(model)
             if ema is not None:
                 ema.swap()
             model.train()
@@ -428,6 +494,9 @@ mode after it).
     if ema is not None:
         ema.swap()  # the averaged weights are the result (the checkpoint keeps the raw ones for resuming)
         logger.info("%s: model holds the EMA weights (decay %g)", cfg.desc, cfg.ema_decay)
+    if sharded:
+        opt.state.clear()  # the AdamW moments are not needed any more: room for the whole weights
+        fsdp.to_plain(model)
     model.eval()
     return FitResult(step=step, stopped=stopped, history=history, losses=losses, meta=meta,
                      seconds=time.perf_counter() - t0)

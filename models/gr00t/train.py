@@ -25,7 +25,8 @@ step k continues exactly as an uninterrupted run would (resuming rebuilds the mo
 At scale (models/common/scale.py): ``--lora-r 32`` puts peft LoRA adapters on the Qwen3 projections (the action head
 stays fully trainable, the vision tower and projector frozen) and merges them into the saved LLM; ``--precision
 bf16``, ``--grad-accum N``, ``--grad-checkpointing`` (Qwen3 and SigLIP), ``torchrun --nproc-per-node N`` for data
-parallel; a memory estimate is printed first and a run that cannot fit is refused (``--memory-check off``).
+parallel (``--data-parallel fsdp`` shards weights, gradients and AdamW states over the ranks, one FSDP group per
+Qwen3 decoder layer); a memory estimate is printed first and a run that cannot fit is refused (``--memory-check off``).
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def _preflight(model: GR00TPolicyModel, args: argparse.Namespace, world: int, lo
               batch=max(1, args.batch_size // (args.grad_accum * world)), seq=seq, hidden=int(text["hidden_size"]),
               layers=len(model.backbone.eagle_model.language_model.model.layers),
               intermediate=int(text["intermediate_size"]), checkpointing=args.grad_checkpointing,
-              precision=args.precision, lora_r=lora.r, lora_targets=len(lora.targets), what="GR00T N1.5 fine-tune")
+              precision=args.precision, lora_r=lora.r, lora_targets=len(lora.targets),
+              shards=scale.fsdp_shards(args, world), what="GR00T N1.5 fine-tune")
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
