@@ -6,8 +6,9 @@
                                                    # rebuild the shipped frames file from rendered demos
 
 Frames: ``benchmarks/data/libero_spatial_heldout_frames.npz`` (agent-view images as the client sends them,
-instructions), taken from the demonstrations the main model's training split held out (``split_by_demo(0.1,
-seed 0)``) and rendered from the expert episodes the repository ships (``data/libero_spatial_actions.hdf5``).
+instructions; wrist images, states and the expert's chunks, which ``bench_rsd_quant`` reads), taken from the
+demonstrations the main model's training split held out (``split_by_demo(0.1, seed 0)``) and rendered from the
+expert episodes the repository ships (``data/libero_spatial_actions.hdf5``).
 
 Every decoder runs in one process, interleaved frame by frame, on the same prefixes (image + prompt through the
 vision backbone once; the timed part is the decoder: prefill, decoding, RFSQ decode to the action chunk):
@@ -55,7 +56,8 @@ def make_frames(demos: str, out: Path, n: int, seed: int = 0) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     instructions = np.array([held.instruction(i) for i in idx], dtype="<U256")
     sources = np.array([held.sources[int(held.demo_of[i])] for i in idx], dtype="<U256")
-    extra = {}  # for checkpoints trained with --wrist / --proprio
+    extra = {"expert_chunks": held.chunks[idx].astype(np.float32)}  # the expert's chunk from each frame's step
+    # for checkpoints trained with --wrist / --proprio
     if held.wrist_images is not None:
         extra["wrist_images"] = held.wrist_images[idx]
     if held.states is not None:

@@ -10,7 +10,8 @@ from the fields of :class:`DuQuantConfig`, so each default is written once):
 
 <variables>
 
-``ROT``, ``CLIP_SEARCH``, ``WOPT``, ``GPTQ_*`` and ``DIT_STEP_SCALES`` are additions (the published recipe fixed
+``ROT``, ``CLIP_SEARCH``, ``WOPT``, ``GPTQ_*``, ``DIT_STEP_SCALES`` and the per-pattern ``WBITS_RE``, ``ABITS_RE``,
+``ACT_PCT_RE`` are additions (the published recipe fixed
 them); ROT and CLIP_SEARCH are part of the pack-cache key (WOPT refines weights after calibration, which the pack
 cache does not hold).
 """
@@ -23,6 +24,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from client.settings import (
     SettingError,
@@ -35,7 +37,7 @@ from client.settings import (
     variables,
     variables_table,
 )
-from quant.patterns import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+from quant.patterns import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, POLICY_DEFAULTS
 
 LOG = logging.getLogger("quant")
 
@@ -69,21 +71,44 @@ def _regex(value: str) -> str | None:
     return None
 
 
-def _wbits_map(text: str) -> dict[str, int]:
+def _wbits_map(text: str, form: str = "layer.name:bits", kind: type = int) -> dict[str, Any]:
     """Parse ``name:bits,name:bits``; names are validated against the model later (see ``selection``)."""
-    out: dict[str, int] = {}
+    out: dict[str, Any] = {}
+    what = "an integer" if kind is int else "a number"
     for entry in text.split(","):
         entry = entry.strip()
         if not entry:
             continue
         name, sep, bits = entry.rpartition(":")
         if not sep or not name.strip():
-            raise ValueError(f"entry {entry!r} is not of the form layer.name:bits")
+            raise ValueError(f"entry {entry!r} is not of the form {form}")
         try:
-            out[name.strip()] = int(bits.strip())
+            out[name.strip()] = kind(bits.strip())
         except ValueError:
-            raise ValueError(f"entry {entry!r}: bits {bits!r} is not an integer") from None
+            raise ValueError(f"entry {entry!r}: {form.rpartition(':')[2]} {bits!r} is not {what}") from None
     return out
+
+
+def _pattern_map(text: str, form: str, kind: type) -> dict[str, Any]:
+    """Parse ``regex:value,regex:value`` (a regex may hold ``:``, not ``,``); each regex must compile."""
+    out = _wbits_map(text, form, kind)
+    for pattern in out:
+        if (why := _regex(pattern)) is not None:
+            raise ValueError(f"{pattern!r} {why}")
+    return out
+
+
+def _pattern_bits_map(text: str) -> dict[str, int]:
+    return _pattern_map(text, "regex:bits", int)
+
+
+def _pattern_pct_map(text: str) -> dict[str, float]:
+    return _pattern_map(text, "regex:percentile", float)
+
+
+def _pct_map_ok(value: dict[str, float]) -> str | None:
+    bad = {k: v for k, v in value.items() if not 0.0 < v <= 100.0}
+    return f"percentiles must be in (0, 100], got {bad}" if bad else None
 
 
 def _wbits_ok(value: dict[str, int]) -> str | None:
@@ -93,6 +118,16 @@ def _wbits_ok(value: dict[str, int]) -> str | None:
 
 def _abits_ok(value: int) -> str | None:
     return None if value <= 0 or 2 <= value <= 16 else f"must be <= 0 (off) or in [2, 16], got {value}"
+
+
+def _abits_map_ok(value: dict[str, int]) -> str | None:
+    bad = {k: v for k, v in value.items() if isinstance(v, bool) or not isinstance(v, int) or _abits_ok(v)}
+    return f"bits must be <= 0 (off) or in [2, 16], got {bad}" if bad else None
+
+
+def _first_match(patterns: Mapping[str, Any], name: str) -> Any:
+    """The value of the first pattern (in the order given) that ``re.search``-matches ``name``, else None."""
+    return next((bits for pattern, bits in patterns.items() if re.search(pattern, name)), None)
 
 
 def _env(name: str) -> str:
@@ -112,8 +147,20 @@ class DuQuantConfig:
     wbits: dict[str, int] = setting(env=_env("WBITS"), parse=_wbits_map, check=_wbits_ok, default_factory=dict,
                                     help="per-layer override ``name:bits,name:bits`` (names checked against the "
                                          "model at replacement time)")
+    wbits_re: dict[str, int] = setting(
+        env=_env("WBITS_RE"), parse=_pattern_bits_map, check=_wbits_ok, default_factory=dict,
+        help="per-pattern weight bits ``regex:bits,regex:bits``: a selected layer whose name matches a regex "
+             "(``re.search``; the first in the list wins; an exact WBITS entry wins over all) gets its bits; "
+             "every regex must match a selected layer. Keeps a sensitive kind or block at W8 without naming "
+             "each layer (OpenVLA-RSD: ``\\.mlp\\.:8`` halved the W4A8 action error vs full precision, 60 % of "
+             "the weights at 8 bits; ``\\.down_proj$:8``, 20 %, is its default: benchmarks/bench_rsd_quant.py)")
     abits: int = setting(8, env=_env("ABITS"), check=_abits_ok,
                          help="activation bits; <= 0 turns activation quantisation off")
+    abits_re: dict[str, int] = setting(
+        env=_env("ABITS_RE"), parse=_pattern_bits_map, check=_abits_map_ok, default_factory=dict,
+        help="per-pattern activation bits ``regex:bits,...``, as WBITS_RE (<= 0: off for those layers, which "
+             "also drops their GPTQ refinement, which needs calibrated inputs; 16 keeps it and makes the "
+             "activation rounding negligible)")
     block: int = setting(16, env=_env("BLOCK"), check=in_range(1, 4096), help="input-rotation block size")
     block_out: int | None = setting(None, env=_env("BLOCK_OUT"), check=in_range(1, 4096),
                                     help="output-rotation block size (unset: = BLOCK)")
@@ -134,6 +181,13 @@ class DuQuantConfig:
     act_pct: float = setting(99.9, env=_env("ACT_PCT"), check=in_range(0.0, 100.0, open_low=True),
                              help="percentile of |activation| (over all calibration batches) used as the A-bit "
                                   "scale")
+    act_pct_re: dict[str, float] = setting(
+        env=_env("ACT_PCT_RE"), parse=_pattern_pct_map, check=_pct_map_ok, default_factory=dict,
+        help="per-pattern ACT_PCT ``regex:percentile,...``, matched as WBITS_RE. Why: a static per-tensor scale "
+             "from a percentile over all tokens clips the few tokens that are outliers, and those can be the ones "
+             "that matter (OpenVLA-RSD: the last prefix token, whose hidden state predicts RFSQ layer 0, had "
+             "6-10 % of its down_proj inputs clipped at ACT_PCT=99.9; ``\\.down_proj$:100`` cut the W4A8 action "
+             "error vs full precision from 0.0396 to 0.0321 at no memory cost)")
     calib_steps: int = setting(32, env=_env("CALIB_STEPS"), check=at_least(1),
                                help="calibration batches (or first calls, when calibrating lazily)")
     ls: float = setting(0.15, env=_env("LS"), check=in_range(0.0, 1.0),
@@ -204,15 +258,29 @@ class DuQuantConfig:
         return self.dit_step_scales == "1" or self.act_gran == "tensor"
 
     def bits_for(self, name: str) -> int:
-        """Weight bits for one layer (per-layer WBITS override, else WBITS_DEFAULT)."""
-        return self.wbits.get(name, self.wbits_default)
+        """Weight bits for one layer (per-layer WBITS override, else the first WBITS_RE match, else
+        WBITS_DEFAULT)."""
+        if name in self.wbits:
+            return self.wbits[name]
+        bits = _first_match(self.wbits_re, name)
+        return self.wbits_default if bits is None else bits
+
+    def abits_for(self, name: str) -> int:
+        """Activation bits for one layer (the first ABITS_RE match, else ABITS)."""
+        bits = _first_match(self.abits_re, name)
+        return self.abits if bits is None else bits
+
+    def act_pct_for(self, name: str) -> float:
+        """Activation-scale percentile for one layer (the first ACT_PCT_RE match, else ACT_PCT)."""
+        pct = _first_match(self.act_pct_re, name)
+        return self.act_pct if pct is None else float(pct)
 
     def replace(self, **changes: object) -> DuQuantConfig:
         """A copy with some fields changed (re-validated)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> DuQuantConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None, policy: str | None = None) -> DuQuantConfig:
         """Read every ``GR00T_DUQUANT_*`` variable once.
 
         DuQuant is enabled when at least one variable other than ``PACKDIR`` is set (even to an empty string,
@@ -220,12 +288,21 @@ class DuQuantConfig:
         quantise a model. Unknown ``GR00T_DUQUANT_*`` names are refused, because a misspelt variable that is
         silently ignored is the most common way a quantisation experiment measures the wrong thing. A variable set
         to the empty string keeps its default.
+
+        ``policy`` (the server's ``--policy``) adds that policy's recommended values
+        (:data:`quant.patterns.POLICY_DEFAULTS`) under the environment: a variable the environment sets, even to
+        the empty string (the field's own default), wins. They never enable DuQuant by themselves.
         """
         env = os.environ if environ is None else environ
         unknown = unknown_variables(env, PREFIX, cls)
         if unknown:
             raise DuQuantConfigError(f"unknown variable(s) {', '.join(unknown)}; known: {', '.join(variables(cls))}")
         enabled = any(k.startswith(PREFIX) and k != _env("PACKDIR") for k in env)
+        defaults = {_env(k): v for k, v in POLICY_DEFAULTS.get(policy or "", {}).items() if _env(k) not in env}
+        if enabled and defaults:
+            LOG.info("[GR00T-DUQUANT] --policy %s defaults: %s (set a variable to override; empty: the generic "
+                     "default)", policy, ", ".join(f"{k}={v}" for k, v in defaults.items()))
+            env = {**defaults, **env}
         cfg = from_sources(cls, None, env, error=DuQuantConfigError, enabled=enabled)
         if not cfg.enabled:
             LOG.info("[GR00T-DUQUANT] DuQuant not enabled (no GR00T_DUQUANT_* variable set)")
@@ -242,6 +319,9 @@ class DuQuantConfig:
             f"act_pct={self.act_pct} calib_steps={self.calib_steps} ls={self.ls} scope={self.scope!r} "
             f"packdir={self.packdir!r} packed={int(self.packed)} layers={len(self.layers)} "
             f"wbits_overrides={len(self.wbits)}"
+            + (f" wbits_re={self.wbits_re}" if self.wbits_re else "")
+            + (f" abits_re={self.abits_re}" if self.abits_re else "")
+            + (f" act_pct_re={self.act_pct_re}" if self.act_pct_re else "")
         )
 
 

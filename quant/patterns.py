@@ -55,3 +55,25 @@ SEED_INCLUDE = (
     r"|action_head\..*\.mlp\.(gate_proj|up_proj|down_proj)).*"
 )
 SEED_EXCLUDE = r"(?:^|\.)(vision|radio|norm|ln|layernorm|embed|lm_head)(?:\.|$)|action_head\..*\.self_attn\."
+
+#: Recommended values of ``GR00T_DUQUANT_*`` variables (without the prefix) per server ``--policy``, applied by
+#: ``DuQuantConfig.from_env(policy=...)`` under the environment (a variable that is set, even to the empty string,
+#: wins) and only when DuQuant is enabled.
+#:
+#: OpenVLA-RSD's, measured on the embedded default with ``benchmarks/bench_rsd_quant.py`` (37 held-out LIBERO
+#: frames, calibrated on 27 frames of other demonstrations; docs/duquant.md has the tables):
+#:
+#: * ``ACT_PCT_RE``: the layer head reads RFSQ layer 0 from the hidden state of the *last* prefix token (the
+#:   proprio token), and that one token is an outlier at the input of both ``mlp.down_proj``: the static per-tensor
+#:   scale from the 99.9th percentile over all ~150 prefix tokens clipped 6 % (block 0) and 10 % (block 1) of its
+#:   values (any other layer at that token: <= 0.4 %). Scaling those two layers from the maximum costs no memory and
+#:   cut the teacher-forced layer-0 code flips from 0.097 to 0.057 and the action MAE vs full precision from
+#:   0.0396 to 0.0321.
+#: * ``WBITS_RE``: the same two layers at W8 as well (20 % of the quantised weights; packed codes 1.2x those of
+#:   all-W4): layer-0 flips 0.041, MAE 0.0272 (per-frame change -0.0124, 95 % bootstrap [-0.017, -0.008]; 0.0383 ->
+#:   0.0271 and 0.0394 -> 0.0290 with the other two calibration splits). W8 alone, without the scale fix, gave
+#:   nothing (0.0403); all MLP projections at W8 give 0.0178 but keep 60 % of the weights at 8 bits, so that stays
+#:   an option (``WBITS_RE='\.mlp\.:8'``).
+POLICY_DEFAULTS: dict[str, dict[str, str]] = {
+    "openvla-rsd": {"ACT_PCT_RE": r"\.down_proj$:100", "WBITS_RE": r"\.down_proj$:8"},
+}

@@ -60,6 +60,9 @@ def layer_line(tag: str, sel: SelectedLayer, config: DuQuantConfig, method: str 
         if method == "duquant"
         else f"method={method}"
     )
+    pct = config.act_pct_for(sel.name)
+    if sel.abits > 0 and pct != config.act_pct:  # an ACT_PCT_RE override
+        a += f" act_pct={pct:g}"
     if tag == "DRYRUN":
         return f"[GR00T-DUQUANT][DRYRUN] {sel.name}: {lin} W{sel.wbits} {a} {detail}"
     cls = {"duquant": "DuQuantLinear", "rtn": "RTNLinear", "smoothquant": "SmoothQuantLinear"}[method]
@@ -159,6 +162,7 @@ def replace_linear_layers(
     for s in order:
         lin = s.module
         common["step_scales"] = any(s.name.startswith(prefix + ".") for prefix in step_scope)
+        common["act_pct"] = config.act_pct_for(s.name)
         if method == "rtn":
             new: FakeQuantLinear = RTNLinear(lin, s.name, s.wbits, s.abits, **common)
             row_rot = ""

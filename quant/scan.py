@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         env["GR00T_DUQUANT_DEBUG"] = "1"
     try:
-        cfg = DuQuantConfig.from_env(env)
+        cfg = DuQuantConfig.from_env(env, policy=args.policy)
     except DuQuantConfigError as exc:
         print(f"quant.scan: configuration error: {exc}", file=sys.stderr)
         return 2

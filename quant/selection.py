@@ -7,7 +7,8 @@ Rules (in order):
 2. the name must start with ``SCOPE`` (empty = whole model);
 3. if ``LAYERS`` is set, exactly those names are selected (each must exist, be a Linear and lie inside SCOPE),
    and INCLUDE/EXCLUDE are ignored; otherwise the name must ``re.search``-match INCLUDE and not EXCLUDE;
-4. every ``WBITS`` entry must name a selected layer, so a per-layer override can never silently miss.
+4. every ``WBITS`` entry must name a selected layer, and every ``WBITS_RE`` / ``ABITS_RE`` / ``ACT_PCT_RE``
+   regex must match one, so an override can never silently miss.
 
 Errors raise :class:`~quant.config.DuQuantConfigError` naming the variable. See :mod:`quant.patterns` for the
 defaults and why the published recipe's regexes did not fit the real GR00T N1.5 names.
@@ -96,6 +97,13 @@ def select_layers(model: nn.Module, config: DuQuantConfig) -> list[SelectedLayer
         if name not in chosen_set:
             state = "is not an nn.Linear in this model" if name not in by_name else "is not selected for quantisation"
             raise DuQuantConfigError(f"{PREFIX}WBITS names {name!r}, which {state}")
+    for var, patterns in (("WBITS_RE", config.wbits_re), ("ABITS_RE", config.abits_re),
+                          ("ACT_PCT_RE", config.act_pct_re)):
+        for pattern in patterns:
+            if not any(re.search(pattern, n) for n in chosen):
+                raise DuQuantConfigError(f"{PREFIX}{var} pattern {pattern!r} matches no selected layer "
+                                         f"(of {len(chosen)}); give other patterns, or set {PREFIX}{var} to the "
+                                         "empty string for none (a --policy default included)")
     LOG.info("[GR00T-DUQUANT] SCOPE filter: %r", config.scope)
     LOG.info("[GR00T-DUQUANT] Matched Linear layers: %d (of %d Linear)", len(chosen), len(linears))
-    return [SelectedLayer(n, by_name[n], config.bits_for(n), config.abits) for n in chosen]
+    return [SelectedLayer(n, by_name[n], config.bits_for(n), config.abits_for(n)) for n in chosen]

@@ -167,7 +167,7 @@ def test_bench_quant_policy_measures_the_server_policies(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("module", ["bench_duquant", "bench_quant_policy", "bench_load_server", "bench_wire",
-                                    "bench_rsd", "bench_rfsq", "bench_load"])
+                                    "bench_rsd", "bench_rfsq", "bench_load", "bench_rsd_quant"])
 def test_benchmarks_import_as_modules(module: str) -> None:
     r = subprocess.run([server_python(), "-m", f"benchmarks.{module}", "--help"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)

@@ -33,7 +33,9 @@ from client.testing import REPO, ServerProcess, venv_python
 
 log = logging.getLogger("bench.libero_matrix")
 
-# The published recipe's W4A8 defaults (docs/duquant.md), and the same grid with every DuQuant transform off (plain RTN).
+# The published recipe's W4A8 defaults (docs/duquant.md), and the same grid with every DuQuant transform off (plain RTN;
+# its empty per-pattern overrides also drop a --policy's own defaults, quant.patterns.POLICY_DEFAULTS, so the RTN row
+# stays the plain baseline while the DuQuant row measures what the policy serves).
 DUQUANT_SEED_ENV = {
     "GR00T_DUQUANT_WBITS_DEFAULT": "4", "GR00T_DUQUANT_ABITS": "8", "GR00T_DUQUANT_BLOCK": "16",
     "GR00T_DUQUANT_PERMUTE": "1", "GR00T_DUQUANT_ROW_ROT": "restore", "GR00T_DUQUANT_ACT_PCT": "99.9",
@@ -42,6 +44,7 @@ DUQUANT_SEED_ENV = {
 RTN_ENV = {
     "GR00T_DUQUANT_ROT": "none", "GR00T_DUQUANT_PERMUTE": "0", "GR00T_DUQUANT_ROW_ROT": "0",
     "GR00T_DUQUANT_CLIP_SEARCH": "0", "GR00T_DUQUANT_WOPT": "clip", "GR00T_DUQUANT_DIT_STEP_SCALES": "0",
+    "GR00T_DUQUANT_WBITS_RE": "", "GR00T_DUQUANT_ABITS_RE": "", "GR00T_DUQUANT_ACT_PCT_RE": "",
 }
 
 

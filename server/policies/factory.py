@@ -89,7 +89,7 @@ def build_policy(spec: PolicySpec, config: ServerConfig) -> Policy:
     ctx = PolicyContext(config, options, path)
     if spec.load is None:
         return spec.wrap(ctx, None, dict(NO_QUANTIZATION))
-    dq = duquant_config_from_env()
+    dq = duquant_config_from_env(spec.name)
     if dq.dryrun:
         raise DryRunRequested(spec.name, str(path))
     model = spec.load(ctx)

@@ -31,11 +31,12 @@ class DryRunRequested(ValueError):
             "arguments), or unset GR00T_DUQUANT_DRYRUN to serve")
 
 
-def duquant_config_from_env() -> Any:
-    """The validated ``DuQuantConfig`` (raises ``DuQuantConfigError`` naming the bad variable)."""
+def duquant_config_from_env(policy: str | None = None) -> Any:
+    """The validated ``DuQuantConfig`` (raises ``DuQuantConfigError`` naming the bad variable), with ``policy``'s
+    recommended values (``quant.patterns.POLICY_DEFAULTS``) under the environment."""
     from quant import DuQuantConfig
 
-    return DuQuantConfig.from_env()
+    return DuQuantConfig.from_env(policy=policy)
 
 
 def apply_duquant(model: Any, config: Any, calibration: Iterable[Any] | None = None,
@@ -73,6 +74,7 @@ def apply_duquant(model: Any, config: Any, calibration: Iterable[Any] | None = N
         "permute": config.permute,
         "row_rot": config.row_rot,
         "wopt": getattr(config, "wopt", None),
+        **{k: v for k in ("wbits_re", "abits_re", "act_pct_re") if (v := getattr(config, k, None))},
         "weights": "; ".join(kinds),
         "calibrated_at_startup": calibrated,
     }
