@@ -60,15 +60,28 @@ def setup_headless_gl(preferred: str | None = None) -> str:
     )
 
 
+def _stale_config(cfg: Path) -> bool:
+    """True when the config's ``benchmark_root`` line names a directory that does not exist."""
+    for line in cfg.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "benchmark_root":
+            return not Path(value.strip()).is_dir()
+    return False
+
+
 def write_libero_config(config_dir: str | os.PathLike[str] | None = None) -> Path:
     """Point LIBERO at its packaged paths via ``$LIBERO_CONFIG_PATH/config.yaml`` without prompting.
 
-    Only writes the file when it is missing; an existing user config is left alone.
+    Writes the file when it is missing, or when its ``benchmark_root`` no longer exists (a config written by a
+    since-removed environment would make every episode fail on missing init states); otherwise an existing user
+    config is left alone.
     """
     d = Path(config_dir or os.environ.get("LIBERO_CONFIG_PATH") or DEFAULT_CONFIG_DIR).expanduser()
     os.environ["LIBERO_CONFIG_PATH"] = str(d)
     cfg = d / "config.yaml"
-    if not cfg.exists():
+    if cfg.exists() and _stale_config(cfg):
+        log.warning("LIBERO config %s points at a benchmark_root that no longer exists; rewriting it", cfg)
+    if not cfg.exists() or _stale_config(cfg):
         import libero.libero as ll  # the package itself never prompts; this only reads its own paths
 
         d.mkdir(parents=True, exist_ok=True)
