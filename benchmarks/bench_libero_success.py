@@ -2,8 +2,8 @@
 
 Matrices:
 * ``rsd``   — the OpenVLA-RSD policy decoded main-only, with RSD ``exact``, ``relaxed`` and ``relaxed-action``.
-* ``quant`` — full precision vs RTN W4A8 vs DuQuant W4A8 (default settings, calibrated on demonstrations, never on
-  evaluation episodes) for each ``--quant-policy``.
+* ``quant`` — full precision vs RTN W4A8 vs DuQuant W4A8 vs DuQuant W4A4 (default settings, calibrated on
+  demonstrations, never on evaluation episodes) for each ``--quant-policy``.
 
 Every variant gets its own server; one pool of ``--workers`` simulator processes (``client.libero.parallel``)
 drains the (variant, task, trial) episodes, so all variants run the same init states with the same seed. Re-running
@@ -70,8 +70,9 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
 def _reference(label: str) -> str | None:
     if label in ("exact", "relaxed", "relaxed_action"):
         return "main_only"
-    if label.endswith(("_rtn", "_duquant")):
-        return label.rsplit("_", 1)[0] + "_fp"
+    for suffix in ("_rtn", "_duquant", "_duquant_w4a4"):
+        if label.endswith(suffix):
+            return label[: -len(suffix)] + "_fp"
     return None
 
 

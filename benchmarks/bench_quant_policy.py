@@ -9,8 +9,9 @@ For each available policy (GR00T N1.5 from ``--gr00t-dir``, OpenVLA-RSD from ``-
   the simulation overhead, not an int4 kernel speed);
 * per-layer sensitivity: the FP model with exactly one layer quantised (its DuQuant/RTN module, with the
   activation scale from the whole-model calibration), which layers move the actions most;
-* optionally (``--libero-trials N``) the LIBERO ``libero_spatial`` success rate of FP / RTN / DuQuant on the same
-  episodes (same seed, trials, tasks): three servers started in parallel, each evaluated by ``./run_libero_eval.sh``.
+* optionally (``--libero-trials N``) the LIBERO ``libero_spatial`` success rate of FP / RTN W4A8 / DuQuant W4A8 /
+  DuQuant W4A4 on the same episodes (same seed, trials, tasks): one server per variant, one pool of simulator
+  processes draining the episodes (``benchmarks/support/libero_matrix.py``, as ``bench_libero_success.py``).
   The RTN server is DuQuant with every transform off (ROT=none, PERMUTE=0, ROW_ROT=0, CLIP_SEARCH=0), which the
   benchmark checks equals :class:`quant.RTNLinear` offline (``*_rtn_env_vs_rtn_max_diff``).
 
@@ -272,7 +273,7 @@ def libero_success(policy: str, path: str, args: argparse.Namespace, workdir: Pa
     report = run_matrix(variants, cfg)
     out: dict[str, Any] = {"logs": str(workdir), "failures": report["failures"]}
     for v in variants:
-        label = v.label.rsplit("_", 1)[1]
+        label = v.label[len(policy) + 1:]  # fp, rtn, duquant, duquant_w4a4
         s = report["variants"][v.label]
         out[f"{label}_success_rate"] = s["success_rate"]
         out[f"{label}_episodes"] = s["valid_episodes"]

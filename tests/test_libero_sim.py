@@ -123,6 +123,33 @@ def test_sparse_rendering_records_the_same_frames(spatial_tasks):
         replay_and_record(None, task, init, actions, seed=7, frame_every=2, frame_offset=2)
 
 
+def test_render_records_a_failed_replay_and_a_resume_skips_it(tmp_path, spatial_tasks, monkeypatch):
+    """A replay that does not succeed (here: the expert's first 10 actions only) is dropped and recorded beside the
+    task's file; re-running skips it without building a simulator (replays are deterministic)."""
+    import json
+
+    import client.libero.env as libero_env
+    from client.dataset import read_actions_file
+    from client.libero.render_demos import render_task
+    from client.testing import REPO
+
+    _, by_task = read_actions_file(REPO / "data" / "libero_spatial_actions_50.hdf5")
+    init, actions = by_task[0][0]
+    counts = render_task("libero_spatial", 0, [(init, actions[:10])], str(tmp_path), seed=7, frame_every=8)
+    assert counts["replay_failures"] == 1 and counts["rendered"] == 0
+    record = json.loads((tmp_path / f"{spatial_tasks[0].name}_replay_failures.json").read_text())
+    assert record == {"frame_every": 8, "seed": 7, "init_indices": [init]}
+
+    def no_env(*a, **k):
+        raise AssertionError("a recorded failure was replayed again")
+
+    monkeypatch.setattr(libero_env, "make_env", no_env)
+    again = render_task("libero_spatial", 0, [(init, actions[:10])], str(tmp_path), seed=7, frame_every=8)
+    assert again["skipped_failed_before"] == 1 and again["replay_failures"] == 0 and again["rendered"] == 0
+    with pytest.raises(AssertionError, match="replayed again"):  # another seed's replay is not the same replay
+        render_task("libero_spatial", 0, [(init, actions[:10])], str(tmp_path), seed=8, frame_every=8)
+
+
 def test_demo_file_layout(tmp_path, spatial_tasks):
     """``write_demo`` produces LIBERO's layout (checked on a short synthetic recording, no rendering)."""
     h5py = pytest.importorskip("h5py")

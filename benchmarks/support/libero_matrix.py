@@ -78,7 +78,7 @@ def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float, act
 
 def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_data: str | None, calib_n: int,
                    denoising_steps: int) -> list[Variant]:
-    """Full precision vs RTN W4A8 vs DuQuant W4A8 (default settings) for one policy."""
+    """Full precision vs RTN W4A8 vs DuQuant W4A8 vs DuQuant W4A4 (default settings otherwise) for one policy."""
     base = ["--policy", policy] + (["--model-path", model_path] if model_path else [])
     if policy == "gr00t":
         base += ["--denoising-steps", str(denoising_steps), "--embodiment-tag", "new_embodiment"]
@@ -92,6 +92,9 @@ def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_dat
                                                 "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_rtn")}),
         Variant(f"{policy}_duquant", base + calib, {**DUQUANT_SEED_ENV, **q,
                                                     "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_duquant")}),
+        Variant(f"{policy}_duquant_w4a4", base + calib,
+                {**DUQUANT_SEED_ENV, **q, "GR00T_DUQUANT_ABITS": "4",
+                 "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_duquant_w4a4")}),
     ]
 
 

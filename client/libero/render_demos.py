@@ -9,7 +9,9 @@ the physics and produces ~6 MB per episode, so it is done where and when the ima
 training), by replaying each action sequence from its init state with the evaluation client's cameras.
 MuJoCo is deterministic from a full state, so the replay reproduces the search's trajectory; a replay that
 does not end in success is dropped and counted. Output: the same per-task files ``record_demos`` writes
-(LIBERO layout); ``--resume`` semantics are implicit -- episodes already in an output file are skipped.
+(LIBERO layout); ``--resume`` semantics are implicit -- episodes already in an output file are skipped, and so
+are the replays recorded as failed in ``<task_name>_replay_failures.json`` beside it (a replay is deterministic,
+so trying it again only costs time: 23 of the 498 shipped libero_spatial episodes, ~5 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -50,13 +52,17 @@ def render_task(suite: str, tid: int, episodes: list[tuple[int, np.ndarray]], ou
         raise ValueError(f"{path} was rendered with frame_every={json.loads(existing).get('frame_every', 1)}; "
                          f"resume it with that value or render into another --out")
     done = recorded_init_states(path)
-    todo = [(k, a) for k, a in episodes if k not in done]
+    failures_path = path.with_name(f"{task.name}_replay_failures.json")
+    failed = _read_failures(failures_path, frame_every, seed)
+    todo = [(k, a) for k, a in episodes if k not in done and k not in failed]
     env_args = {"type": 1, "env_name": "OffScreenRenderEnv", "env_kwargs": {
         "camera_heights": RENDER_RES, "camera_widths": RENDER_RES, "controller": "OSC_POSE", "control_freq": 20,
         "camera_names": ["agentview", "robot0_eye_in_hand"]}, "stored_resolution": STORE_RES, "resize": "area",
         "seed": seed, "versions": library_versions(), "rendered_from": "compact actions file",
         "frame_every": frame_every}
-    counts = {"task": tid, "rendered": 0, "replay_failures": 0, "skipped_existing": len(episodes) - len(todo)}
+    counts = {"task": tid, "rendered": 0, "replay_failures": 0,
+              "skipped_existing": sum(k in done for k, _ in episodes),
+              "skipped_failed_before": sum(k in failed and k not in done for k, _ in episodes)}
     if not todo:
         return counts
     env = make_env(task, RENDER_RES, cameras=True)
@@ -68,7 +74,11 @@ def render_task(suite: str, tid: int, episodes: list[tuple[int, np.ndarray]], ou
                                     frame_offset=k % frame_every)
             if rec["success_step"] is None:
                 counts["replay_failures"] += 1
-                log.warning("task %d init %d: replay did not succeed; dropped", tid, k)
+                failed.add(k)
+                failures_path.write_text(json.dumps({"frame_every": frame_every, "seed": seed,
+                                                     "init_indices": sorted(failed)}))
+                log.warning("task %d init %d: replay did not succeed; dropped (recorded in %s)", tid, k,
+                            failures_path.name)
                 continue
             # The replay stops at success: store the actions that produced the recorded observations.
             write_demo(path, task, n, k, rec["actions"], rec, env_args, {}, seed)
@@ -79,6 +89,20 @@ def render_task(suite: str, tid: int, episodes: list[tuple[int, np.ndarray]], ou
     finally:
         close_env(env)
     return counts
+
+
+def _read_failures(path: Path, frame_every: int, seed: int) -> set[int]:
+    """Init indices whose replay failed in an earlier run with the same ``frame_every`` and seed (else none)."""
+    if not path.exists():
+        return set()
+    try:
+        rec = json.loads(path.read_text())
+        if int(rec.get("frame_every", 1)) != frame_every or int(rec.get("seed", -1)) != seed:
+            return set()
+        return {int(k) for k in rec["init_indices"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s unreadable (%s); its replays are tried again", path, exc)
+        return set()
 
 
 def _log_to_stderr() -> None:
