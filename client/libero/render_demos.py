@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(suite, t, by_task[t][: ns.per_task], ns.out, ns.seed, ns.frame_every) for t in wanted]
     if ns.workers > 1:
         with mp.get_context("spawn").Pool(ns.workers, initializer=_log_to_stderr) as pool:
-            results = pool.starmap(render_task, jobs)
+            # chunksize 1: tasks go to whichever worker is free (starmap's default hands out pairs of tasks,
+            # which left one core idle for the last ~6 min of a 2-worker run)
+            results = pool.starmap(render_task, jobs, chunksize=1)
     else:
         results = [render_task(*job) for job in jobs]
     print(json.dumps({"suite": suite, "out": ns.out, "tasks": results,
