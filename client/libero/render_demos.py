@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--tasks {missing} are not in {ns.actions} (it has {sorted(by_task)})")
     Path(ns.out).mkdir(parents=True, exist_ok=True)
     jobs = [(suite, t, by_task[t][: ns.per_task], ns.out, ns.seed, ns.frame_every) for t in wanted]
+    # longest tasks first (total expert steps), so the last task to finish is a short one
+    jobs.sort(key=lambda job: -sum(len(a) for _, a in job[2]))
     if ns.workers > 1:
         with mp.get_context("spawn").Pool(ns.workers, initializer=_log_to_stderr) as pool:
             # chunksize 1: tasks go to whichever worker is free (starmap's default hands out pairs of tasks,
