@@ -95,6 +95,46 @@ def test_expert_solves_a_spatial_task_and_replay_is_deterministic(spatial_tasks)
         close_env(env)
 
 
+def test_pinned_fixtures_make_an_episode_independent_of_the_envs_history(spatial_tasks):
+    """LIBERO's reset re-places fixtures (model body_pos, not part of an init state) differently at every reset of
+    the same env, even after env.seed: task 4's cabinet moves ~1 cm. Pinned (the default), every reset restores the
+    first reset's layout, so the same init state and actions give the same trajectory whatever ran before."""
+    from client.libero.env import pin_fixture_layout
+
+    task = spatial_tasks[4]
+    env = make_env(task, cameras=False)
+    try:
+        layouts = {}
+        for mode in ("per-reset", "pinned"):
+            env.__dict__.pop("_vla_fixture_layouts", None)
+            seen = []
+            for _ in range(3):
+                reset_to_init(env, task, 0, seed=7, fixtures=mode)
+                seen.append(np.array(env.sim.model.body_pos, copy=True))
+            layouts[mode] = seen
+        drift = max(np.abs(b - layouts["per-reset"][0]).max() for b in layouts["per-reset"][1:])
+        assert drift > 1e-3, "LIBERO no longer moves task 4's fixtures between resets: pinning may be obsolete"
+        assert all(np.array_equal(b, layouts["pinned"][0]) for b in layouts["pinned"][1:])
+
+        def episode(init_index):
+            reset_to_init(env, task, init_index, seed=7)
+            raw = None
+            for t in range(30):
+                raw, _, _, _ = env.step(np.array([0.3, -0.2, -0.4, 0, 0, 0, 1.0 if t > 15 else -1.0]))
+            return np.array(raw["robot0_eef_pos"]), env.sim.get_state().flatten()
+
+        first = episode(0)
+        episode(1)
+        again = episode(0)
+        np.testing.assert_array_equal(first[0], again[0])
+        np.testing.assert_array_equal(first[1], again[1])
+        with pytest.raises(ValueError, match="fixtures"):
+            reset_to_init(env, task, 0, seed=7, fixtures="sometimes")
+        assert pin_fixture_layout(env, 7) is True
+    finally:
+        close_env(env)
+
+
 def test_sparse_rendering_records_the_same_frames(spatial_tasks):
     """``replay_and_record(frame_every=3)`` renders only every third step, and the frames it keeps (images,
     state) are bit-identical to an every-step recording's at those steps; actions and sim states stay per step."""

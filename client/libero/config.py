@@ -17,6 +17,8 @@ from typing import Any
 
 from client.libero.protocol import (
     DEFAULT_SEED,
+    FIXTURE_CHOICES,
+    FIXTURES_PINNED,
     GR00T_IMAGE_SIZE,
     GRIPPER_CONVENTIONS,
     NUM_WAIT_STEPS,
@@ -88,6 +90,11 @@ class EvalConfig:
     gripper_convention: str | None = setting(None, "--gripper-convention", choices=GRIPPER_CONVENTIONS,
                                              help="override the server's declared gripper convention "
                                                   "(default: from its metadata)")
+    fixtures: str = setting(FIXTURES_PINNED, "--fixtures", choices=FIXTURE_CHOICES,
+                            help="furniture placement per episode: 'pinned' (default) restores the env's first "
+                                 "layout at every reset, so an episode depends only on (task, init state, seed, "
+                                 "policy); 'per-reset' keeps LIBERO's drift of ~1-2 cm from reset to reset "
+                                 "(upstream harnesses)")
     preprocess: str = setting(PREPROCESS_NONE, "--preprocess", choices=PREPROCESS_CHOICES,
                               help="image path before sending: 'none' = rotated render at --resolution (the "
                                    "project's own models); 'openvla' = upstream OpenVLA's LIBERO harness (JPEG "

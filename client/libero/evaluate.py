@@ -78,7 +78,7 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
         contract = contract_box["c"]
         client.reset()
         need_images(cfg.num_wait_steps == 0)
-        raw = reset_to_init(env, task, init_index, cfg.seed, gate)
+        raw = reset_to_init(env, task, init_index, cfg.seed, gate, cfg.fixtures)
         for i in range(cfg.num_wait_steps):
             need_images(i == cfg.num_wait_steps - 1)
             raw, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))

@@ -90,6 +90,12 @@ def max_steps_for(suite: str) -> int:
         raise ValueError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}") from None
 
 
+#: ``--fixtures``: how the fixed furniture (cabinets, stoves: bodies without a free joint) is placed per episode.
+FIXTURES_PINNED = "pinned"
+FIXTURES_PER_RESET = "per-reset"
+FIXTURE_CHOICES = (FIXTURES_PINNED, FIXTURES_PER_RESET)
+
+
 # -- image preprocessing presets (what the client sends, to match a checkpoint's own evaluation harness) --------
 PREPROCESS_NONE = "none"  # the render, rotated 180 degrees, at --resolution (the project's own models)
 PREPROCESS_OPENVLA = "openvla"  # upstream OpenVLA's LIBERO harness (experiments/robot/libero/libero_utils.py)

@@ -10,8 +10,10 @@ training), by replaying each action sequence from its init state with the evalua
 MuJoCo is deterministic from a full state, so the replay reproduces the search's trajectory; a replay that
 does not end in success is dropped and counted. Output: the same per-task files ``record_demos`` writes
 (LIBERO layout); ``--resume`` semantics are implicit -- episodes already in an output file are skipped, and so
-are the replays recorded as failed in ``<task_name>_replay_failures.json`` beside it (a replay is deterministic,
-so trying it again only costs time: 23 of the 498 shipped libero_spatial episodes, ~5 min on 2 cores).
+are the replays recorded as failed in ``<task_name>_replay_failures.json`` beside it (23-30 of the 498 shipped
+libero_spatial episodes, ~5 min on 2 cores to retry; delete the file to retry them). Replays do not pin the fixture
+layout (``client.libero.env.reset_to_init``), so which ones fail depends on the order a worker replays a task's
+episodes in: one run dropped 23, another 30.
 """
 
 from __future__ import annotations
