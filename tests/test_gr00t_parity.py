@@ -91,12 +91,20 @@ def test_released_config_without_key_is_upstream_and_bad_value_rejected() -> Non
         GR00TConfig.from_dict(d)
 
 
-def test_shipped_tiny_checkpoint_keeps_its_legacy_prompt_and_vision_layer() -> None:
+def test_shipped_tiny_checkpoint_declares_upstreams_prompt_and_a_legacy_copy_keeps_its_own(tmp_path) -> None:
+    """The retrained tiny GR00T (2026-12-02) was trained with upstream's Eagle 2.5 chat prompt and says so; a
+    checkpoint declaring the project's earlier format still loads with that format (its weights expect it)."""
+    import shutil
+
     cfg = json.loads((TINY / "config.json").read_text())
-    assert cfg["prompt_format"] == PROMPT_LEGACY and cfg["eagle_config"]["select_layer"] == 2
+    assert cfg["prompt_format"] == PROMPT_UPSTREAM and cfg["eagle_config"]["select_layer"] == 2
     model = load_pretrained("gr00t", TINY)
-    assert model.config.prompt_format == PROMPT_LEGACY
+    assert model.config.prompt_format == PROMPT_UPSTREAM
     assert model.backbone.eagle_model.vision_select_layer == 2
+    legacy = tmp_path / "legacy"
+    shutil.copytree(TINY, legacy)
+    (legacy / "config.json").write_text(json.dumps({**cfg, "prompt_format": PROMPT_LEGACY}))
+    assert load_pretrained("gr00t", legacy).config.prompt_format == PROMPT_LEGACY
 
 
 def test_default_vision_select_layer_is_the_released_eagle_value() -> None:
