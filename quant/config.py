@@ -154,6 +154,10 @@ class DuQuantConfig:
              "every regex must match a selected layer. Keeps a sensitive kind or block at W8 without naming "
              "each layer (OpenVLA-RSD: ``\\.mlp\\.:8`` halved the W4A8 action error vs full precision, 60 % of "
              "the weights at 8 bits; ``\\.down_proj$:8``, 20 %, is its default: benchmarks/bench_rsd_quant.py)")
+    wgroup: int = setting(0, env=_env("WGROUP"), check=at_least(0),
+                          help="weight scale granularity: 0 = one scale per output row (the recipe's); g > 0 = one "
+                               "scale per g consecutive input columns of each row (in the rotated space; GPTQ/AWQ/"
+                               "torchao int4 group size, usually 32-128), +16/g bits a weight in fp16 terms")
     abits: int = setting(8, env=_env("ABITS"), check=_abits_ok,
                          help="activation bits; <= 0 turns activation quantisation off")
     abits_re: dict[str, int] = setting(
@@ -313,7 +317,7 @@ class DuQuantConfig:
     def summary(self) -> str:
         """One line for logs and the server's metadata reply."""
         return (
-            f"W{self.wbits_default} A{self.abits if self.act_quant else 'off'} block={self.block} "
+            f"W{self.wbits_default} A{self.abits if self.act_quant else 'off'} wgroup={self.wgroup} block={self.block} "
             f"block_out={self.block_out} permute={int(self.permute)} row_rot={self.row_rot} rot={self.rot} "
             f"wopt={self.wopt} act_gran={self.act_gran} dit_step_scales={self.dit_step_scales} "
             f"act_pct={self.act_pct} calib_steps={self.calib_steps} ls={self.ls} scope={self.scope!r} "

@@ -143,6 +143,7 @@ class FakeQuantLinear(nn.Module):
         profile: bool = False,
         packed: bool = False,
         step_scales: bool = False,
+        wgroup: int = 0,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -160,6 +161,7 @@ class FakeQuantLinear(nn.Module):
         self.act_gran = act_gran
         self.calib_steps = calib_steps
         self.clip_search = clip_search
+        self.wgroup = int(wgroup)  # 0: one weight scale per row; g: per g input columns (transforms.expand_scales)
         self.precache = precache
         self.profile = profile
         self.calib_state = "uncalibrated" if abits > 0 else "frozen"
@@ -219,8 +221,12 @@ class FakeQuantLinear(nn.Module):
         if not self.weight_quant:
             return w
         if self.w_scale is None:
-            self.w_scale = T.weight_row_scales(w, self.wbits, self.clip_search)
-        return T.fake_quant(w, self.w_scale.unsqueeze(1), T.qmax_for(self.wbits))
+            self.w_scale = T.weight_row_scales(w, self.wbits, self.clip_search, group=self.wgroup)
+        return T.fake_quant(w, self._scales(w.shape[1]), T.qmax_for(self.wbits))
+
+    def _scales(self, n: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``w_scale`` broadcastable against ``n`` weight columns (per row or per group)."""
+        return T.expand_scales(self.w_scale[r0:r1].float(), n, self.wgroup)
 
     def prepare_weights(self) -> None:
         """Compute (and with PRECACHE_WEIGHTS keep) the quantised weight once, instead of at every call.
@@ -239,10 +245,11 @@ class FakeQuantLinear(nn.Module):
         codes = self._pack_codes
         if codes is None:
             if self.w_scale is None:
-                self.w_scale = T.weight_row_scales(self.qspace_weight(), self.wbits, self.clip_search)
+                self.w_scale = T.weight_row_scales(self.qspace_weight(), self.wbits, self.clip_search,
+                                                   group=self.wgroup)
             # w_q (GPTQ's result, or the precached weight) holds exactly these levels times the scales.
             w = self.w_q.float() if self.w_q is not None else self.qspace_weight()
-            q = T.quant_codes(w, self.w_scale.float().unsqueeze(1), qmax)
+            q = T.quant_codes(w, self._scales(w.shape[1]), qmax)
             self.packed_in = q.shape[1]
             codes = T.pack_int4(q) if self.wbits <= 4 else q
             del w, q
@@ -263,11 +270,11 @@ class FakeQuantLinear(nn.Module):
         interleave: ~3.4x faster on CPU); the values equal :func:`quant.transforms.unpack_int4`'s."""
         p = self.w_packed[r0:r1]
         if p.dtype != torch.uint8:
-            return p.float().mul_(self.w_scale[r0:r1].unsqueeze(1))
+            return p.float().mul_(self._scales(self.packed_in, r0, r1))
         q = F.embedding(p.int(), _int4_table(p.device)).view(p.shape[0], -1)
         if q.shape[1] != self.packed_in:
             q = q[:, : self.packed_in]
-        return q.mul_(self.w_scale[r0:r1].unsqueeze(1))
+        return q.mul_(self._scales(self.packed_in, r0, r1))
 
     def _packed_matmul(self, xt: torch.Tensor) -> torch.Tensor:
         """``xt @ W_q^T`` dequantising one block of output rows at a time."""
@@ -605,11 +612,11 @@ class DuQuantLinear(FakeQuantLinear):
         h = self._h / self._h_rows
         w = self.qspace_weight()
         diag = h if h.dim() == 1 else torch.diagonal(h)
-        self.w_scale = T.weight_row_scales(w, self.wbits, self.clip_search, importance=diag)
+        self.w_scale = T.weight_row_scales(w, self.wbits, self.clip_search, importance=diag, group=self.wgroup)
         if self.wopt_run == "gptq":
             # GPTQ's result is not a function of (weight, scale) alone, so it is always kept (PRECACHE ignored).
             self.w_q = T.gptq_quantize(w, self.w_scale, self.wbits, h, damp=self.gptq_damp,
-                                       act_order=self.gptq_act_order).to(self.compute_dtype)
+                                       act_order=self.gptq_act_order, group=self.wgroup).to(self.compute_dtype)
         else:
             self.prepare_weights()
         self.wopt_samples = self.observer.calls if self.observer is not None else 0
@@ -646,7 +653,7 @@ class DuQuantLinear(FakeQuantLinear):
             codes = pack.get("w_codes")
             if codes is not None and self.packed and not self.refines_on_freeze:
                 in_pad = self.perm.numel()
-                want = (self.w_scale.numel(), (in_pad + 1) // 2 if self.wbits <= 4 else in_pad)
+                want = (self.w_scale.shape[0], (in_pad + 1) // 2 if self.wbits <= 4 else in_pad)
                 dtype = torch.uint8 if self.wbits <= 4 else torch.int8
                 if tuple(codes.shape) == want and codes.dtype == dtype:
                     self._pack_codes, self.packed_in = codes, in_pad
@@ -666,7 +673,8 @@ class DuQuantLinear(FakeQuantLinear):
             out["r_out"] = r_out.cpu()
         if self.weight_quant:
             if self.w_scale is None:
-                self.w_scale = T.weight_row_scales(self.qspace_weight(), self.wbits, self.clip_search)
+                self.w_scale = T.weight_row_scales(self.qspace_weight(), self.wbits, self.clip_search,
+                                                   group=self.wgroup)
             out["w_scale"] = self.w_scale.cpu()
         if self.w_packed is not None and not self.refines_on_freeze:
             out["w_codes"] = self.w_packed.cpu()

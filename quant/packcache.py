@@ -47,7 +47,7 @@ def weight_hash(w: torch.Tensor) -> str:
 
 def pack_key(
     name: str, shape: tuple[int, ...], whash: str, *, wbits: int, block: int, block_out: int, permute: bool,
-    row_rot: str, rot: str, ls: float, clip_search: bool,
+    row_rot: str, rot: str, ls: float, clip_search: bool, wgroup: int = 0,
 ) -> dict[str, object]:
     """Every input that determines a pack. ``abits``/``act_pct`` are not here: they do not change the pack."""
     return {
@@ -63,6 +63,7 @@ def pack_key(
         "rot": rot,
         "ls": float(ls),
         "clip_search": bool(clip_search),
+        "wgroup": int(wgroup),
         "clip_ratios": list(T.CLIP_RATIOS),
     }
 

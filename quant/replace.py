@@ -147,7 +147,7 @@ def replace_linear_layers(
     cache = PackCache(config.packdir) if (config.packdir and method == "duquant") else None
     common = dict(
         act_pct=config.act_pct, act_gran=config.act_gran, calib_steps=config.calib_steps, clip_search=config.clip_search,
-        precache=config.precache_weights, profile=config.profile, packed=config.packed,
+        precache=config.precache_weights, profile=config.profile, packed=config.packed, wgroup=config.wgroup,
     )
     step_scope = _step_scopes(model) if config.step_scales_on else []
     if config.profile:
@@ -187,7 +187,7 @@ def replace_linear_layers(
                 key = pack_key(
                     s.name, tuple(lin.weight.shape), weight_hash(w_eff), wbits=s.wbits, block=config.block,
                     block_out=config.block_out, permute=config.permute, row_rot=row_rot, rot=config.rot,
-                    ls=config.ls, clip_search=config.clip_search,
+                    ls=config.ls, clip_search=config.clip_search, wgroup=config.wgroup,
                 )
                 pack = cache.load(s.name, key)
             new = DuQuantLinear(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 #: Clipping ratios tried per output row (1.0 = plain max scaling). Small on purpose: the recipe's "small search".
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -168,8 +169,18 @@ def qmax_for(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def expand_scales(scale: torch.Tensor, n: int, group: int = 0) -> torch.Tensor:
+    """Weight scales broadcastable against an ``[out, n]`` weight: per-row ``[out]`` -> ``[out, 1]``; per-group
+    ``[out, ceil(n / group)]`` -> ``[out, n]`` (column j uses its group ``j // group``)."""
+    if scale.dim() == 1:
+        return scale.unsqueeze(1)
+    if scale.shape[1] == 1:
+        return scale
+    return scale.repeat_interleave(group, dim=1)[:, :n]
+
+
 def weight_row_scales(
-    w: torch.Tensor, bits: int, clip_search: bool, importance: torch.Tensor | None = None
+    w: torch.Tensor, bits: int, clip_search: bool, importance: torch.Tensor | None = None, group: int = 0,
 ) -> torch.Tensor:
     """Per output row symmetric scale; with ``clip_search`` the ratio in :data:`CLIP_RATIOS` with least row error.
 
@@ -177,8 +188,22 @@ def weight_row_scales(
     ratio differs per row, so it is chosen per row (a few quantise-dequantise passes, done once per layer).
     ``importance`` (per input channel, e.g. ``E[x_j^2]`` from calibration) weights the error so the search
     minimises the expected *output* error ``sum_j E[x_j^2] (w_ij - q_ij)^2`` rather than the weight error.
+
+    ``group`` > 0 (and below the row length): one scale per ``group`` consecutive input columns of each row,
+    shape ``[out, ceil(in / group)]`` (GPTQ/AWQ/torchao's int4 group size; the last group may be short), each
+    searched as a row of its own. Why: at W4 one scale per row lets the row's largest weights set the step for
+    all of its columns; per group only its own columns do.
     """
     w = w.float()
+    if 0 < group < w.shape[1]:
+        out, n = w.shape
+        ng = -(-n // group)
+        wg = F.pad(w, (0, ng * group - n)).reshape(out * ng, group)
+        imp = None
+        if importance is not None:
+            imp = F.pad(importance.float().to(w.device), (0, ng * group - n)).reshape(1, ng, group)
+            imp = imp.expand(out, ng, group).reshape(out * ng, group)
+        return weight_row_scales(wg, bits, clip_search, imp).reshape(out, ng)
     qmax = qmax_for(bits)
     amax = w.abs().amax(dim=1).clamp_min(1e-8)
     if not clip_search:
@@ -192,8 +217,8 @@ def weight_row_scales(
         wc = w[r0 : r0 + rows].unsqueeze(0)
         s = amax[r0 : r0 + rows].view(1, -1, 1) * ratios / qmax  # [R, rows, 1]
         d2 = (fake_quant(wc, s, qmax) - wc).pow_(2)
-        if imp is not None:
-            d2.mul_(imp)
+        if imp is not None:  # per input channel [in], or per row [rows, in] (the grouped path)
+            d2.mul_(imp if imp.dim() == 1 else imp[r0 : r0 + rows])
         err = d2.sum(dim=2)  # [R, rows]
         best[r0 : r0 + rows] = s.squeeze(2).gather(0, err.argmin(dim=0, keepdim=True)).squeeze(0)
     return best
@@ -201,7 +226,7 @@ def weight_row_scales(
 
 def gptq_quantize(
     w: torch.Tensor, scale: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float = 0.01, blocksize: int = 128,
-    act_order: bool = False,
+    act_order: bool = False, group: int = 0,
 ) -> torch.Tensor:
     """GPTQ (Frantar et al. 2022) with fixed per-row scales: quantise columns in order, pushing each column's error
     onto the not-yet-quantised columns through the inverse Hessian ``H = E[x x^T]`` of the layer's inputs.
@@ -211,21 +236,27 @@ def gptq_quantize(
     using the same calibration data the activation scales already need. ``act_order``: columns in decreasing
     ``diag(H)`` order (the most active inputs first, while the most columns are left to absorb their error).
     Memory: the ``in x in`` Hessian (float64 while inverting) plus the weight, for one layer.
+    ``scale``: per row ``[out]``, or per group ``[out, ceil(in / group)]`` (fixed beforehand, as in GPTQ's static
+    groups, so that act-order can reorder the columns freely).
     """
     w = w.float().clone()
     n = w.shape[1]
     h = hessian.double().to(w.device).clone()
+    s_cols = expand_scales(scale.float().to(w.device), n, group)  # [out, 1] or [out, n]
     order = None
     if act_order:
         order = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, order], h[order][:, order]
+        if s_cols.shape[1] > 1:
+            s_cols = s_cols[:, order]
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     qmax = qmax_for(bits)
-    s = scale.float().to(w.device)
+    per_col = s_cols.shape[1] > 1
+    s = s_cols[:, 0]
     q = torch.zeros_like(w)
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
@@ -234,7 +265,7 @@ def gptq_quantize(
         hb = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            qc = fake_quant(col, s, qmax)
+            qc = fake_quant(col, s_cols[:, i1 + i] if per_col else s, qmax)
             q[:, i1 + i] = qc
             e = (col - qc) / hb[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hb[i, i:].unsqueeze(0)

@@ -121,7 +121,7 @@ class PolicyServer:
         self.bound_port: int | None = None
         self._background: set[asyncio.Future] = set()
         self._request_log_level = logging.INFO if config.log_requests else logging.DEBUG
-        self._policy_metadata: dict[str, Any] = policy.metadata() if policy is not None else {}
+        self._policy_metadata: dict[str, Any] = policy.served_metadata() if policy is not None else {}
         self._gr00t: Gr00tFrontEnd | None = None
         if config.protocol != "vla":
             self._gr00t = Gr00tFrontEnd(self, api_token=config.api_token, allow_kill=config.allow_kill,
@@ -205,7 +205,7 @@ class PolicyServer:
             return
         policy: Policy = result.value
         self.policy = policy
-        self._policy_metadata = policy.metadata()
+        self._policy_metadata = policy.served_metadata()
         self._readiness = "ready"
         logger.info("policy %r (%s) ready after %.1f s", self.config.policy, self._policy_metadata.get("model_id"),
                     time.perf_counter() - self._load_started)

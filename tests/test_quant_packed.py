@@ -175,3 +175,59 @@ def test_packed_variable() -> None:
     for bad in ("2", "maybe"):
         with pytest.raises(DuQuantConfigError, match="GR00T_DUQUANT_PACKED"):
             DuQuantConfig.from_env({"GR00T_DUQUANT_PACKED": bad})
+
+
+# ---------------------------------------------------------------------------------------------- WGROUP
+def test_group_scales_cover_each_group_of_columns() -> None:
+    w = torch.zeros(2, 10)
+    w[0, :4], w[0, 4:8], w[0, 8:] = 7.0, 0.7, 0.07  # three groups of 4 (the last one short) at three magnitudes
+    w[1] = 1.4
+    s = T.weight_row_scales(w, 4, clip_search=False, group=4)
+    assert s.shape == (2, 3)
+    torch.testing.assert_close(s[0], torch.tensor([1.0, 0.1, 0.01]))
+    torch.testing.assert_close(s[1], torch.full((3,), 0.2))
+    full = T.expand_scales(s, 10, 4)
+    assert full.shape == (2, 10) and float(full[0, 9]) == pytest.approx(0.01)
+    assert torch.equal(T.fake_quant(w, full, 7), w)  # every group exactly representable with its own scale
+    per_row = T.weight_row_scales(w, 4, clip_search=False)
+    assert float((T.fake_quant(w, T.expand_scales(per_row, 10), 7) - w).abs()[0, 4:].max()) > 0.06  # lost
+    assert T.weight_row_scales(w, 4, clip_search=False, group=16).shape == (2,)  # a group >= the row: per row
+
+
+@pytest.mark.parametrize("wopt", ["clip", "gptq"])
+def test_grouped_weights_have_less_error_and_pack_the_same(wopt: str) -> None:
+    lin, x = _layer(48, 96)
+    with torch.no_grad():
+        lin.weight[:, :8] *= 12.0  # large weights in a few input columns set a per-row scale for everyone
+    outs = {}
+    for group in (0, 32):
+        fake = _calibrated(DuQuantLinear(copy.deepcopy(lin), "l", 4, 0 if wopt == "clip" else 8, wopt=wopt,
+                                         wgroup=group), x)
+        packed = _calibrated(DuQuantLinear(copy.deepcopy(lin), "l", 4, 0 if wopt == "clip" else 8, wopt=wopt,
+                                           wgroup=group, packed=True), x)
+        with torch.no_grad():
+            ref = lin(x[32:])
+            y = fake(x[32:])
+            _close(packed(x[32:]), y)
+        if wopt == "clip":  # (a fake GPTQ layer serves its refined w_q; quantized_weight() is its RTN start)
+            assert torch.equal(packed.quantized_weight(), fake.quantized_weight())
+        outs[group] = float((y - ref).pow(2).mean() / ref.pow(2).mean())
+        if group:
+            assert packed.w_scale.shape == (48, 3)  # 96 rotated input columns / 32
+    assert outs[32] < 0.7 * outs[0], outs
+
+
+def test_wgroup_variable_and_pack_cache_key(tmp_path: Path) -> None:
+    cfg = DuQuantConfig.from_env({"GR00T_DUQUANT_WGROUP": "64"})
+    assert cfg.enabled and cfg.wgroup == 64 and "wgroup=64" in cfg.summary()
+    with pytest.raises(DuQuantConfigError, match="GR00T_DUQUANT_WGROUP"):
+        DuQuantConfig.from_env({"GR00T_DUQUANT_WGROUP": "-1"})
+    model = gr00t_like()
+    replace_linear_layers(model, DuQuantConfig(enabled=True, wgroup=16, packdir=str(tmp_path)))
+    layers = quantized_layers(model)
+    assert layers and all(m.wgroup == 16 for m in layers.values())
+    assert all(m.w_scale.shape == (m.perm.numel() and m.w_scale.shape[0], -(-m.perm.numel() // 16))
+               for m in layers.values() if m.perm.numel() > 16)  # a row of 16 rotated columns is one group
+    again = gr00t_like()
+    replace_linear_layers(again, DuQuantConfig(enabled=True, wgroup=0, packdir=str(tmp_path)))
+    assert all(not m.pack_reused and m.w_scale.dim() == 1 for m in quantized_layers(again).values())

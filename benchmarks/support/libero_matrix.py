@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from client.libero.config import EvalConfig, config_from_args
+from client.libero.evaluate import settle_preprocess
 from client.libero.parallel import EpisodeJob, EpisodePool
 from client.libero.results import EpisodeResult, ResultsFile
 from client.testing import REPO, ServerProcess, venv_python
@@ -307,6 +308,8 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
         for s in servers.values():
             s.wait_ready(cfg.ready_timeout_s)
         log.info("%d servers ready in %.1fs", len(servers), time.monotonic() - t_start)
+        for ecfg in configs.values():  # --preprocess auto -> what each variant's server advertises
+            settle_preprocess(ecfg)
         failures = _run_episodes(cfg, configs, os.environ.get("MUJOCO_GL") or "egl")
         summary: dict[str, Any] = {}
         for v in variants:

@@ -22,10 +22,10 @@ from client.libero.protocol import (
     GR00T_IMAGE_SIZE,
     GRIPPER_CONVENTIONS,
     NUM_WAIT_STEPS,
+    PREPROCESS_AUTO,
     PREPROCESS_CHOICES,
     PREPROCESS_DESCRIPTIONS,
     PREPROCESS_GR00T,
-    PREPROCESS_NONE,
     SUITES,
     max_steps_for,
 )
@@ -95,13 +95,19 @@ class EvalConfig:
                                  "layout at every reset, so an episode depends only on (task, init state, seed, "
                                  "policy); 'per-reset' keeps LIBERO's drift of ~1-2 cm from reset to reset "
                                  "(upstream harnesses)")
-    preprocess: str = setting(PREPROCESS_NONE, "--preprocess", choices=PREPROCESS_CHOICES,
-                              help="image path before sending: 'none' = rotated render at --resolution (the "
+    preprocess: str = setting(PREPROCESS_AUTO, "--preprocess", choices=(PREPROCESS_AUTO, *PREPROCESS_CHOICES),
+                              help="image path before sending: 'auto' (default) = the one the server advertises "
+                                   "in its metadata (a released OpenVLA/OFT checkpoint: openvla, GR00T N1.5: "
+                                   "gr00t, the project's own models: none; set on the server with "
+                                   "--policy-option libero_preprocess=...); 'none' = rotated render at --resolution (the "
                                    "project's own models); 'openvla' = upstream OpenVLA's LIBERO harness (JPEG "
                                    "round trip, lanczos3 resize to 224x224); its 0.9-area centre crop for "
                                    "checkpoints trained with image augmentation stays the server policy's "
                                    "center_crop option; 'gr00t' = Isaac-GR00T's N1.5 LIBERO harness (the "
                                    "rotated 256x256 render unchanged; needs --resolution 256)")
+    server_wait_s: float = setting(600.0, "--server-wait", check=at_least(0.0),
+                                   help="at start, wait up to this many seconds for a server that is still loading "
+                                        "its checkpoint to report ready (a 7B takes minutes); 0: do not wait")
     progress: bool = setting(True, off=("--no-progress",), help="no progress bar")
     render_all_steps: bool = setting(False, "--render-all-steps",
                                      help="render every camera at every step as robosuite does by default; by "
@@ -158,7 +164,7 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["effective_max_steps"] = self.effective_max_steps
-        d["preprocessing"] = PREPROCESS_DESCRIPTIONS[self.preprocess]
+        d["preprocessing"] = PREPROCESS_DESCRIPTIONS.get(self.preprocess, "the server's advertised preset")
         d["results_path"] = str(self.results_path)
         d["videos_path"] = str(self.videos_path) if self.save_video else None
         return d

@@ -19,8 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from client.libero.config import EvalConfig, config_from_args
-from client.libero.protocol import GRIPPER_LIBERO, WAIT_ACTION, convert_gripper, rotate_180
+from client.libero.config import EvalConfig, EvalConfigError, config_from_args
+from client.libero.protocol import (
+    GRIPPER_LIBERO,
+    PREPROCESS_AUTO,
+    PREPROCESS_CHOICES,
+    PREPROCESS_NONE,
+    WAIT_ACTION,
+    convert_gripper,
+    rotate_180,
+)
 from client.libero.results import EpisodeResult, ResultsFile
 
 log = logging.getLogger("client.libero.evaluate")
@@ -31,7 +39,7 @@ EXIT_STOPPED_ON_ERROR = 3
 
 
 class ServerContract:
-    """What the client learned from ``metadata``: chunk length, replan steps, gripper convention."""
+    """What the client learned from ``metadata``: chunk length, replan steps, gripper convention, image path."""
 
     def __init__(self, meta: dict[str, Any], cfg: EvalConfig) -> None:
         self.meta = meta
@@ -39,6 +47,57 @@ class ServerContract:
         self.horizon = int(meta.get("action_horizon", 1) or 1)
         replan = cfg.replan if cfg.replan is not None else meta.get("replan_steps")
         self.replan = int(replan) if replan else None  # None = execute the whole returned chunk
+        # normally settled before the run (settle_preprocess); a config built in code may still say auto
+        self.preprocess = (cfg.preprocess if cfg.preprocess != PREPROCESS_AUTO
+                           else str(meta.get("preprocess", PREPROCESS_NONE)))
+
+
+def wait_for_server(cfg: EvalConfig, poll_s: float = 2.0) -> dict[str, Any] | None:
+    """The server's ``metadata`` once it reports ready (a server still loading its checkpoint is polled for up to
+    ``--server-wait`` seconds), or its last answer when it failed or is still loading; ``None`` when nothing answered
+    within ``--timeout``."""
+    from client.policy_client import PolicyClient, PolicyClientError
+
+    deadline = time.monotonic() + cfg.server_wait_s
+    with PolicyClient(cfg.host, cfg.port, timeout_s=cfg.timeout_s) as client:
+        while True:
+            try:
+                meta = client.metadata()
+            except PolicyClientError as e:
+                log.warning("server %s:%d did not answer metadata: %s", cfg.host, cfg.port, e)
+                return None
+            status = meta.get("status", "ready")
+            if status != "loading" or time.monotonic() + poll_s > deadline:
+                return meta
+            log.info("server %s:%d is loading its policy; waiting (up to %.0fs, --server-wait)",
+                     cfg.host, cfg.port, cfg.server_wait_s)
+            time.sleep(poll_s)
+
+
+def settle_preprocess(cfg: EvalConfig) -> None:
+    """Replace ``--preprocess auto`` by the preset the server advertises (``metadata["preprocess"]``), so the results
+    file records the image path actually used; raises :class:`EvalConfigError` (naming the flag) when the server
+    cannot say. An explicit preset only waits for a loading server (episodes against a missing one are errored)."""
+    meta = wait_for_server(cfg)
+    if cfg.preprocess != PREPROCESS_AUTO:
+        return
+    where = f"{cfg.host}:{cfg.port}"
+    if meta is None:
+        raise EvalConfigError(f"--preprocess auto: the server at {where} did not answer within --timeout "
+                              f"{cfg.timeout_s:g}s, so the image path its checkpoint expects is unknown: start the "
+                              f"server, or pass --preprocess {'|'.join(PREPROCESS_CHOICES)}")
+    status = meta.get("status", "ready")
+    if status != "ready":
+        raise EvalConfigError(f"--preprocess auto: the server at {where} is {status!r}, not ready (see its log; "
+                              f"--server-wait {cfg.server_wait_s:g}s), so its image path is unknown")
+    value = meta.get("preprocess", PREPROCESS_NONE)
+    if value not in PREPROCESS_CHOICES:
+        raise EvalConfigError(f"--preprocess auto: the server advertises preprocess {value!r}, which this client "
+                              f"does not implement (known: {', '.join(PREPROCESS_CHOICES)}); pass --preprocess")
+    cfg.preprocess = value
+    cfg.extra["preprocess_from"] = "server metadata" if "preprocess" in meta else "default (server advertises none)"
+    log.info("image preprocessing %r (the server's %s policy advertises it)", value, meta.get("policy", "?"))
+    cfg.validate()  # e.g. gr00t needs --resolution 256
 
 
 def _percentile(xs: list[float], q: float) -> float | None:
@@ -71,10 +130,13 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
     init_index = trial % task.num_init_states
     try:
         if "c" not in contract_box:
-            contract_box["c"] = ServerContract(client.metadata(), cfg)
+            meta = client.metadata()
+            if meta.get("status", "ready") != "ready":  # never learn the contract from a loading server
+                raise PolicyClientError(f"the server is {meta.get('status')!r}, not ready")
+            contract_box["c"] = ServerContract(meta, cfg)
             c = contract_box["c"]
-            log.info("server: %s, horizon %d, replan %s, gripper convention %s",
-                     c.meta.get("model_id", "?"), c.horizon, c.replan or "full chunk", c.gripper)
+            log.info("server: %s, horizon %d, replan %s, gripper convention %s, preprocess %s",
+                     c.meta.get("model_id", "?"), c.horizon, c.replan or "full chunk", c.gripper, c.preprocess)
         contract = contract_box["c"]
         client.reset()
         need_images(cfg.num_wait_steps == 0)
@@ -88,7 +150,7 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
             if cfg.save_video:
                 frames.append(rotate_180(raw["agentview_image"]))
             if not queue:
-                obs = extract_obs(raw, task.instruction, cfg.preprocess)
+                obs = extract_obs(raw, task.instruction, contract.preprocess)
                 q0 = time.perf_counter()
                 chunk = client.infer(obs)
                 latencies.append((time.perf_counter() - q0) * 1000.0)
@@ -147,6 +209,7 @@ def evaluate(cfg: EvalConfig) -> int:
 
     if not cfg.headless:
         log.info("no on-screen viewer is implemented; rendering off-screen")
+    settle_preprocess(cfg)
     backend = setup_headless_gl()
     write_libero_config()
     tasks = get_suite_tasks(cfg.suite)
@@ -231,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     try:
         return evaluate(cfg)
-    except FileExistsError as e:
+    except (FileExistsError, EvalConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 

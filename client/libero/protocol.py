@@ -101,6 +101,10 @@ PREPROCESS_NONE = "none"  # the render, rotated 180 degrees, at --resolution (th
 PREPROCESS_OPENVLA = "openvla"  # upstream OpenVLA's LIBERO harness (experiments/robot/libero/libero_utils.py)
 PREPROCESS_GR00T = "gr00t"  # Isaac-GR00T's GR00T N1.5 LIBERO harness (examples/Libero/eval/run_libero_eval.py)
 PREPROCESS_CHOICES = (PREPROCESS_NONE, PREPROCESS_OPENVLA, PREPROCESS_GR00T)
+#: The client's default: the preset the server advertises in ``metadata["preprocess"]`` (the policy factory sets it
+#: per policy kind: a released OpenVLA/OpenVLA-OFT checkpoint -> openvla, GR00T N1.5 -> gr00t, the project's own
+#: models -> none); a server that advertises nothing (an older one) gets ``none``.
+PREPROCESS_AUTO = "auto"
 #: Side of OpenVLA's LIBERO images, and ``tf.image.encode_jpeg``'s default quality (4:2:0 chroma subsampling).
 OPENVLA_IMAGE_SIZE = 224
 OPENVLA_JPEG_QUALITY = 95

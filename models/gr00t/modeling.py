@@ -25,7 +25,13 @@ from models.gr00t.action_head import FlowmatchingActionHead
 from models.gr00t.backbone import EagleBackbone
 from models.gr00t.config import GR00TConfig
 from models.gr00t.data_config import LANGUAGE_KEY, LiberoDataConfig
-from models.gr00t.prompt import EAGLE25_CHAT_TEMPLATE, PROMPT_LEGACY, legacy_prompt_ids, upstream_prompt_ids
+from models.gr00t.prompt import (
+    EAGLE25_CHAT_TEMPLATE,
+    INSTRUCTION_LIST_REPR,
+    PROMPT_LEGACY,
+    legacy_prompt_ids,
+    upstream_prompt_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,7 @@ class GR00TPolicyModel(nn.Module):
         self.data_config = data_config or LiberoDataConfig()
         self.tokenizer: Tokenizer | None = None
         self.chat_template = EAGLE25_CHAT_TEMPLATE  # replaced by the checkpoint's own template when it ships one
+        self.instruction_text = INSTRUCTION_LIST_REPR  # upstream inference's list repr (models/gr00t/prompt.py)
         self.metadata: dict[str, Any] = {}
         self.denoising_steps = int(config.action_head_cfg["num_inference_timesteps"])
 
@@ -115,8 +122,8 @@ class GR00TPolicyModel(nn.Module):
         if self.config.prompt_format == PROMPT_LEGACY:
             rows = [legacy_prompt_ids(self.tokenizer, t, num_views, n_tok, ctx) for t in instructions]
         else:
-            rows = [upstream_prompt_ids(self.tokenizer, t, num_views, n_tok, self.chat_template, ctx)
-                    for t in instructions]
+            rows = [upstream_prompt_ids(self.tokenizer, t, num_views, n_tok, self.chat_template, ctx,
+                                        self.instruction_text) for t in instructions]
         n = max(len(r) for r in rows)
         pad = self._special("<|endoftext|>")
         ids = torch.full((len(rows), n), pad, dtype=torch.long)

@@ -5,11 +5,17 @@ Eagle 2.5 processor build, so serving it needs exactly that prompt. The project'
 trained on an older, simpler prompt; changing its prompt would silently change its actions. Which one a
 checkpoint uses is declared by ``config.json``'s top-level ``prompt_format`` key (absent => upstream).
 
-Upstream prompt (facts from Isaac-GR00T ``gr00t/model/transforms.py`` and
-``backbone/eagle2_hg_model/{chat_template.json,processing_eagle2_5_vl.py}`` at the N1.5 release, recorded with
-their commit in ``models/fixtures/gr00t_n15_eagle_chat_facts.json``):
+Upstream prompt (facts from Isaac-GR00T ``gr00t/model/{transforms,policy}.py`` and
+``backbone/eagle2_hg_model/{chat_template.json,processing_eagle2_5_vl.py}``, recorded with their commits in
+``models/fixtures/gr00t_n15_eagle_chat_facts.json``):
 
-1. the instruction text is ``str([instruction])`` (a Python list repr: ``"['pick up the bowl']"``);
+1. the instruction text (``instruction_text``): upstream's *inference* path renders the language annotation as a
+   Python list repr, ``"['pick up the bowl']"`` (``list_repr``, the default): from commit 267e2dc (#292) through
+   the last N1.5 commit 4af2b62, ``Gr00tPolicy`` batches a one-element list into a (1, 1) numpy array, the
+   transform only unwraps lists, and the chat template prints the array. Upstream's *training* path, and
+   ``get_action`` at the N1.5 release commit 5e3ef5e, give the plain instruction (``plain``). The LIBERO example
+   harness arrived after 267e2dc, so its published numbers were measured with ``list_repr``; ``plain`` is offered for
+   checkpoints served as they were trained (``--policy-option instruction_text=plain``);
 2. one user message, content = one image item per view, then the text; rendered with the Eagle 2.5 chat
    template (``add_generation_prompt=True``), which writes a default system turn and ``<image-k>`` per image;
 3. the processor replaces each ``<image-k>`` by the literal text ``<image k>`` followed by
@@ -85,9 +91,19 @@ def read_chat_template(tokenizer_dir: str | os.PathLike[str] | None) -> str:
     return EAGLE25_CHAT_TEMPLATE
 
 
-def upstream_instruction_text(instruction: str) -> str:
-    """Upstream feeds the language annotation as a one-element list, so the text is its repr."""
-    return str([instruction])
+INSTRUCTION_LIST_REPR = "list_repr"
+INSTRUCTION_PLAIN = "plain"
+INSTRUCTION_TEXTS = (INSTRUCTION_LIST_REPR, INSTRUCTION_PLAIN)
+
+
+def upstream_instruction_text(instruction: str, instruction_text: str = INSTRUCTION_LIST_REPR) -> str:
+    """The text item of the user turn: the repr of a one-element list (upstream inference since 267e2dc) or the
+    instruction itself (upstream training; inference at 5e3ef5e). See the module docstring."""
+    if instruction_text == INSTRUCTION_LIST_REPR:
+        return str([instruction])
+    if instruction_text == INSTRUCTION_PLAIN:
+        return instruction
+    raise ValueError(f"instruction_text must be one of {INSTRUCTION_TEXTS}, got {instruction_text!r}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,17 +128,19 @@ def expand_image_placeholders(text: str, tokens_per_image: int) -> str:
 
 
 def upstream_prompt(instruction: str, num_images: int, tokens_per_image: int,
-                    template: str = EAGLE25_CHAT_TEMPLATE) -> str:
+                    template: str = EAGLE25_CHAT_TEMPLATE, instruction_text: str = INSTRUCTION_LIST_REPR) -> str:
     """The full upstream prompt text for one observation."""
-    chat = render_chat(template, upstream_instruction_text(instruction), num_images)
+    chat = render_chat(template, upstream_instruction_text(instruction, instruction_text), num_images)
     return expand_image_placeholders(chat, tokens_per_image)
 
 
 def upstream_prompt_ids(tokenizer: Tokenizer, instruction: str, num_images: int, tokens_per_image: int,
-                        template: str = EAGLE25_CHAT_TEMPLATE, image_token_id: int | None = None) -> list[int]:
+                        template: str = EAGLE25_CHAT_TEMPLATE, image_token_id: int | None = None,
+                        instruction_text: str = INSTRUCTION_LIST_REPR) -> list[int]:
     """Token ids of :func:`upstream_prompt`; checks that exactly ``num_images * tokens_per_image`` ids are the
     image-context token (a tokenizer without an atomic ``<IMG_CONTEXT>`` would silently break the scatter)."""
-    ids = tokenizer.encode(upstream_prompt(instruction, num_images, tokens_per_image, template)).ids
+    ids = tokenizer.encode(upstream_prompt(instruction, num_images, tokens_per_image, template,
+                                           instruction_text)).ids
     ctx = tokenizer.token_to_id(IMG_CONTEXT) if image_token_id is None else image_token_id
     n = sum(1 for i in ids if i == ctx)
     if n != num_images * tokens_per_image:

@@ -33,6 +33,13 @@ class Policy(abc.ABC):
     """
 
     name: str = "policy"
+    #: The LIBERO client image path the checkpoint expects (``client.libero.protocol.PREPROCESS_*``), set by the
+    #: policy factory and sent as ``metadata["preprocess"]`` so the evaluation client follows it by default.
+    preprocess: str = "none"
+
+    def served_metadata(self) -> dict[str, Any]:
+        """:meth:`metadata` plus what the server adds for every policy (``preprocess``)."""
+        return {**self.metadata(), "preprocess": self.preprocess}
 
     def validate(self, obs: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Raise :class:`PolicyInputError` if ``obs`` is unusable. Called on the event loop: keep it cheap."""

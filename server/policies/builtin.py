@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import models
+from client.libero.protocol import PREPROCESS_GR00T, PREPROCESS_OPENVLA
 from client.settings import at_least, setting
+from models.gr00t.prompt import INSTRUCTION_LIST_REPR, INSTRUCTION_TEXTS
 from models.openvla.data_config import GRIPPER_CONVENTIONS
 from server.policies.base import Policy
 from server.policies.debug import DEBUG_HORIZON, DebugPolicy
@@ -55,6 +57,11 @@ class OpenVLAOFTOptions(OpenVLAOptions):
 class GR00TOptions(CalibrationOptions):
     gripper_convention: str = setting("libero", choices=GRIPPER_CONVENTIONS,
                                       help="gripper convention of the actions")
+    instruction_text: str = setting(INSTRUCTION_LIST_REPR, choices=INSTRUCTION_TEXTS,
+                                    help="the instruction as the prompt's text item: 'list_repr' = \"['...']\" as "
+                                         "upstream's Gr00tPolicy.get_action renders it (Isaac-GR00T 267e2dc..4af2b62,"
+                                         " the LIBERO harness's numbers), 'plain' = the bare instruction as upstream "
+                                         "trains (and serves at the N1.5 release 5e3ef5e)")
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ def _load_gr00t(ctx: PolicyContext) -> Any:
         model.data_config.embodiment_tag = config.embodiment_tag
     if config.denoising_steps is not None:
         model.denoising_steps = config.denoising_steps
+    model.instruction_text = ctx.options.instruction_text
     return model
 
 
@@ -140,13 +148,14 @@ DEBUG = register_policy(PolicySpec(
     "debug", "deterministic debugging policy (no model)", _wrap_debug, DebugOptions))
 OPENVLA = register_policy(PolicySpec(
     "openvla", "OpenVLA (Prismatic) from a local checkpoint, stock 7-token decoding", _wrap_openvla,
-    OpenVLAOptions, load=_load_openvla))
+    OpenVLAOptions, load=_load_openvla, preprocess=PREPROCESS_OPENVLA))
 OPENVLA_OFT = register_policy(PolicySpec(
     "openvla-oft", "OpenVLA-OFT from a local checkpoint (parallel decoding, L1-regression head, 8-step chunks; "
-    "image + wrist_image + state)", _wrap_openvla_oft, OpenVLAOFTOptions, load=_load_openvla_oft))
+    "image + wrist_image + state)", _wrap_openvla_oft, OpenVLAOFTOptions, load=_load_openvla_oft,
+    preprocess=PREPROCESS_OPENVLA))
 GR00T = register_policy(PolicySpec(
     "gr00t", "GR00T N1.5 from a local checkpoint (flow-matching DiT action head)", _wrap_gr00t, GR00TOptions,
-    load=_load_gr00t))
+    load=_load_gr00t, preprocess=PREPROCESS_GR00T))
 OPENVLA_RSD = register_policy(PolicySpec(
     "openvla-rsd", "OpenVLA + RFSQ layer head with residual speculative decoding (embedded default; decoding "
     "is set by the --rsd-* flags)",

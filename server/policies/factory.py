@@ -8,7 +8,8 @@ Every policy is built in the same order by :func:`build_policy`:
    :class:`~server.policies.quantize.DryRunRequested`, the listing being ``python -m quant.scan``'s job);
 4. load the model (the declaration's ``load``);
 5. quantise it (DuQuant, calibrated on ``calib_data`` when given);
-6. wrap it in its :class:`Policy`, the quantisation report passed to the constructor.
+6. wrap it in its :class:`Policy`, the quantisation report passed to the constructor;
+7. set the LIBERO image path it advertises (``--policy-option libero_preprocess``, else the declaration's).
 
 A declaration without ``load`` (the debugging policy) has no model: steps 3-5 are skipped.
 """
@@ -20,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.policies.options import CalibrationOptions, PolicyOptions, describe_options, parse_options
+from client.libero.protocol import PREPROCESS_NONE
+from server.policies.options import (
+    KIND_DEFAULT,
+    CalibrationOptions,
+    PolicyOptions,
+    describe_options,
+    parse_options,
+)
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -46,7 +54,9 @@ class PolicySpec:
 
     ``load(ctx) -> model`` (``None``: the policy has no model); ``wrap(ctx, model, quantization) -> Policy``.
     ``default_checkpoint`` gives the shipped checkpoint used without ``--model-path`` (``None``: the flag is
-    required), ``checkpoint_hint`` says how to get it when it is missing.
+    required), ``checkpoint_hint`` says how to get it when it is missing. ``preprocess`` is the LIBERO image path
+    a released checkpoint of this kind was evaluated with upstream (``client.libero.protocol.PREPROCESS_*``),
+    advertised in ``metadata["preprocess"]`` unless the ``libero_preprocess`` option says otherwise.
     """
 
     name: str
@@ -56,6 +66,7 @@ class PolicySpec:
     load: Callable[[PolicyContext], Any] | None = None
     default_checkpoint: Callable[[], Path] | None = None
     checkpoint_hint: str = ""
+    preprocess: str = PREPROCESS_NONE
 
     def describe(self) -> str:
         """The ``--list-policies`` entry: name, description, then every option with type, default and help."""
@@ -88,11 +99,14 @@ def build_policy(spec: PolicySpec, config: ServerConfig) -> Policy:
     path = resolve_model_path(spec, config)
     ctx = PolicyContext(config, options, path)
     if spec.load is None:
-        return spec.wrap(ctx, None, dict(NO_QUANTIZATION))
-    dq = duquant_config_from_env(spec.name)
-    if dq.dryrun:
-        raise DryRunRequested(spec.name, str(path))
-    model = spec.load(ctx)
-    calib = options if isinstance(options, CalibrationOptions) else None
-    report = quantize_model(model, dq, calib, lambda: spec.wrap(ctx, model, dict(CALIBRATING)))
-    return spec.wrap(ctx, model, report)
+        policy = spec.wrap(ctx, None, dict(NO_QUANTIZATION))
+    else:
+        dq = duquant_config_from_env(spec.name)
+        if dq.dryrun:
+            raise DryRunRequested(spec.name, str(path))
+        model = spec.load(ctx)
+        calib = options if isinstance(options, CalibrationOptions) else None
+        report = quantize_model(model, dq, calib, lambda: spec.wrap(ctx, model, dict(CALIBRATING)))
+        policy = spec.wrap(ctx, model, report)
+    policy.preprocess = spec.preprocess if options.libero_preprocess == KIND_DEFAULT else options.libero_preprocess
+    return policy

@@ -160,6 +160,7 @@ class GR00TPolicy(Policy):
             "action_horizon": int(head["action_horizon"]),
             "action_dim": self.data_config.action_dim,
             "denoising_steps": int(self.model.denoising_steps),
+            "instruction_text": self.model.instruction_text,
             "embodiment_tag": self.data_config.embodiment_tag,
             "gripper_convention": self.gripper_convention,
             "quantization": self.quantization,

@@ -16,11 +16,13 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from client.libero.protocol import PREPROCESS_CHOICES
 from client.settings import at_least, check_fields, from_sources, setting
 from server.config import ConfigError
 from server.policies.calibration import DEFAULT_CALIB_N
 
 LABEL = "--policy-option {name}"
+KIND_DEFAULT = "default"  # libero_preprocess: the policy kind's own (PolicySpec.preprocess)
 
 
 def _calib_data_ok(value: str | None) -> str | None:
@@ -33,7 +35,18 @@ def _calib_data_ok(value: str | None) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyOptions:
-    """Base of every policy's options: direct construction (tests, code) is checked like parsed text."""
+    """Base of every policy's options: direct construction (tests, code) is checked like parsed text.
+
+    ``libero_preprocess`` is what the server advertises to LIBERO clients as ``metadata["preprocess"]``: the image
+    path the checkpoint was trained with, which ``run_libero_eval.sh`` follows by default (``--preprocess auto``).
+    Each policy kind has its own default (``PolicySpec.preprocess``: the upstream harness of a released checkpoint
+    of that kind); a checkpoint fine-tuned on this project's own client images says ``none`` here.
+    """
+
+    libero_preprocess: str = setting(KIND_DEFAULT, choices=(KIND_DEFAULT, *PREPROCESS_CHOICES),
+                                     help="the LIBERO client's image path this checkpoint expects, advertised in "
+                                          "metadata['preprocess'] ('default': the policy kind's own: "
+                                          "openvla/openvla-oft 'openvla', gr00t 'gr00t', others 'none')")
 
     def __post_init__(self) -> None:
         check_fields(self, ConfigError)
