@@ -380,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         "down_proj ACT_PCT 100 (no W8)": base_config(act_pct_re={down: 100.0}),
         "rsd default, mlp W8": policy_config(wbits_re={r"\.mlp\.": 8}),
         "rsd default, W8A8": policy_config(wbits_default=8),
+        "rsd default, WGROUP 16": policy_config(wgroup=16),
+        "rsd default, WGROUP 32": policy_config(wgroup=32),
+        "rsd default, WGROUP 64": policy_config(wgroup=64),
         "down_proj A16 (no clip fix)": base_config(abits_re={down: 16}),
         "down_proj W8 (no clip fix)": base_config(wbits_re={down: 8}),
         "mlp W8 (no clip fix)": base_config(wbits_re={r"\.mlp\.": 8}),
@@ -410,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     pf = paired(w["mae_vs_fp_frames"], fixed["mae_vs_fp_frames"])
     print(f"\nrsd default vs W4A8, per-frame action MAE vs FP: {pf['mean']:+.4f} (95 % bootstrap "
           f"[{pf['lo']:+.4f}, {pf['hi']:+.4f}]), lower on {pf['better']:.0%} of {len(data.evals)} frames")
+    for label in [k for k in options if "WGROUP" in k]:
+        pg = paired(fixed["mae_vs_fp_frames"], rows[label]["mae_vs_fp_frames"])
+        print(f"{label} vs rsd default, per-frame action MAE vs FP: {pg['mean']:+.4f} "
+              f"[{pg['lo']:+.4f}, {pg['hi']:+.4f}]")
     print(f"total {time.perf_counter() - t0:.1f}s")
 
     fp_acc = rows["FP"]["rsd_accepted"]
