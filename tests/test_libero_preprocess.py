@@ -238,3 +238,19 @@ def test_auto_waits_for_a_loading_server_and_rejects_unknown_presets(monkeypatch
     cfg = config_from_args(["libero_spatial", "--headless"])
     ev.settle_preprocess(cfg)
     assert cfg.preprocess == "none" and cfg.extra["preprocess_from"].startswith("default")
+
+
+def test_resume_refuses_a_results_file_recorded_with_another_image_path(tmp_path) -> None:  # noqa: ANN001
+    from client.libero.results import ResultsFileError
+
+    path = tmp_path / "results.json"
+    ResultsFile(path, "libero_spatial", config_from_args(["libero_spatial", "--headless", "--preprocess", "none"])
+                .to_dict(), {}).write()
+    same = config_from_args(["libero_spatial", "--headless", "--preprocess", "none", "--trials", "3"])
+    ResultsFile(path, "libero_spatial", same.to_dict(), {}, resume=True)  # other trials: fine
+    other = config_from_args(["libero_spatial", "--headless", "--preprocess", "openvla"])
+    with pytest.raises(ResultsFileError, match=r"recorded with preprocess 'none', this run would use 'openvla' "
+                                               r"\(--preprocess\)"):
+        ResultsFile(path, "libero_spatial", other.to_dict(), {}, resume=True)
+    with pytest.raises(ResultsFileError, match="for suite 'libero_spatial'"):
+        ResultsFile(path, "libero_goal", same.to_dict(), {}, resume=True)

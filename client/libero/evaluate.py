@@ -29,7 +29,7 @@ from client.libero.protocol import (
     convert_gripper,
     rotate_180,
 )
-from client.libero.results import EpisodeResult, ResultsFile
+from client.libero.results import EpisodeResult, ResultsFile, ResultsFileError
 
 log = logging.getLogger("client.libero.evaluate")
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     try:
         return evaluate(cfg)
-    except (FileExistsError, EvalConfigError) as e:
+    except (FileExistsError, EvalConfigError, ResultsFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 

@@ -60,6 +60,15 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
+#: Config keys a resumed run must share with the recorded one (mixing them would mix two experiments), and their flag.
+RESUME_MUST_MATCH = {"preprocess": "--preprocess", "seed": "--seed", "resolution": "--resolution",
+                     "fixtures": "--fixtures"}
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be continued by this run (another suite, or other episode settings)."""
+
+
 @dataclass
 class EpisodeResult:
     """One evaluation episode. ``errored`` episodes (server down, timeout, error reply, simulator
@@ -122,7 +131,13 @@ class ResultsFile:
                 )
             doc = json.loads(self.path.read_text())
             if doc.get("suite") != suite:
-                raise ValueError(f"results file {self.path} is for suite {doc.get('suite')!r}, not {suite!r}")
+                raise ResultsFileError(f"results file {self.path} is for suite {doc.get('suite')!r}, not {suite!r}")
+            before = doc.get("config") or {}
+            for key, flag in RESUME_MUST_MATCH.items():  # settings that change what an episode is
+                if key in before and key in config and before[key] != config[key]:
+                    raise ResultsFileError(
+                        f"results file {self.path} was recorded with {key} {before[key]!r}, this run would use "
+                        f"{config[key]!r} ({flag}): resume with the same setting or choose another --results path")
             self.episodes = list(doc.get("episodes", []))
             self.retries = list(doc.get("retries", []))
             self.created = doc.get("created", self.created)
