@@ -70,7 +70,7 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
 def _reference(label: str) -> str | None:
     if label in ("exact", "relaxed", "relaxed_action"):
         return "main_only"
-    for suffix in ("_rtn", "_duquant", "_duquant_w4a4"):
+    for suffix in ("_rtn", "_duquant", "_duquant_w4a4", "_duquant_w4a4_token"):
         if label.endswith(suffix):
             return label[: -len(suffix)] + "_fp"
     return None

@@ -45,22 +45,26 @@ def test_derived_figures_compare_each_variant_with_its_reference() -> None:
     variants = {
         "main_only": {"success_rate": 0.5}, "exact": {"success_rate": 0.5}, "relaxed": {"success_rate": 0.4},
         "gr00t_fp": {"success_rate": 0.25}, "gr00t_rtn": {"success_rate": 0.2}, "gr00t_duquant": {"success_rate": 0.25},
-        "gr00t_duquant_w4a4": {"success_rate": 0.125}, "broken": {"success_rate": None},
+        "gr00t_duquant_w4a4": {"success_rate": 0.125}, "gr00t_duquant_w4a4_token": {"success_rate": 0.25},
+        "broken": {"success_rate": None},
     }
     f = derived_figures(variants)
     assert f["exact_minus_main_only_pts"] == 0.0 and f["relaxed_minus_main_only_pts"] == pytest.approx(-10.0)
     assert f["gr00t_duquant_retention_vs_gr00t_fp_pct"] == 100.0
     assert f["gr00t_rtn_retention_vs_gr00t_fp_pct"] == 80.0
     assert f["gr00t_duquant_w4a4_retention_vs_gr00t_fp_pct"] == 50.0  # against full precision, not W4A8
+    assert f["gr00t_duquant_w4a4_token_retention_vs_gr00t_fp_pct"] == 100.0
     assert "broken_success_rate" not in f and "main_only_minus_main_only_pts" not in f
 
 
 def test_quant_variants_share_flags_and_differ_only_in_quantisation(tmp_path) -> None:
     vs = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, "demos/*.hdf5", 16, 4)
-    assert [v.label for v in vs] == ["gr00t_fp", "gr00t_rtn", "gr00t_duquant", "gr00t_duquant_w4a4"]
-    fp, rtn, dq, a4 = vs
+    assert [v.label for v in vs] == ["gr00t_fp", "gr00t_rtn", "gr00t_duquant", "gr00t_duquant_w4a4",
+                                     "gr00t_duquant_w4a4_token"]
+    fp, rtn, dq, a4, a4t = vs
+    assert a4t.env["GR00T_DUQUANT_ACT_GRAN"] == "token" and a4t.env["GR00T_DUQUANT_ABITS"] == "4"
     assert fp.env == {} and "--policy-option" not in fp.server_args
-    for v in (rtn, dq, a4):
+    for v in (rtn, dq, a4, a4t):
         assert v.server_args[: len(fp.server_args)] == fp.server_args
         assert "calib_data=demos/*.hdf5" in v.server_args and v.env["GR00T_DUQUANT_CALIB_STEPS"] == "16"
         assert v.env["GR00T_DUQUANT_WBITS_DEFAULT"] == "4"

@@ -79,7 +79,8 @@ def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float, act
 
 def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_data: str | None, calib_n: int,
                    denoising_steps: int) -> list[Variant]:
-    """Full precision vs RTN W4A8 vs DuQuant W4A8 vs DuQuant W4A4 (default settings otherwise) for one policy."""
+    """Full precision vs RTN W4A8 vs DuQuant W4A8 vs DuQuant W4A4 (static, and per-token activation scales) for one
+    policy (default settings otherwise)."""
     base = ["--policy", policy] + (["--model-path", model_path] if model_path else [])
     if policy == "gr00t":
         base += ["--denoising-steps", str(denoising_steps), "--embodiment-tag", "new_embodiment"]
@@ -96,6 +97,11 @@ def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_dat
         Variant(f"{policy}_duquant_w4a4", base + calib,
                 {**DUQUANT_SEED_ENV, **q, "GR00T_DUQUANT_ABITS": "4",
                  "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_duquant_w4a4")}),
+        # W4A4 with dynamic per-token activation scales (the DuQuant paper's A4 setting; static per-tensor A4 scales
+        # clip the outlier tokens: MiniLM error 0.671x RTN static vs 0.540x per token, docs/duquant.md)
+        Variant(f"{policy}_duquant_w4a4_token", base + calib,
+                {**DUQUANT_SEED_ENV, **q, "GR00T_DUQUANT_ABITS": "4", "GR00T_DUQUANT_ACT_GRAN": "token",
+                 "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_duquant_w4a4_token")}),
     ]
 
 
