@@ -14,6 +14,8 @@ what each simulator process added to the pool gives when every process has one c
 
     .venv-libero/bin/python -m benchmarks.bench_libero_parallel --quick      # CI: 2 tasks x 1 trial, 12 steps
     .venv-libero/bin/python -m benchmarks.bench_libero_parallel --tasks 0,1,2,3 --trials 2 --max-steps 100
+    .venv-libero/bin/python -m benchmarks.bench_libero_parallel --tasks 0,1,2,3,4,5,6,7,8,9 --trials 4 \
+        --max-steps 220 --more-workers 4,8,16                          # a many-core machine
 
 Last line: one JSON object with ``eval_scaling_2_vs_1`` (= eph(2) / eph(1)) and both rates.
 """
@@ -66,16 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-python", default=sys.executable)
     ap.add_argument("--server-python", default=venv_python(".venv"))
     ap.add_argument("--timeout", type=float, default=1800.0, help="per evaluation run, seconds")
+    ap.add_argument("--more-workers", default="",
+                    help="comma-separated worker counts beyond 2 to run too, e.g. 4,8,16 on a many-core machine "
+                         "(keys eval_scaling_N_vs_1 and eph_workers_N)")
     ap.add_argument("--quick", action="store_true", help="CI size: 2 tasks x 1 trial, 12 steps")
     args = ap.parse_args(argv)
     if args.quick:
         args.tasks, args.trials, args.max_steps = "0,1", 1, 12
+    try:
+        more = [int(n) for n in args.more_workers.split(",") if n.strip()]
+    except ValueError:
+        ap.error(f"--more-workers: expected comma-separated integers, got {args.more_workers!r}")
+    if any(n <= 2 for n in more):
+        ap.error(f"--more-workers: counts must be > 2 (1 and 2 always run), got {args.more_workers!r}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_libero_parallel_") as tmp, \
             ServerProcess(python=args.server_python) as server:
-        for workers, single in ((1, False), (1, True), (2, False)):
+        for workers, single in ((1, False), (1, True), (2, False), *((n, False) for n in more)):
             rows.append(run_eval(server.port, workers, args, Path(tmp), single))
-    one, one_core, two = rows
+    one, one_core, two = rows[:3]
     if (one["episodes"], one["successes"]) != (two["episodes"], two["successes"]):
         print(f"warning: the runs differ: {one} vs {two}", file=sys.stderr)
     print(f"\nLIBERO {args.suite}: tasks {args.tasks}, {args.trials} trial(s), {args.max_steps} steps, "
@@ -91,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"eval_scaling_2_vs_1": scaling, "eval_scaling_2_vs_1_per_core": per_core,
                       "eph_workers_1": one["eph"], "eph_workers_1_one_render_thread": one_core["eph"],
                       "eph_workers_2": two["eph"],
+                      **{f"eph_workers_{r['workers']}": r["eph"] for r in rows[3:]},
+                      **{f"eval_scaling_{r['workers']}_vs_1": round(r["eph"] / one["eph"], 3) if one["eph"] else None
+                         for r in rows[3:]},
                       "episodes": one["episodes"], "wall_s_workers_1": one["wall_s"],
                       "wall_s_workers_2": two["wall_s"], "max_steps": args.max_steps, "quick": args.quick}))
     return 0
