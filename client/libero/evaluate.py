@@ -48,8 +48,17 @@ class ServerContract:
         replan = cfg.replan if cfg.replan is not None else meta.get("replan_steps")
         self.replan = int(replan) if replan else None  # None = execute the whole returned chunk
         # normally settled before the run (settle_preprocess); a config built in code may still say auto
-        self.preprocess = (cfg.preprocess if cfg.preprocess != PREPROCESS_AUTO
-                           else str(meta.get("preprocess", PREPROCESS_NONE)))
+        self.preprocess = cfg.preprocess if cfg.preprocess != PREPROCESS_AUTO else advertised_preprocess(meta)
+
+
+def advertised_preprocess(meta: dict[str, Any]) -> str:
+    """The image preset a server's ``metadata`` asks for (``none`` when it advertises none, as older servers);
+    :class:`EvalConfigError` naming ``--preprocess`` for one this client does not implement."""
+    value = meta.get("preprocess", PREPROCESS_NONE)
+    if value not in PREPROCESS_CHOICES:
+        raise EvalConfigError(f"--preprocess auto: the server advertises preprocess {value!r}, which this client "
+                              f"does not implement (known: {', '.join(PREPROCESS_CHOICES)}); pass --preprocess")
+    return str(value)
 
 
 def wait_for_server(cfg: EvalConfig, poll_s: float = 2.0) -> dict[str, Any] | None:
@@ -90,11 +99,7 @@ def settle_preprocess(cfg: EvalConfig) -> None:
     if status != "ready":
         raise EvalConfigError(f"--preprocess auto: the server at {where} is {status!r}, not ready (see its log; "
                               f"--server-wait {cfg.server_wait_s:g}s), so its image path is unknown")
-    value = meta.get("preprocess", PREPROCESS_NONE)
-    if value not in PREPROCESS_CHOICES:
-        raise EvalConfigError(f"--preprocess auto: the server advertises preprocess {value!r}, which this client "
-                              f"does not implement (known: {', '.join(PREPROCESS_CHOICES)}); pass --preprocess")
-    cfg.preprocess = value
+    cfg.preprocess = value = advertised_preprocess(meta)
     cfg.extra["preprocess_from"] = "server metadata" if "preprocess" in meta else "default (server advertises none)"
     log.info("image preprocessing %r (the server's %s policy advertises it)", value, meta.get("policy", "?"))
     cfg.validate()  # e.g. gr00t needs --resolution 256

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from client.libero.protocol import PREPROCESS_NONE
+
 
 class PolicyInputError(ValueError):
     """An observation the policy cannot use (missing key, wrong shape); answered as ``bad_request``."""
@@ -35,7 +37,7 @@ class Policy(abc.ABC):
     name: str = "policy"
     #: The LIBERO client image path the checkpoint expects (``client.libero.protocol.PREPROCESS_*``), set by the
     #: policy factory and sent as ``metadata["preprocess"]`` so the evaluation client follows it by default.
-    preprocess: str = "none"
+    preprocess: str = PREPROCESS_NONE
 
     def served_metadata(self) -> dict[str, Any]:
         """:meth:`metadata` plus what the server adds for every policy (``preprocess``)."""
