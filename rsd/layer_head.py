@@ -243,12 +243,17 @@ class RFSQLayerHeadModel(nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(
-        self, inputs_embeds: Tensor, layers: Tensor, attention_mask: Tensor | None = None
+        self, inputs_embeds: Tensor, layers: Tensor, attention_mask: Tensor | None = None,
+        layer_weights: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Teacher-forced forward over all layers: returns ``(loss, logits [B, L, C, V])``.
 
         The sequence is prefix + tokens of layers 0..L-2; the output at the last prefix position predicts layer
-        0 and the output at layer token l predicts layer l+1. Loss = mean cross-entropy over all codes.
+        0 and the output at layer token l predicts layer l+1. Loss = mean cross-entropy over all codes, or with
+        ``layer_weights`` (``[L]``) the weighted mean of the per-layer means: on the shipped LIBERO tokenizer a
+        wrong greedy layer 0 moves the action by 0.043 (mean abs, normalised), layer 3 by 0.006 and layers 5-7 by
+        < 0.001, while layers 3-7 are nearly unpredictable (cross-entropy 1.26 vs 1.39 for the marginal), so equal
+        weights spend 5/8 of the gradient on codes that do not move the robot.
         """
         b, p, _ = inputs_embeds.shape
         if attention_mask is None:
@@ -261,8 +266,15 @@ class RFSQLayerHeadModel(nn.Module):
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.backbone(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False)
         logits = self.logits_from_hidden(out.last_hidden_state[:, p - 1 :])
-        loss = F.cross_entropy(logits.reshape(-1, self.levels), layers.reshape(-1).long())
-        return loss, logits
+        if layer_weights is None:
+            return F.cross_entropy(logits.reshape(-1, self.levels), layers.reshape(-1).long()), logits
+        w = torch.as_tensor(layer_weights, dtype=logits.dtype, device=logits.device)
+        if w.shape != (self.num_layers,) or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError(f"layer_weights needs {self.num_layers} non-negative values with a positive sum, "
+                             f"got {w.tolist()}")
+        ce = F.cross_entropy(logits.reshape(-1, self.levels), layers.reshape(-1).long(), reduction="none")
+        per_layer = ce.view(b, self.num_layers, -1).mean(dim=(0, 2))
+        return (per_layer * w).sum() / w.sum(), logits
 
 
 # ---------------------------------------------------------------------- persistence (tiny / test checkpoints)

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from client.dataset import DemoSamples, load_samples, random_crop
 from models.common import scale, training
+from models.openvla.tiny import PRESETS
 from rsd.vla import OpenVLARSD, VLARSDConfig, load_openvla_rsd
 
 logger = logging.getLogger("rsd.train_vla")
@@ -60,6 +61,20 @@ def _tokens_for(samples: DemoSamples, tokenizer, batch: int = 4096) -> torch.Ten
         for i in range(0, len(samples), batch):
             out.append(tokens_to_layers(tokenizer.encode(samples.chunks[i:i + batch])))
     return torch.cat(out).to(torch.long)
+
+
+def parse_layer_weights(text: str, flag: str = "--layer-weights") -> list[float] | None:
+    """``"8,4,4,2,1,0.5,0.5,0.5"`` -> one weight per RFSQ layer; ``""`` -> None (equal weights)."""
+    if not text.strip():
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: {flag} {text!r}: expected comma-separated numbers, "
+                         "e.g. 8,4,4,2,1,0.5,0.5,0.5") from None
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise SystemExit(f"error: {flag} {text!r}: weights must be >= 0 with a positive sum")
+    return weights
 
 
 def _action_stats(chunks: np.ndarray) -> dict:
@@ -236,7 +251,7 @@ def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor,
     model.eval()
     n = min(len(samples), max_samples)
     idx = np.linspace(0, len(samples) - 1, n).astype(int)
-    losses, accs, action_err = [], [], []
+    losses, accs, action_err, layer_acc = [], [], [], []
     for i in range(0, n, batch):
         j = idx[i:i + batch]
         pv = model.processor.preprocess_images(samples.images[j], True)
@@ -246,7 +261,9 @@ def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor,
         instr = [samples.instruction(k) for k in j]
         loss, logits = model.training_loss(pv, instr, layers[j], states=extra.get("states"), wrist_pixel_values=wpv)
         losses.append(float(loss))
-        accs.append(float((logits.argmax(-1) == layers[j]).float().mean()))
+        hit = (logits.argmax(-1) == layers[j]).float()
+        accs.append(float(hit.mean()))
+        layer_acc.append(hit.mean(dim=(0, 2)).tolist())
         embeds, mask = model.prefix(None, instr, pixel_values=pv, states=extra.get("states"), wrist_pixel_values=wpv)
         greedy = model.main.decode_greedy(embeds, mask)
         from rsd.vla import chunk_actions_from_tokens
@@ -255,7 +272,8 @@ def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor,
         action_err.append(float(np.abs(pred - samples.chunks[j]).mean()))
     model.train()
     return {"heldout_loss": float(np.mean(losses)), "heldout_code_accuracy": float(np.mean(accs)),
-            "heldout_greedy_action_mae": float(np.mean(action_err))}
+            "heldout_greedy_action_mae": float(np.mean(action_err)),
+            "heldout_layer_accuracy": [round(float(a), 4) for a in np.mean(layer_acc, axis=0)]}
 
 
 def _preflight(model: OpenVLARSD, args: argparse.Namespace, world: int, lora: scale.LoraOptions) -> None:
@@ -302,6 +320,11 @@ def train_main(args: argparse.Namespace) -> dict:
     lora = scale.prepare_model(model, model.backbone.language_model, args, keep_trainable=[
         model.main.code_embed, model.main.layer_embed, model.main.head, model.proprio_projector])
     _preflight(model, args, world, lora)
+    layer_weights = parse_layer_weights(args.layer_weights)
+    if layer_weights is not None and len(layer_weights) != tokenizer.num_layers:
+        raise SystemExit(f"error: --layer-weights has {len(layer_weights)} values, the RFSQ tokenizer has "
+                         f"{tokenizer.num_layers} layers")
+    lw = None if layer_weights is None else torch.tensor(layer_weights, device=args.device)
     logger.info("main model: %.2fM parameters, %d train / %d held-out samples, %d steps",
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(train), len(held),
                 args.steps)
@@ -316,7 +339,7 @@ def train_main(args: argparse.Namespace) -> dict:
         states = train.states[j] if cfg.use_proprio else None
         target = train_layers[j].to(args.device)
         loss, logits = model.training_loss(pv.to(args.device), [train.instruction(k) for k in j], target,
-                                           states=states, wrist_pixel_values=wpv)
+                                           states=states, wrist_pixel_values=wpv, layer_weights=lw)
         return loss, {"acc": float((logits.argmax(-1) == target).float().mean())}
 
     tcfg = training.TrainConfig(
@@ -334,7 +357,8 @@ def train_main(args: argparse.Namespace) -> dict:
     if rank != 0:  # rank 0 evaluates and saves
         return {"steps": step, "rank": rank}
     metrics = evaluate_main(model, held, held_layers) if len(held) else {}
-    metrics.update({"steps": step, "train_seconds": round(result.seconds, 1), "train_samples": len(train),
+    metrics.update({"preset": None if args.init else args.preset, "layer_weights": layer_weights,
+                    "steps": step, "train_seconds": round(result.seconds, 1), "train_samples": len(train),
                     "heldout_samples": len(held), "history": history})
     if init_record is not None:
         metrics["init"] = init_record
@@ -399,7 +423,7 @@ def train_draft_stage(args: argparse.Namespace) -> dict:
         cfg = DeepDraftConfig(input_dim=model.hidden_size, hidden_dim=width, num_layers=model.main.num_layers,
                               codes=model.main.codes_per_layer, levels=model.main.levels, num_blocks=args.blocks)
         draft = DeepDraftModel(cfg)
-        weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
+        weights = parse_layer_weights(args.layer_weights)
         train_deep_draft(draft, h_train, t_train, tcfg, val=(h_held, t_held), progress=True, layer_weights=weights)
         report |= {"width": width, "blocks": args.blocks, "parameters": draft.num_parameters(), "layer_weights": weights,
                    **evaluate_deep_draft(draft, h_held, t_held)}
@@ -440,7 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="released-format OpenVLA directory to fine-tune, or a released OpenVLA-OFT one (detected "
                         "by its action_head--*_checkpoint file: its backbone, and with --proprio its proprio "
                         "projector, initialise the RSD model; pass --wrist too, OFT uses both cameras)")
-    m.add_argument("--preset", default="tiny", help="fresh backbone preset when --init is not given")
+    m.add_argument("--preset", default="tiny", choices=PRESETS, help="fresh backbone preset when --init is not given")
+    m.add_argument("--layer-weights", default="",
+                   help="cross-entropy weight per RFSQ layer, comma-separated ('' = equal). Coarse layers move the "
+                        "action most: the shipped recipe uses 8,4,4,2,1,0.5,0.5,0.5")
     m.add_argument("--steps", type=int, default=3000)
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--lr", type=float, default=3e-4)

@@ -158,11 +158,13 @@ class OpenVLARSD(nn.Module):
         return embeds, full_mask
 
     def training_loss(self, pixel_values: Tensor, instructions: list[str], layers: Tensor, states: Any = None,
-                      wrist_pixel_values: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Teacher-forced cross-entropy over all RFSQ layers (``layers`` ``[B, L, 128]``)."""
+                      wrist_pixel_values: Tensor | None = None,
+                      layer_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced cross-entropy over all RFSQ layers (``layers`` ``[B, L, 128]``), optionally weighted per
+        layer (see :meth:`rsd.layer_head.RFSQLayerHeadModel.forward`)."""
         embeds, mask = self.prefix(None, instructions, pixel_values=pixel_values, states=states,
                                    wrist_pixel_values=wrist_pixel_values)
-        return self.main(embeds, layers, mask)
+        return self.main(embeds, layers, mask, layer_weights=layer_weights)
 
     # ------------------------------------------------------------------ persistence
     def save_rsd(self, out: str | Path) -> Path:

@@ -1,0 +1,78 @@
+"""The shipped OpenVLA-RSD training recipe: per-layer loss weights and the ``small`` backbone preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rsd_helpers import tiny_main
+
+from models.openvla.tiny import PRESETS, build_tiny, save_pretrained
+from rsd.train_vla import build_parser, parse_layer_weights
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 5, 32, generator=g), torch.randint(0, 7, (3, 8, 128), generator=g)
+
+
+def test_layer_weights_weigh_each_layers_mean_cross_entropy() -> None:
+    main = tiny_main(sharpen=3.0)
+    embeds, layers = _batch()
+    plain, logits = main(embeds, layers)
+    per_layer = torch.stack([F.cross_entropy(logits[:, i].reshape(-1, 7), layers[:, i].reshape(-1))
+                             for i in range(8)])
+    # equal weights (any scale) are the unweighted loss; a one-hot weight is that layer's cross-entropy alone
+    assert torch.allclose(main(embeds, layers, layer_weights=torch.full((8,), 3.0))[0], plain, atol=1e-6)
+    only2 = torch.zeros(8)
+    only2[2] = 1.0
+    assert torch.allclose(main(embeds, layers, layer_weights=only2)[0], per_layer[2], atol=1e-6)
+    w = torch.tensor([8, 4, 4, 2, 1, 0.5, 0.5, 0.5])
+    assert torch.allclose(main(embeds, layers, layer_weights=w)[0], (per_layer * w).sum() / w.sum(), atol=1e-6)
+    assert not torch.allclose(per_layer, per_layer.mean().expand(8))  # the weighting is not a no-op here
+
+
+def test_layer_weights_only_train_the_weighted_layers_head_rows() -> None:
+    main = tiny_main()
+    embeds, layers = _batch(1)
+    only0 = torch.zeros(8)
+    only0[0] = 1.0
+    main(embeds, layers, layer_weights=only0)[0].backward()
+    # layer 0 is read from the prefix only, so no layer token's embedding gets a gradient
+    assert main.layer_embed.weight.grad is None or float(main.layer_embed.weight.grad.abs().sum()) == 0.0
+    assert float(main.head.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("bad", [torch.ones(7), torch.tensor([1.0, -1, 1, 1, 1, 1, 1, 1]), torch.zeros(8)])
+def test_bad_layer_weights_are_refused(bad: torch.Tensor) -> None:
+    main = tiny_main()
+    embeds, layers = _batch()
+    with pytest.raises(ValueError, match="layer_weights"):
+        main(embeds, layers, layer_weights=bad)
+
+
+def test_layer_weights_flag() -> None:
+    assert parse_layer_weights("") is None
+    assert parse_layer_weights("8,4,4,2,1,0.5,0.5,0.5") == [8, 4, 4, 2, 1, 0.5, 0.5, 0.5]
+    for bad in ("8,x", "-1,1", "0,0"):
+        with pytest.raises(SystemExit, match="--layer-weights"):
+            parse_layer_weights(bad)
+    args = build_parser().parse_args(["main", "--demos", "d", "--rfsq", "r", "--out", "o"])
+    assert args.layer_weights == "" and args.preset == "tiny"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["main", "--demos", "d", "--rfsq", "r", "--out", "o", "--preset", "huge"])
+
+
+def test_small_preset_is_bigger_and_loads_through_the_released_loader(tmp_path) -> None:  # noqa: ANN001
+    import models
+
+    assert PRESETS == ("tiny", "small", "medium")
+    tiny, small = build_tiny("tiny"), build_tiny("small")
+    n_tiny, n_small = (sum(p.numel() for p in m.parameters()) for m in (tiny, small))
+    assert 1.5 * n_tiny < n_small < 4e6  # shipped size limit is 30 MB: 4 M fp32 parameters is 16 MB
+    save_pretrained(small, tmp_path, num_shards=2)
+    loaded = models.load_pretrained("openvla", tmp_path)
+    assert loaded.config.text_config["hidden_size"] == 192
+    assert loaded.config.vision_configs()[0].embed_dim == 96
+    for (name, a), (_, b) in zip(small.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
