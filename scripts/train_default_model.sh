@@ -14,6 +14,8 @@
 #                    or an OpenVLA-OFT dir, e.g. the seeds' openvla-7b-oft-finetuned-libero-spatial: told apart by its
 #                    action_head--*_checkpoint file, its backbone and (PROPRIO=1) proprio projector initialise the
 #                    model, its L1 action head is unused; keep WRIST=1, OFT is trained on both cameras),
+#              LAYER_WEIGHTS (main --layer-weights: cross-entropy weight per RFSQ layer, default 8,4,4,2,1,0.5,0.5,0.5;
+#                    '' = equal), PRESET (fresh backbone size: tiny|small|medium, default small),
 #              BATCH (main --batch-size, default 32), EMA (main --ema, default 0.999), THREADS (torch threads),
 #              PROPRIO=1|0 (main --proprio: the normalised 8-D state as one extra prefix token; default 1),
 #              WRIST=1|0 (main --wrist: the wrist camera's patches after the agent view's; default 1).
@@ -26,7 +28,7 @@ DEMO_DIR="${DEMO_DIR:-artifacts/demos/${SUITE}50k8}"
 DEMOS="${DEMOS:-$DEMO_DIR/*.hdf5}"
 OUT="${OUT:-artifacts/train/openvla-rsd-$SUITE}"
 DEVICE="${DEVICE:-cpu}"
-PRESET="${PRESET:-tiny}"
+PRESET="${PRESET:-small}"
 INSTALL_DIR=models/checkpoints/openvla-rsd-libero-spatial
 py=.venv/bin/python
 mkdir -p "$OUT"
@@ -42,7 +44,7 @@ run_main() {
   local inputs=(); [ "${PROPRIO:-1}" = 1 ] && inputs+=(--proprio); [ "${WRIST:-1}" = 1 ] && inputs+=(--wrist)
   $py -m rsd.train_vla main --demos "$DEMOS" --rfsq "$OUT/rfsq" --out "$OUT/model" --preset "$PRESET" \
     --steps "${MAIN_STEPS:-4000}" --batch-size "${BATCH:-32}" --ema "${EMA:-0.999}" --device "$DEVICE" \
-    --threads "${THREADS:-0}" \
+    --threads "${THREADS:-0}" --layer-weights "${LAYER_WEIGHTS-8,4,4,2,1,0.5,0.5,0.5}" \
     --eval-every 1000 --resume \
     "${init[@]}" "${inputs[@]}"
 }

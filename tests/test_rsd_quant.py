@@ -23,6 +23,7 @@ from quant.selection import select_layers
 from quant.testing import openvla_like
 
 DOWN = r"\.down_proj$"
+COARSE = 4  # RFSQ layers whose codes move the action (rsd.layer_head.RFSQLayerHeadModel.forward)
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -115,9 +116,15 @@ def test_rsd_default_unclips_the_layer0_token_and_lowers_its_flips(bench) -> Non
     assert all(layers[n].act_pct == (100.0 if n in down else 99.9) for n in layers)
     assert all(m.wbits == (8 if n in down else 4) and m.abits == 8 for n, m in layers.items())
     clip_plain, clip_fixed = clip_profile(plain, data.evals), clip_profile(fixed, data.evals)
-    for n in down:  # the last prefix token (what predicts layer 0) was clipped; the max-based scale is not
-        assert clip_plain[n]["last"] > 0.03 and clip_fixed[n]["last"] < clip_plain[n]["last"] / 5
-    assert _tf_flips(fixed, data, fp)[0] < 0.75 * _tf_flips(plain, data, fp)[0]
+    for n in down:
+        # The tokens the RFSQ head reads -- the last prefix token (layer 0) and the layer tokens (layers 1-7) -- get
+        # down_proj inputs clipped by a 99.9th-percentile scale (the previous `tiny` checkpoint: 3-10 % on the last
+        # prefix token; the `small` one: 2-3 % on the layer tokens); the max-based scale clips almost none.
+        worst_plain = max(clip_plain[n]["last"], clip_plain[n]["layers"])
+        assert worst_plain > 0.01 and max(clip_fixed[n]["last"], clip_fixed[n]["layers"]) < worst_plain / 5
+    flips_plain, flips_fixed = _tf_flips(plain, data, fp), _tf_flips(fixed, data, fp)
+    assert flips_fixed.mean() < 0.75 * flips_plain.mean()
+    assert flips_fixed[:COARSE].mean() < flips_plain[:COARSE].mean()
 
 
 def test_wbits_re_keeps_the_mlp_at_8_bits_and_lowers_the_flip_rate(bench) -> None:
@@ -135,4 +142,5 @@ def test_wbits_re_keeps_the_mlp_at_8_bits_and_lowers_the_flip_rate(bench) -> Non
         codes = w.float() / lay.w_scale.float().unsqueeze(1)
         assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the grid
         assert qmax // 2 < int(codes.round().abs().max()) <= qmax
-    assert _tf_flips(w8, data, fp).mean() < 0.8 * _tf_flips(plain, data, fp).mean()
+    # fewer flips where they move the robot: a wrong code in layers 0-3 moves the action 0.043-0.006, in 4-7 < 0.002
+    assert _tf_flips(w8, data, fp)[:COARSE].mean() < 0.8 * _tf_flips(plain, data, fp)[:COARSE].mean()
