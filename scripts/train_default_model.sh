@@ -43,13 +43,13 @@ run_main() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
   local inputs=(); [ "${PROPRIO:-1}" = 1 ] && inputs+=(--proprio); [ "${WRIST:-1}" = 1 ] && inputs+=(--wrist)
   $py -m rsd.train_vla main --demos "$DEMOS" --rfsq "$OUT/rfsq" --out "$OUT/model" --preset "$PRESET" \
-    --steps "${MAIN_STEPS:-4000}" --batch-size "${BATCH:-32}" --ema "${EMA:-0.999}" --device "$DEVICE" \
+    --steps "${MAIN_STEPS:-5000}" --batch-size "${BATCH:-32}" --ema "${EMA:-0.999}" --device "$DEVICE" \
     --threads "${THREADS:-0}" --layer-weights "${LAYER_WEIGHTS-8,4,4,2,1,0.5,0.5,0.5}" \
     --eval-every 1000 --resume \
     "${init[@]}" "${inputs[@]}"
 }
 run_draft() {
-  $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-6000}" --device "$DEVICE" \
+  $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-3000}" --device "$DEVICE" \
     --threads "${THREADS:-0}" \
     --kind deep --save-dtype float16
 }
