@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("gptq ACT_PCT=100", "duquant", base.replace(act_pct=100.0)),
             ("gptq ACT_GRAN=token", "duquant", base.replace(act_gran="token")),
             ("gptq rot=svd", "duquant", base.replace(rot="svd")),
-            ("W4A4 static tensor", "duquant", base.replace(abits=4)),
+            ("W4A4 static tensor", "duquant", base.replace(abits=4, act_gran="tensor")),
             ("W4A4 block=64", "duquant", base.replace(abits=4, act_gran="token", block=64, block_out=64)),
         ]
     if not args.quick:

@@ -218,8 +218,11 @@ def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: 
             ("duquant_single_scale", cfg.replace(dit_step_scales="0"), "duquant"),
             ("duquant_step_scales", cfg.replace(dit_step_scales="1"), "duquant")]
     if p.name == "gr00t":
-        runs += [("duquant_w4a4_single_scale", cfg.replace(abits=4, dit_step_scales="0"), "duquant"),
-                 ("duquant_w4a4_step_scales", cfg.replace(abits=4, dit_step_scales="1"), "duquant")]
+        # W4A4: static per-tensor scales (one, or one per Euler step in the DiT) against the default ACT_GRAN=auto,
+        # which gives every A4 layer dynamic per-token scales
+        runs += [("duquant_w4a4_single_scale", cfg.replace(abits=4, act_gran="tensor", dit_step_scales="0"), "duquant"),
+                 ("duquant_w4a4_step_scales", cfg.replace(abits=4, act_gran="tensor", dit_step_scales="1"), "duquant"),
+                 ("duquant_w4a4", cfg.replace(abits=4), "duquant")]
     for label, c, method in runs:
         t = time.perf_counter()
         q = quantise(p, c, method, calib)
@@ -244,6 +247,9 @@ def bench_policy(p: PolicyUnderTest, calib: list[dict], held: list[dict], args: 
         if f"duquant{a}_step_scales_action_err" in res:
             res[f"dit_step{a}_to_single_scale_error_ratio"] = (
                 res[f"duquant{a}_step_scales_action_err"] / max(res[f"duquant{a}_single_scale_action_err"], 1e-12))
+    if "duquant_w4a4_action_err" in res:  # ACT_GRAN=auto (per-token at A4) against the best static A4 scales
+        res["w4a4_token_to_step_scales_error_ratio"] = (
+            res["duquant_w4a4_action_err"] / max(res["duquant_w4a4_step_scales_action_err"], 1e-12))
     one = held[:1]
     res["latency_ms_fp"] = _median_ms(lambda: act(fp, one), args.repeats)
     res["latency_ms_rtn"] = _median_ms(lambda: act(variants["rtn"][0], one), args.repeats)
@@ -354,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                   "rtn_action_err_rel_spread", "fp_action_spread", "duquant_single_scale_action_err",
                   "duquant_step_scales_action_err", "dit_step_to_single_scale_error_ratio",
                   "duquant_w4a4_single_scale_action_err", "duquant_w4a4_step_scales_action_err",
-                  "dit_step_w4a4_to_single_scale_error_ratio"):
+                  "dit_step_w4a4_to_single_scale_error_ratio", "duquant_w4a4_action_err",
+                  "w4a4_token_to_step_scales_error_ratio"):
             if f in r:
                 summary[f"{key}_{f}"] = round(r[f], 6) if isinstance(r[f], float) else r[f]
         if r.get("sensitivity_top_duquant"):

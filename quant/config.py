@@ -47,6 +47,7 @@ ROW_ROT_MODES = ("restore", "propagate", "0")
 ROT_MODES = ("svd", "hadamard", "none")
 WOPT_MODES = ("auto", "clip", "act", "gptq")
 STEP_SCALE_MODES = ("auto", "1", "0")
+ACT_GRAN_MODES = ("auto", "tensor", "token")
 
 
 class DuQuantConfigError(SettingError):
@@ -178,10 +179,14 @@ class DuQuantConfig:
                             "(final-state rel. error 0.32 vs 0.48 for svd, 0.55 for RTN): an SVD basis "
                             "*concentrates* energy into a few channels, the opposite of what a quantiser wants, "
                             "while a Hadamard spreads any outlier evenly over its block")
-    act_gran: str = setting("tensor", env=_env("ACT_GRAN"), parse=_lower, choices=("tensor", "token"),
+    act_gran: str = setting("auto", env=_env("ACT_GRAN"), parse=_lower, choices=ACT_GRAN_MODES,
                             help="activation scale granularity: ``tensor`` (one static scale per layer from "
-                                 "calibration, recipe) or ``token`` (dynamic per-token absmax, as the DuQuant "
-                                 "paper)")
+                                 "calibration, recipe), ``token`` (dynamic per-token absmax, as the DuQuant paper) "
+                                 "or ``auto`` (default: ``token`` for a layer quantised to <= 4 activation bits, "
+                                 "``tensor`` above. At A4 a static scale clips the outlier tokens: MiniLM W4A4 "
+                                 "error 0.671x RTN static vs 0.540x per token; LIBERO W4A4 on the tiny OpenVLA-RSD "
+                                 "28/100 static vs 37/100 per token, FP 42/100; at A8 static scales measured "
+                                 "as good and cost nothing at run time)")
     act_pct: float = setting(99.9, env=_env("ACT_PCT"), check=in_range(0.0, 100.0, open_low=True),
                              help="percentile of |activation| (over all calibration batches) used as the A-bit "
                                   "scale")
@@ -259,7 +264,15 @@ class DuQuantConfig:
         """Per-denoising-step activation scales apply (DIT_STEP_SCALES, ``auto``: static per-tensor scales)."""
         if not self.act_quant or self.dit_step_scales == "0":
             return False
-        return self.dit_step_scales == "1" or self.act_gran == "tensor"
+        return self.dit_step_scales == "1" or self.act_gran != "token"
+
+    def act_gran_for(self, name: str) -> str:
+        """Activation scale granularity of one layer: ACT_GRAN, with ``auto`` resolved from the layer's A bits
+        (``token`` at <= 4 bits, else ``tensor``)."""
+        if self.act_gran != "auto":
+            return self.act_gran
+        bits = self.abits_for(name)
+        return "token" if 0 < bits <= 4 else "tensor"
 
     def bits_for(self, name: str) -> int:
         """Weight bits for one layer (per-layer WBITS override, else the first WBITS_RE match, else

@@ -146,7 +146,7 @@ def replace_linear_layers(
         )
     cache = PackCache(config.packdir) if (config.packdir and method == "duquant") else None
     common = dict(
-        act_pct=config.act_pct, act_gran=config.act_gran, calib_steps=config.calib_steps, clip_search=config.clip_search,
+        act_pct=config.act_pct, calib_steps=config.calib_steps, clip_search=config.clip_search,
         precache=config.precache_weights, profile=config.profile, packed=config.packed, wgroup=config.wgroup,
     )
     step_scope = _step_scopes(model) if config.step_scales_on else []
@@ -163,6 +163,7 @@ def replace_linear_layers(
         lin = s.module
         common["step_scales"] = any(s.name.startswith(prefix + ".") for prefix in step_scope)
         common["act_pct"] = config.act_pct_for(s.name)
+        common["act_gran"] = config.act_gran_for(s.name)
         if method == "rtn":
             new: FakeQuantLinear = RTNLinear(lin, s.name, s.wbits, s.abits, **common)
             row_rot = ""

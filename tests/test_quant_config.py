@@ -82,3 +82,30 @@ def test_direct_construction_is_validated() -> None:
         DuQuantConfig(row_rot="sideways")
     with pytest.raises(DuQuantConfigError, match="INCLUDE"):
         DuQuantConfig(include="(")
+
+
+def test_act_gran_auto_is_per_token_at_four_bits_only() -> None:
+    cfg = DuQuantConfig.from_env({"GR00T_DUQUANT_ABITS": "8", "GR00T_DUQUANT_ABITS_RE": r"\.down_proj$:4"})
+    assert cfg.act_gran == "auto"  # the default
+    assert cfg.act_gran_for("model.layers.0.mlp.down_proj") == "token"
+    assert cfg.act_gran_for("model.layers.0.mlp.up_proj") == "tensor"
+    a4 = DuQuantConfig.from_env({"GR00T_DUQUANT_ABITS": "4"})
+    assert a4.act_gran_for("x") == "token" and a4.step_scales_on  # step scales stay for any layer left static
+    for gran in ("tensor", "token"):
+        explicit = DuQuantConfig.from_env({"GR00T_DUQUANT_ABITS": "4", "GR00T_DUQUANT_ACT_GRAN": gran})
+        assert explicit.act_gran_for("x") == gran
+    assert not DuQuantConfig.from_env({"GR00T_DUQUANT_ABITS": "4", "GR00T_DUQUANT_ACT_GRAN": "token"}).step_scales_on
+    assert DuQuantConfig.from_env({"GR00T_DUQUANT_ABITS": "0"}).act_gran_for("x") == "tensor"
+
+
+def test_act_gran_auto_reaches_each_replaced_layer() -> None:
+    import torch.nn as nn
+
+    from quant import replace_linear_layers
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    cfg = DuQuantConfig.from_env({"GR00T_DUQUANT_ABITS": "8", "GR00T_DUQUANT_ABITS_RE": "^2$:4",
+                                  "GR00T_DUQUANT_INCLUDE": ".", "GR00T_DUQUANT_EXCLUDE": "^$"})
+    replace_linear_layers(model, cfg)
+    assert (model[0].abits, model[0].act_gran) == (8, "tensor")
+    assert (model[2].abits, model[2].act_gran) == (4, "token")
