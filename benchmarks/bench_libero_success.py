@@ -56,7 +56,7 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
             if policy == "gr00t" and not path:
                 raise SystemExit("error: --quant-policy gr00t needs --gr00t-path DIR (a trained checkpoint)")
             variants += quant_variants(policy, path, out / "packs", args.calib_data, args.calib_n,
-                                       args.denoising_steps)
+                                       args.denoising_steps, args.initial_noise)
     if args.only:
         keep = set(args.only.split(","))
         unknown = keep - {v.label for v in variants}
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-data", default=None, help="glob of demonstration HDF5s for W4A8 calibration")
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--denoising-steps", type=int, default=8)
+    ap.add_argument("--initial-noise", choices=("gaussian", "zero"), default="gaussian",
+                    help="GR00T variants: where the flow-matching sampler starts (server --policy-option "
+                         "initial_noise=...)")
     ap.add_argument("--relaxed-r", type=int, default=1)
     ap.add_argument("--relaxed-tau", type=float, default=0.9)
     ap.add_argument("--action-eps", type=float, default=0.5,

@@ -87,6 +87,9 @@ class RSDStats:
     decoded_layers: int = 8
     action_dev_mm: Tensor | None = None  # [B] relaxed-action: summed deviation of the kept drafted layers
     action_dev_deg: Tensor | None = None
+    # [B, L, C, V] float32: main's logits for every decided layer given the decided layers before it (the
+    # distribution an ``expected`` action decode averages over; computed by the passes anyway, so free)
+    main_logits: Tensor | None = None
 
     @property
     def per_layer_acceptance(self) -> list[float]:
@@ -346,6 +349,8 @@ class SpeculativeDecoder:
         t1 = time.perf_counter()
         timings["prefill"] = (t1 - t0) * 1e3
         layers = torch.zeros(b, n_layers, n_codes, dtype=torch.long, device=dev)
+        main_logits = torch.zeros(b, n_layers, n_codes, main.levels, device=dev)
+        main_logits[:, 0] = pre.logits0.float()
         decided = torch.ones(b, dtype=torch.long, device=dev)
         progress = torch.zeros(b, dtype=torch.long, device=dev)
         dev_mm = torch.zeros(b, device=dev) if self.action_space is not None and speculate else None
@@ -420,12 +425,14 @@ class SpeculativeDecoder:
                 chosen.append(0)
                 if ahead <= m:  # every sample needs this layer (always so without speculation): no masking
                     layers[:, m] = new
+                    main_logits[:, m] = logits.float()
                     progress += 1
                     decided.fill_(m + 1)
                     m = ahead = m + 1
                     continue
                 need = decided <= m
                 layers[:, m] = torch.where(need[:, None], new, layers[:, m])
+                main_logits[:, m] = torch.where(need[:, None, None], logits.float(), main_logits[:, m])
                 progress += need.long()
                 decided = torch.where(need, torch.full_like(decided, m + 1), decided)
                 m = int(decided.min())
@@ -471,6 +478,10 @@ class SpeculativeDecoder:
             repair = (~chain) & (torch.arange(k, device=dev)[None] == n_acc[:, None])
             block = torch.where(chain[..., None], proposals, layers[:, m : m + k])
             layers[:, m : m + k] = torch.where(repair[..., None], dec.tokens, block)
+            # main's logits of every layer this round decided (accepted drafts and the repair), all computed on
+            # the decided prefix; forced layers keep the logits of the round that decided them
+            fresh = ((chain & ~forced) | repair)[..., None, None]
+            main_logits[:, m : m + k] = torch.where(fresh, ver[:, :k].float(), main_logits[:, m : m + k])
             full = n_acc == k
             new_decided = torch.where(full, torch.full_like(n_acc, m + k + (0 if last else 1)), m + n_acc + 1)
             if not last:
@@ -478,6 +489,8 @@ class SpeculativeDecoder:
                 if bool(bonus_need.any()):
                     bonus = main_select(ver[:, k], select_mode, cfg.temperature, gen)
                     layers[:, m + k] = torch.where(bonus_need[:, None], bonus, layers[:, m + k])
+                    main_logits[:, m + k] = torch.where(bonus_need[:, None, None], ver[:, k].float(),
+                                                        main_logits[:, m + k])
             # bookkeeping: columns are layers first_layer..; forced positions were not drafts
             col = m - self.first_layer
             drafted = ~forced
@@ -507,7 +520,7 @@ class SpeculativeDecoder:
         timings["total"] = (time.perf_counter() - t0) * 1e3
         stats = RSDStats(
             mode, b, width, accepted, reached, code_pass, passes, progress.tolist(), timings, self.first_layer,
-            rounds, chosen, depth, dev_mm, dev_deg,
+            rounds, chosen, depth, dev_mm, dev_deg, main_logits,
         )
         logger.debug("rsd chunk: %s", stats.to_dict())
         return layers, stats

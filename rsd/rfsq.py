@@ -416,7 +416,25 @@ class RFSQAutoencoder(nn.Module):
         n = tokens.shape[-1] if layers is None else int(layers)
         if not 1 <= n <= tokens.shape[-1]:
             raise ValueError(f"layers must be in 1..{tokens.shape[-1]} for these tokens; got {layers}")
-        vals = self._grid_value(tokens[..., :n])  # [B, H, D, n]
+        return self._values_to_latent(self._grid_value(tokens[..., :n]))
+
+    def probs_to_latent(self, probs: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+        """Expected latent under per-code level distributions: [B, H, D, L', K] → [B, H, D].
+
+        Each code contributes its expected grid value ``sum_k p_k v_k`` instead of the value of one level; the
+        sum over layers is linear, so this is the latent's expectation when every layer's distribution is taken
+        on the decided coarser layers.
+        """
+        n = probs.shape[-2] if layers is None else int(layers)
+        if probs.ndim != 5 or probs.shape[-1] != self.config.levels or not 1 <= n <= probs.shape[-2]:
+            raise ValueError(f"probs must be [B, H, D, L', {self.config.levels}] with 1 <= layers <= L'; got "
+                             f"{tuple(probs.shape)}, layers={layers}")
+        grid = self._grid_value(torch.arange(self.config.levels, device=probs.device))
+        return self._values_to_latent((probs[..., :n, :].to(grid.dtype) * grid).sum(-1))
+
+    def _values_to_latent(self, vals: torch.Tensor) -> torch.Tensor:
+        """Grid values of the first n layers [B, H, D, n] → latent [B, H, D] (scale and shift per layer)."""
+        n = vals.shape[-1]
         scale = self.layer_scale[:n].permute(1, 2, 0)  # [H, D, n]
         mean = self.layer_mean[:n].permute(1, 2, 0)
         return (vals * scale + mean).sum(-1)
@@ -518,6 +536,24 @@ class RFSQTokenizer:
     def decode(self, tokens: Any, layers: int | None = None) -> torch.Tensor:
         """Tokens [B, 8, 16, L'] → raw float32 actions [B, 8, 7] from the first ``layers`` layers."""
         norm = self.decode_normalized(tokens, layers).float()  # bf16 under a bf16 run's autocast (validation)
+        return torch.from_numpy(self.normalizer.unnormalize(norm.numpy()))
+
+    @torch.no_grad()
+    def decode_expected(self, layer_probs: Any, layers: int | None = None) -> torch.Tensor:
+        """Per-layer code distributions [B, L, 128, K] (rows as :meth:`tokens_to_layers`) → raw float32 actions
+        [B, 8, 7]: the chunk decoded from the expected latent (``expected`` action decode) of the first
+        ``layers`` layers."""
+        p = _to_tensor(layer_probs, "layer_probs").float()
+        c = self.config
+        if p.ndim != 4 or p.shape[2] != c.chunk_len * c.latent_dim or p.shape[3] != c.levels:
+            raise ValueError(f"layer_probs must be [B, L, {c.chunk_len * c.latent_dim}, {c.levels}]; got "
+                             f"{tuple(p.shape)}")
+        b, n_layers = p.shape[:2]
+        p = p.reshape(b, n_layers, c.chunk_len, c.latent_dim, c.levels).permute(0, 2, 3, 1, 4)
+        m = self.model
+        p = p.to(m.layer_scale.device)
+        depth = n_layers if layers is None else int(layers)
+        norm = m.decode_latent(m.probs_to_latent(p, depth), depth).float().cpu()
         return torch.from_numpy(self.normalizer.unnormalize(norm.numpy()))
 
     def tokens_to_layers(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -63,17 +63,21 @@ def test_quant_variants_share_flags_and_differ_only_in_quantisation(tmp_path) ->
                                      "gr00t_duquant_w4a4_token"]
     fp, rtn, dq, a4, a4t = vs
     assert a4t.env["GR00T_DUQUANT_ACT_GRAN"] == "token" and a4t.env["GR00T_DUQUANT_ABITS"] == "4"
-    assert fp.env == {} and "--policy-option" not in fp.server_args
+    assert a4.env["GR00T_DUQUANT_ACT_GRAN"] == "tensor" and a4.env["GR00T_DUQUANT_ABITS"] == "4"  # static A4
+    assert fp.env == {} and not any(a.startswith("calib_") for a in fp.server_args)
     for v in (rtn, dq, a4, a4t):
         assert v.server_args[: len(fp.server_args)] == fp.server_args
         assert "calib_data=demos/*.hdf5" in v.server_args and v.env["GR00T_DUQUANT_CALIB_STEPS"] == "16"
         assert v.env["GR00T_DUQUANT_WBITS_DEFAULT"] == "4"
     assert rtn.env["GR00T_DUQUANT_ABITS"] == dq.env["GR00T_DUQUANT_ABITS"] == "8" and a4.env["GR00T_DUQUANT_ABITS"] == "4"
-    assert {k: v for k, v in a4.env.items() if k not in ("GR00T_DUQUANT_ABITS", "GR00T_DUQUANT_PACKDIR")} == \
-        {k: v for k, v in dq.env.items() if k not in ("GR00T_DUQUANT_ABITS", "GR00T_DUQUANT_PACKDIR")}
+    a4_only = ("GR00T_DUQUANT_ABITS", "GR00T_DUQUANT_ACT_GRAN", "GR00T_DUQUANT_PACKDIR")
+    assert {k: v for k, v in a4.env.items() if k not in a4_only} == {k: v for k, v in dq.env.items() if k not in a4_only}
     assert rtn.env["GR00T_DUQUANT_PERMUTE"] == "0" and dq.env["GR00T_DUQUANT_PERMUTE"] == "1"
     assert len({v.env["GR00T_DUQUANT_PACKDIR"] for v in (rtn, dq, a4)}) == 3
     assert fp.server_args[fp.server_args.index("--denoising-steps") + 1] == "4"
+    assert "initial_noise=gaussian" in fp.server_args  # upstream's sampler unless asked
+    zero = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16, 4, initial_noise="zero")
+    assert all("initial_noise=zero" in v.server_args for v in zero)
 
 
 def _matrix(tmp_path: Path, **kw) -> lm.MatrixConfig:

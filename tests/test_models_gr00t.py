@@ -71,6 +71,22 @@ def test_euler_integration(model: GR00TPolicyModel, monkeypatch: pytest.MonkeyPa
     out = head.get_action(feats, None, state, torch.tensor([31]), num_steps=4, generator=torch.Generator().manual_seed(5))
     noise = torch.randn(1, head.action_horizon, head.action_dim, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(out, noise + v, atol=1e-6)
+    zero = head.get_action(feats, None, state, torch.tensor([31]), num_steps=4, initial_noise="zero")
+    assert torch.allclose(zero, v.expand_as(zero), atol=1e-6)  # from the prior's mean: lands on 0 + v
+    with pytest.raises(ValueError, match="initial_noise"):
+        head.get_action(feats, None, state, torch.tensor([31]), num_steps=4, initial_noise="uniform")
+
+
+def test_zero_initial_noise_is_deterministic_and_differs_from_a_sample(model: GR00TPolicyModel) -> None:
+    obs = _obs(model)
+    sampled = model.get_action(obs, denoising_steps=4, generator=torch.Generator().manual_seed(0))
+    model.initial_noise = "zero"
+    try:
+        a = model.get_action(obs, denoising_steps=4, generator=torch.Generator().manual_seed(0))
+        b = model.get_action(obs, denoising_steps=4, generator=torch.Generator().manual_seed(1))
+    finally:
+        model.initial_noise = "gaussian"
+    assert torch.equal(a, b) and not torch.allclose(a, sampled)
 
 
 def test_prompt_has_image_tokens(model: GR00TPolicyModel) -> None:

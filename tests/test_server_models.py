@@ -48,6 +48,7 @@ def test_gr00t_policy_serves_16_step_chunks_with_seed_flags(tiny_dirs) -> None:
     with ServerProcess(args=args) as proc, PolicyClient(port=proc.port, timeout_s=60) as client:
         actions = client.infer(libero_obs())
         meta = client.metadata()
+        assert meta["initial_noise"] == "gaussian"  # upstream's sampler unless asked otherwise
         # GR00T-style keys are accepted too.
         obs = libero_obs(1)
         gr00t_obs = {"video.image": obs["image"][None], "video.wrist_image": obs["wrist_image"][None],
@@ -58,6 +59,11 @@ def test_gr00t_policy_serves_16_step_chunks_with_seed_flags(tiny_dirs) -> None:
         chunk = client.infer(gr00t_obs)
     assert actions.shape == (16, 7) and chunk.shape == (16, 7) and np.isfinite(actions).all()
     assert meta["denoising_steps"] == 8 and meta["embodiment_tag"] == "new_embodiment"
+    with ServerProcess(args=[*args, "--policy-option", "initial_noise=zero"]) as proc, \
+            PolicyClient(port=proc.port, timeout_s=60) as client:
+        first, again = client.infer(libero_obs()), client.infer(libero_obs())
+        assert client.metadata()["initial_noise"] == "zero"
+    np.testing.assert_array_equal(first, again)  # one deterministic chunk per observation
 
 
 def test_duquant_dry_run_lists_layers_and_exits_zero(tiny_dirs) -> None:
@@ -89,6 +95,7 @@ def test_duquant_w4a8_server_reports_quantisation(tiny_dirs) -> None:
         (["--policy", "gr00t"], {}, "--model-path"),
         (["--policy", "gr00t", "--embodiment-tag", "mars_rover"], {}, "--embodiment-tag"),
         (["--policy", "gr00t", "--data-config", "nope"], {}, "--data-config"),
+        (["--policy", "gr00t", "--policy-option", "initial_noise=uniform"], {}, "initial_noise"),
         (["--policy", "gr00t"], {"GR00T_DUQUANT_ROW_ROT": "sideways"}, "GR00T_DUQUANT_ROW_ROT"),
         (["--policy", "openvla"], {"GR00T_DUQUANT_ABITS": "abc"}, "GR00T_DUQUANT_ABITS"),
     ],
@@ -135,8 +142,9 @@ def test_embedded_default_model_is_served_without_arguments() -> None:
     [
         ["--rsd-mode", "relaxed-action", "--rsd-action-eps-mm", "0.5", "--rsd-action-eps-deg", "0.5"],
         ["--rsd-enabled", "0", "--rsd-decode-layers", "3"],
+        ["--rsd-action-decode", "expected"],
     ],
-    ids=["relaxed-action", "truncated-main-only"],
+    ids=["relaxed-action", "truncated-main-only", "expected-action-decode"],
 )
 def test_embedded_model_decoder_modes_over_the_wire(args) -> None:
     """The new decoders are reachable from the command line and report what they did in every reply."""
@@ -144,11 +152,15 @@ def test_embedded_model_decoder_modes_over_the_wire(args) -> None:
             PolicyClient(port=proc.port, timeout_s=60) as client:
         actions = [client.infer(libero_obs(seed=s)) for s in range(3)]
         rsd = client.last_reply["rsd"]
-        totals = client.metadata()["rsd_totals"]
+        meta = client.metadata()
+        totals = meta["rsd_totals"]
     assert all(a.shape == (8, 7) and np.isfinite(a).all() for a in actions)
+    assert all(set(np.unique(a[:, -1])) <= {-1.0, 1.0} for a in actions)  # gripper binary in every decode
     assert totals["chunks"] == 3 and sum(totals["chosen_k_counts"].values()) >= 1
     if "relaxed-action" in args:
         assert rsd["mode"] == "relaxed-action" and rsd["action_dev_mm"] >= 0.0 and rsd["decoded_layers"] == 8
+    elif "expected" in args:
+        assert meta["rsd_config"]["action_decode"] == "expected" and rsd["decoded_layers"] == 8
     else:
         assert rsd["decoded_layers"] == 3 and rsd["main_passes"] == 2 and rsd["rounds"] == 0
 

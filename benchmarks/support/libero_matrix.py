@@ -65,11 +65,14 @@ def default_python(venv: str) -> str:
 
 
 def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float, action_eps: float = 0.5) -> list[Variant]:
-    """Main-only vs RSD exact vs RSD relaxed (code distance) vs RSD relaxed-action on the OpenVLA-RSD policy."""
+    """Main-only vs RSD exact vs RSD relaxed (code distance) vs RSD relaxed-action on the OpenVLA-RSD policy, with
+    the server's default action decode; and RSD exact with each action decode named (greedy / expected)."""
     base = ["--policy", "openvla-rsd"] + (["--model-path", model_path] if model_path else [])
     return [
         Variant("main_only", base + ["--rsd-enabled", "0"]),
         Variant("exact", base + ["--rsd-mode", "exact"]),
+        Variant("exact_greedy", base + ["--rsd-mode", "exact", "--rsd-action-decode", "greedy"]),
+        Variant("exact_expected", base + ["--rsd-mode", "exact", "--rsd-action-decode", "expected"]),
         Variant("relaxed", base + ["--rsd-mode", "relaxed", "--rsd-relaxed-r", str(relaxed_r),
                                    "--rsd-relaxed-tau", str(relaxed_tau)]),
         Variant("relaxed_action", base + ["--rsd-mode", "relaxed-action", "--rsd-action-eps-mm", str(action_eps),
@@ -78,12 +81,13 @@ def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float, act
 
 
 def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_data: str | None, calib_n: int,
-                   denoising_steps: int) -> list[Variant]:
+                   denoising_steps: int, initial_noise: str = "gaussian") -> list[Variant]:
     """Full precision vs RTN W4A8 vs DuQuant W4A8 vs DuQuant W4A4 (static, and per-token activation scales) for one
     policy (default settings otherwise)."""
     base = ["--policy", policy] + (["--model-path", model_path] if model_path else [])
     if policy == "gr00t":
-        base += ["--denoising-steps", str(denoising_steps), "--embodiment-tag", "new_embodiment"]
+        base += ["--denoising-steps", str(denoising_steps), "--embodiment-tag", "new_embodiment",
+                 "--policy-option", f"initial_noise={initial_noise}"]
     calib = []
     if calib_data:
         calib = ["--policy-option", f"calib_data={calib_data}", "--policy-option", f"calib_n={calib_n}"]
@@ -95,7 +99,7 @@ def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_dat
         Variant(f"{policy}_duquant", base + calib, {**DUQUANT_SEED_ENV, **q,
                                                     "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_duquant")}),
         Variant(f"{policy}_duquant_w4a4", base + calib,
-                {**DUQUANT_SEED_ENV, **q, "GR00T_DUQUANT_ABITS": "4",
+                {**DUQUANT_SEED_ENV, **q, "GR00T_DUQUANT_ABITS": "4", "GR00T_DUQUANT_ACT_GRAN": "tensor",
                  "GR00T_DUQUANT_PACKDIR": str(packdir / f"{policy}_duquant_w4a4")}),
         # W4A4 with dynamic per-token activation scales (the DuQuant paper's A4 setting; static per-tensor A4 scales
         # clip the outlier tokens: MiniLM error 0.671x RTN static vs 0.540x per token, docs/duquant.md)

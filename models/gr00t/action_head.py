@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Where the flow-matching sampler starts (GR00TPolicyModel.initial_noise, the server's initial_noise option).
+INITIAL_NOISE = ("gaussian", "zero")
+
 
 class CategorySpecificLinear(nn.Module):
     """``x @ W[cat] + b[cat]`` with one weight matrix per embodiment."""
@@ -286,14 +289,24 @@ class FlowmatchingActionHead(nn.Module):
     @torch.no_grad()
     def get_action(self, features: torch.Tensor, mask: torch.Tensor | None, state: torch.Tensor,
                    embodiment_id: torch.Tensor, num_steps: int | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-        """Euler integration of the learned velocity from Gaussian noise -> normalised actions ``[B, H, A]``."""
+                   generator: torch.Generator | None = None, initial_noise: str = "gaussian") -> torch.Tensor:
+        """Euler integration of the learned velocity -> normalised actions ``[B, H, A]``.
+
+        ``initial_noise``: ``gaussian`` starts from an N(0, I) draw (upstream; a sample of the learned action
+        distribution), ``zero`` from the prior's mean (deterministic; the flow from the centre of the noise lands
+        near the distribution's centre, which is what a regression metric rewards).
+        """
+        if initial_noise not in INITIAL_NOISE:
+            raise ValueError(f"initial_noise must be one of {INITIAL_NOISE}, got {initial_noise!r}")
         n = int(num_steps or self.cfg["num_inference_timesteps"])
         vl = self.process_backbone(features, mask)
         state_feat = self.state_encoder(state.to(vl.dtype), embodiment_id)
         b = features.shape[0]
-        actions = torch.randn(b, self.action_horizon, self.action_dim, generator=generator,
-                              device=features.device, dtype=torch.float32).to(vl.dtype)
+        shape = (b, self.action_horizon, self.action_dim)
+        if initial_noise == "zero":
+            actions = torch.zeros(shape, device=features.device, dtype=vl.dtype)
+        else:
+            actions = torch.randn(shape, generator=generator, device=features.device, dtype=torch.float32).to(vl.dtype)
         for i in range(n):
             t_disc = torch.full((b,), int(i / n * self.num_timestep_buckets), device=features.device, dtype=torch.long)
             v = self._velocity(vl, mask, state_feat, actions, t_disc, embodiment_id)

@@ -56,6 +56,7 @@ class GR00TPolicyModel(nn.Module):
         self.instruction_text = INSTRUCTION_LIST_REPR  # upstream inference's list repr (models/gr00t/prompt.py)
         self.metadata: dict[str, Any] = {}
         self.denoising_steps = int(config.action_head_cfg["num_inference_timesteps"])
+        self.initial_noise = "gaussian"  # where the sampler starts: gaussian (upstream) | zero (action_head.py)
 
     # ------------------------------------------------------------------ checkpoint naming
     @staticmethod
@@ -176,7 +177,7 @@ class GR00TPolicyModel(nn.Module):
         """Model-space actions ``[B, horizon, action_dim(32)]`` in ``[-1, 1]``-ish units."""
         feats, mask = self.backbone_features(inputs)
         return self.action_head.get_action(feats, mask, inputs["state"], inputs["embodiment_id"],
-                                           denoising_steps or self.denoising_steps, generator)
+                                           denoising_steps or self.denoising_steps, generator, self.initial_noise)
 
     @torch.no_grad()
     def get_action(self, obs_batch: dict[str, Any], denoising_steps: int | None = None,

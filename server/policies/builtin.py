@@ -13,6 +13,7 @@ from typing import Any
 import models
 from client.libero.protocol import PREPROCESS_GR00T, PREPROCESS_OPENVLA
 from client.settings import at_least, setting
+from models.gr00t.action_head import INITIAL_NOISE
 from models.gr00t.prompt import INSTRUCTION_LIST_REPR, INSTRUCTION_TEXTS
 from models.openvla.data_config import GRIPPER_CONVENTIONS
 from server.policies.base import Policy
@@ -62,6 +63,11 @@ class GR00TOptions(CalibrationOptions):
                                          "upstream's Gr00tPolicy.get_action renders it (Isaac-GR00T 267e2dc..4af2b62,"
                                          " the LIBERO harness's numbers), 'plain' = the bare instruction as upstream "
                                          "trains (and serves at the N1.5 release 5e3ef5e)")
+    initial_noise: str = setting("gaussian", choices=INITIAL_NOISE,
+                                 help="where the Euler sampler starts: 'gaussian' = a fresh N(0, I) draw per chunk "
+                                      "(upstream), 'zero' = the prior's mean, one deterministic chunk per "
+                                      "observation (held-out action error 0.0297 vs 0.0409 on the shipped tiny "
+                                      "GR00T, level with the mean of 8 gaussian chunks at no extra cost)")
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ def _load_gr00t(ctx: PolicyContext) -> Any:
     if config.denoising_steps is not None:
         model.denoising_steps = config.denoising_steps
     model.instruction_text = ctx.options.instruction_text
+    model.initial_noise = ctx.options.initial_noise
     return model
 
 

@@ -160,6 +160,7 @@ class GR00TPolicy(Policy):
             "action_horizon": int(head["action_horizon"]),
             "action_dim": self.data_config.action_dim,
             "denoising_steps": int(self.model.denoising_steps),
+            "initial_noise": self.model.initial_noise,
             "instruction_text": self.model.instruction_text,
             "embodiment_tag": self.data_config.embodiment_tag,
             "gripper_convention": self.gripper_convention,
@@ -244,7 +245,11 @@ class OpenVLARSDPolicy(Policy):
             embeds, mask = self.model.prefix(None, instructions, pixel_values=pixel_values, states=states,
                                              wrist_pixel_values=wrist_pixel_values)
             layers, stats = self.engine.generate(embeds, mask)
-            actions = chunk_actions_from_tokens(self.model, layers, stats.decoded_layers)
+            if self.rsd_config.action_decode == "expected" and stats.main_logits is not None:
+                actions = self.tokenizer.decode_expected(stats.main_logits.softmax(-1),
+                                                         stats.decoded_layers).numpy()
+            else:
+                actions = chunk_actions_from_tokens(self.model, layers, stats.decoded_layers)
         summary = stats.to_dict()
         summary.pop("action_dev_mm", None)
         summary.pop("action_dev_deg", None)
