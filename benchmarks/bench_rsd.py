@@ -75,7 +75,7 @@ def load_frames(path: Path) -> tuple[np.ndarray, list[str], dict[str, np.ndarray
         raise ValueError(f"{path}: {size} bytes is more than a frames file may hold ({MAX_FRAMES_BYTES})")
     with np.load(path, allow_pickle=False) as f:
         images, instructions = f["images"], [str(s) for s in f["instructions"]]
-        extra = {k: f[k] for k in ("wrist_images", "states") if k in f.files}
+        extra = {k: f[k] for k in ("wrist_images", "states", "expert_chunks") if k in f.files}
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(instructions):
         raise ValueError(f"{path}: expected uint8 images [N, S, S, 3] and N instructions")
     if any(len(v) != len(images) for v in extra.values()):
@@ -93,14 +93,15 @@ def run_configs(model, configs: dict[str, RSDConfig], prefixes: list, warm: int,
         if cfg.enabled:
             eng.calibrate(*prefixes[0])
         engines[name] = eng
-    rec = {n: {"ms": [], "layers": [], "passes": [], "rounds": [], "acc": [], "reach": [], "k": []} for n in engines}
+    rec = {n: {"ms": [], "layers": [], "logits": [], "passes": [], "rounds": [], "acc": [], "reach": [], "k": []}
+           for n in engines}
     order = list(engines)
     for i, (emb, mask) in enumerate(prefixes[:warm] + prefixes * reps):
         for name in order:
             eng = engines[name]
             t = time.perf_counter()
             layers, st = eng.generate(emb, mask)
-            eng.decode_actions(layers)
+            eng.decode_actions(layers, main_logits=st.main_logits)
             ms = (time.perf_counter() - t) * 1e3
             if i < warm:
                 continue
@@ -108,6 +109,7 @@ def run_configs(model, configs: dict[str, RSDConfig], prefixes: list, warm: int,
             r["ms"].append(ms)
             if i < warm + len(prefixes):
                 r["layers"].append(layers)
+                r["logits"].append(st.main_logits)
             r["passes"].append(st.main_passes)
             r["rounds"].append(st.rounds)
             r["k"].extend(st.chosen_k)
@@ -120,12 +122,30 @@ def run_configs(model, configs: dict[str, RSDConfig], prefixes: list, warm: int,
         out[name] = {
             "ms": statistics.median(r["ms"]),
             "layers": torch.cat(r["layers"]),
+            "logits": torch.cat(r["logits"]),
             "passes": statistics.mean(r["passes"]),
             "rounds": statistics.mean(r["rounds"]),
             "acceptance": (acc.sum(0) / reach.sum(0).clamp_min(1)).tolist() if acc.numel() else [],
             "k_hist": {k: r["k"].count(k) for k in sorted(set(r["k"]))},
             "engine": engines[name],
         }
+    return out
+
+
+def action_decode_errors(model, res: dict[str, dict], expert: np.ndarray | None) -> dict[str, float]:
+    """Mean abs error against the expert's chunks of the greedy and the ``expected`` action decode (main's
+    per-layer code distributions, RSDConfig.action_decode), for main-only and RSD exact, which must agree."""
+    if expert is None:
+        return {}
+    tok = model.tokenizer
+    out = {}
+    for name, key in (("main-only", "main_only"), ("exact", "exact")):
+        layers, logits = res[name]["layers"], res[name]["logits"]
+        greedy = tok.decode(tok.layers_to_tokens(layers)).numpy()
+        expected = tok.decode_expected(logits.softmax(-1)).numpy()
+        out[f"{key}_greedy_action_mae"] = float(np.abs(greedy - expert).mean())
+        out[f"{key}_expected_action_mae"] = float(np.abs(expected - expert).mean())
+    out["expected_to_greedy_action_mae_ratio"] = out["exact_expected_action_mae"] / out["exact_greedy_action_mae"]
     return out
 
 
@@ -279,6 +299,7 @@ def main_cli() -> None:
     if model.draft is None:
         raise SystemExit(f"error: {args.checkpoint} has no draft model")
     images, instructions, extra = load_frames(args.frames)
+    expert = extra.pop("expert_chunks", None)
     needed = {"wrist_images": model.cfg.use_wrist_image, "states": model.cfg.use_proprio}
     missing = [k for k, need in needed.items() if need and k not in extra]
     if missing:
@@ -405,6 +426,10 @@ def main_cli() -> None:
         print("deep draft vs main per layer (given main's prefix): " + "; ".join(
             f"L{d['layer']} codes {d['code_accuracy']:.3f} dev {d['median_mm']:.3f} mm (p90 {d['p90_mm']:.3f})"
             for d in layer_dev))
+    decode_err = action_decode_errors(model, results_by_batch[1], expert[:n] if expert is not None else None)
+    if decode_err:
+        print("action error vs the expert's chunk (mean abs, env units): " + ", ".join(
+            f"{k} {v:.5f}" for k, v in decode_err.items()))
     plot(rows, args.plot, f"RSD on {args.checkpoint.name}, {n} held-out frames, B=1, {args.threads} CPU thread")
     print(f"plot: {args.plot}; total {time.perf_counter() - t_start:.1f}s")
     b8 = [r for r in rows if r["batch"] == args.batch]
@@ -428,6 +453,7 @@ def main_cli() -> None:
         "projected_7b_speedup_exact": proj_exact["projected_speedup"],
         "projected_7b_speedup_relaxed_action": proj_relaxed["projected_speedup"],
         "draft_layer_median_dev_mm": [round(d["median_mm"], 4) for d in layer_dev],
+        **{k: round(v, 6) for k, v in decode_err.items()},
         "frames": n,
         "quick": args.quick,
         **gpu,

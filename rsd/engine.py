@@ -533,15 +533,22 @@ class SpeculativeDecoder:
             if r[i] > 0:
                 self.costs.observe_acceptance(m + i, a[i] / r[i])
 
-    def decode_actions(self, tokens: Tensor, layers: int | None = None) -> Tensor:
+    def decode_actions(self, tokens: Tensor, layers: int | None = None, main_logits: Tensor | None = None) -> Tensor:
         """RFSQ layers ``[B, L, C]`` -> action chunks ``[B, H, A]`` via the robust RFSQ tokenizer.
 
-        ``layers`` defaults to the engine's decoded depth (``decode_layers``). The tokenizer is imported lazily
-        so the engine works (and is tested) without a trained tokenizer.
+        ``layers`` defaults to the engine's decoded depth (``decode_layers``). With ``action_decode = expected``
+        and ``main_logits`` (:attr:`RSDStats.main_logits` of the same ``generate`` call) the chunk comes from the
+        expected latent under main's distributions instead of the codes. The tokenizer is imported lazily so the
+        engine works (and is tested) without a trained tokenizer.
         """
         if self.tokenizer is None:
             raise RuntimeError("SpeculativeDecoder has no tokenizer; pass tokenizer=RFSQTokenizer(...) to decode")
+        depth = self.depth if layers is None else layers
+        if self.config.action_decode == "expected":
+            if main_logits is None:
+                raise ValueError("action_decode=expected needs the main_logits of the generate call")
+            return self.tokenizer.decode_expected(main_logits.float().softmax(-1), depth)
         to_tokens = getattr(self.tokenizer, "layers_to_tokens", None)
         if to_tokens is None:
             from rsd.rfsq import layers_to_tokens as to_tokens  # lazy: rsd.rfsq pulls in the tokenizer stack
-        return self.tokenizer.decode(to_tokens(tokens), self.depth if layers is None else layers)
+        return self.tokenizer.decode(to_tokens(tokens), depth)

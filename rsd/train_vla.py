@@ -247,11 +247,15 @@ def _init_from_oft(model: OpenVLARSD, init: OFTInit) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor, batch: int = 64,
                   max_samples: int = 2048) -> dict:
-    """Held-out teacher-forced loss/accuracy and the action error of greedy decoding (the real metric)."""
+    """Held-out teacher-forced loss/accuracy and the action error of greedy decoding (the real metric), and of the
+    ``expected`` action decode (main's distributions given its greedy layers, what the server's
+    ``--rsd-action-decode expected`` sends)."""
+    from rsd.vla import chunk_actions_from_tokens
+
     model.eval()
     n = min(len(samples), max_samples)
     idx = np.linspace(0, len(samples) - 1, n).astype(int)
-    losses, accs, action_err, layer_acc = [], [], [], []
+    losses, accs, action_err, expected_err, layer_acc = [], [], [], [], []
     for i in range(0, n, batch):
         j = idx[i:i + batch]
         pv = model.processor.preprocess_images(samples.images[j], True)
@@ -266,13 +270,16 @@ def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor,
         layer_acc.append(hit.mean(dim=(0, 2)).tolist())
         embeds, mask = model.prefix(None, instr, pixel_values=pv, states=extra.get("states"), wrist_pixel_values=wpv)
         greedy = model.main.decode_greedy(embeds, mask)
-        from rsd.vla import chunk_actions_from_tokens
-
         pred = chunk_actions_from_tokens(model, greedy)
         action_err.append(float(np.abs(pred - samples.chunks[j]).mean()))
+        with torch.no_grad():
+            main_logits = model.main(embeds, greedy, mask)[1].float()
+        expected = model.tokenizer.decode_expected(main_logits.softmax(-1)).numpy()
+        expected_err.append(float(np.abs(expected - samples.chunks[j]).mean()))
     model.train()
     return {"heldout_loss": float(np.mean(losses)), "heldout_code_accuracy": float(np.mean(accs)),
             "heldout_greedy_action_mae": float(np.mean(action_err)),
+            "heldout_expected_action_mae": float(np.mean(expected_err)),
             "heldout_layer_accuracy": [round(float(a), 4) for a in np.mean(layer_acc, axis=0)]}
 
 

@@ -144,3 +144,17 @@ def test_action_decode_setting_is_checked_at_start_up():
         RSDConfig.from_env_and_args(env={"RSD_ACTION_DECODE": "mean"})
     with pytest.raises(RSDConfigError, match="--rsd-action-decode"):
         RSDConfig.from_env_and_args({"rsd_action_decode": "mode"}, env={})
+
+
+def test_engine_decodes_the_configured_way(main, tokenizer):
+    x = _prefix(4, 2)
+    greedy_eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False), tokenizer=tokenizer)
+    exp_eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, action_decode="expected"), tokenizer=tokenizer)
+    tokens, stats = exp_eng.generate(x)
+    expected = exp_eng.decode_actions(tokens, main_logits=stats.main_logits)
+    torch.testing.assert_close(expected, tokenizer.decode_expected(stats.main_logits.softmax(-1)))
+    greedy = greedy_eng.decode_actions(tokens, main_logits=stats.main_logits)  # greedy ignores the logits
+    torch.testing.assert_close(greedy, tokenizer.decode(tokenizer.layers_to_tokens(tokens)))
+    assert not torch.allclose(expected, greedy)
+    with pytest.raises(ValueError, match="main_logits"):
+        exp_eng.decode_actions(tokens)

@@ -229,8 +229,6 @@ class OpenVLARSDPolicy(Policy):
         _check_instruction(obs)
 
     def infer(self, observations: list[dict[str, Any]]) -> list[PolicyOutput]:
-        from rsd.vla import chunk_actions_from_tokens
-
         torch = self.torch
         proc = self.model.processor
         crop = self.model.cfg.center_crop
@@ -245,11 +243,7 @@ class OpenVLARSDPolicy(Policy):
             embeds, mask = self.model.prefix(None, instructions, pixel_values=pixel_values, states=states,
                                              wrist_pixel_values=wrist_pixel_values)
             layers, stats = self.engine.generate(embeds, mask)
-            if self.rsd_config.action_decode == "expected" and stats.main_logits is not None:
-                actions = self.tokenizer.decode_expected(stats.main_logits.softmax(-1),
-                                                         stats.decoded_layers).numpy()
-            else:
-                actions = chunk_actions_from_tokens(self.model, layers, stats.decoded_layers)
+            actions = self.engine.decode_actions(layers, stats.decoded_layers, stats.main_logits).float().numpy()
         summary = stats.to_dict()
         summary.pop("action_dev_mm", None)
         summary.pop("action_dev_deg", None)
