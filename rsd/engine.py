@@ -33,7 +33,8 @@ are ignored. A batched pass costs the same for every sample, so masking a ragged
 ``main_passes_per_sample`` counts the passes in which each sample made progress (what it needed itself).
 
 Exactness: ``exact`` reproduces main-only greedy decoding token for token provided an n-token pass's logits
-equal those of single-token steps. They do in our float32/float64 CPU tests; with bf16 GPU kernels a near-tie
+equal those of single-token steps (the ``expected`` action decode, which averages over main's logits, then
+agrees to float rounding: ~2e-8 on the CPU tests). They do in our float32/float64 CPU tests; with bf16 GPU kernels a near-tie
 argmax could flip (true of any speculative decoder).
 """
 

@@ -169,7 +169,8 @@ def test_truncated_main_only_decodes_first_layers(main, depth):
 
 def test_truncated_decode_uses_that_many_layers(main, tokenizer):
     x = _prefix(7, 2)
-    eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, decode_layers=3), tokenizer=tokenizer)
+    eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, decode_layers=3, action_decode="greedy"),
+                             tokenizer=tokenizer)
     tokens, _ = eng.generate(x)
     torch.testing.assert_close(eng.decode_actions(tokens), tokenizer.decode(tokenizer.layers_to_tokens(tokens), 3))
 

@@ -198,7 +198,7 @@ def test_decode_actions_uses_tokenizer(main):
             return tokens.float().mean(dim=(2, 3))[..., None].expand(-1, -1, 7)
 
     x = _prefix(9, 2)
-    eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False), tokenizer=StubTokenizer())
+    eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, action_decode="greedy"), tokenizer=StubTokenizer())
     tokens, _ = eng.generate(x)
     acts = eng.decode_actions(tokens)
     assert acts.shape == (2, 8, 7)

@@ -138,8 +138,8 @@ def test_bad_distributions_are_refused(tokenizer):
 
 
 def test_action_decode_setting_is_checked_at_start_up():
-    assert RSDConfig().action_decode == "greedy"
-    assert RSDConfig.from_env_and_args(env={"RSD_ACTION_DECODE": "Expected"}).action_decode == "expected"
+    assert RSDConfig().action_decode == "expected"
+    assert RSDConfig.from_env_and_args(env={"RSD_ACTION_DECODE": "Greedy"}).action_decode == "greedy"
     with pytest.raises(RSDConfigError, match="RSD_ACTION_DECODE"):
         RSDConfig.from_env_and_args(env={"RSD_ACTION_DECODE": "mean"})
     with pytest.raises(RSDConfigError, match="--rsd-action-decode"):
@@ -148,8 +148,8 @@ def test_action_decode_setting_is_checked_at_start_up():
 
 def test_engine_decodes_the_configured_way(main, tokenizer):
     x = _prefix(4, 2)
-    greedy_eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False), tokenizer=tokenizer)
-    exp_eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, action_decode="expected"), tokenizer=tokenizer)
+    greedy_eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, action_decode="greedy"), tokenizer=tokenizer)
+    exp_eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False), tokenizer=tokenizer)  # the default
     tokens, stats = exp_eng.generate(x)
     expected = exp_eng.decode_actions(tokens, main_logits=stats.main_logits)
     torch.testing.assert_close(expected, tokenizer.decode_expected(stats.main_logits.softmax(-1)))

@@ -53,7 +53,7 @@ def test_decode_actions_with_rfsq_tokenizer():
     layers = tok.tokens_to_layers(tokens)
     assert layers.shape == (2, 8, 128)
     main = RFSQLayerHeadModel(_tiny_llama()).eval()
-    eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False), tokenizer=tok)
+    eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, action_decode="greedy"), tokenizer=tok)
     torch.testing.assert_close(eng.decode_actions(layers), tok.decode(tokens))
 
 

@@ -142,9 +142,9 @@ def test_embedded_default_model_is_served_without_arguments() -> None:
     [
         ["--rsd-mode", "relaxed-action", "--rsd-action-eps-mm", "0.5", "--rsd-action-eps-deg", "0.5"],
         ["--rsd-enabled", "0", "--rsd-decode-layers", "3"],
-        ["--rsd-action-decode", "expected"],
+        ["--rsd-action-decode", "greedy"],
     ],
-    ids=["relaxed-action", "truncated-main-only", "expected-action-decode"],
+    ids=["relaxed-action", "truncated-main-only", "greedy-action-decode"],
 )
 def test_embedded_model_decoder_modes_over_the_wire(args) -> None:
     """The new decoders are reachable from the command line and report what they did in every reply."""
@@ -159,8 +159,8 @@ def test_embedded_model_decoder_modes_over_the_wire(args) -> None:
     assert totals["chunks"] == 3 and sum(totals["chosen_k_counts"].values()) >= 1
     if "relaxed-action" in args:
         assert rsd["mode"] == "relaxed-action" and rsd["action_dev_mm"] >= 0.0 and rsd["decoded_layers"] == 8
-    elif "expected" in args:
-        assert meta["rsd_config"]["action_decode"] == "expected" and rsd["decoded_layers"] == 8
+    elif "greedy" in args:
+        assert meta["rsd_config"]["action_decode"] == "greedy" and rsd["decoded_layers"] == 8
     else:
         assert rsd["decoded_layers"] == 3 and rsd["main_passes"] == 2 and rsd["rounds"] == 0
 
