@@ -155,11 +155,15 @@ def quantise(model: nn.Module, cfg: DuQuantConfig, calib: list[Prefix]) -> tuple
 
 @torch.no_grad()
 def decode(model: nn.Module, prefixes: list[Prefix]) -> dict[str, Any]:
-    """Greedy layers ``[N, L, C]`` and action chunks of every prefix (batch 1 each: no padding)."""
+    """Greedy layers ``[N, L, C]`` and action chunks of every prefix (batch 1 each: no padding): ``actions`` from
+    the codes (greedy decode), ``expected`` from main's distributions given its own codes (the server's default
+    ``--rsd-action-decode expected``)."""
     from rsd.vla import chunk_actions_from_tokens
 
     layers = torch.cat([model.main.decode_greedy(e, m) for e, m in prefixes])
-    return {"layers": layers, "actions": chunk_actions_from_tokens(model, layers)}
+    logits = teacher_forced_logits(model, prefixes, layers).float()
+    return {"layers": layers, "actions": chunk_actions_from_tokens(model, layers),
+            "expected": model.tokenizer.decode_expected(logits.softmax(-1)).numpy()}
 
 
 @torch.no_grad()
@@ -255,6 +259,7 @@ def evaluate(label: str, model: nn.Module, data: BenchData, fp: dict[str, Any]) 
     exact = rsd_acceptance(model, data.evals, "exact")
     relaxed = rsd_acceptance(model, data.evals, "relaxed-action")
     err = np.abs(out["actions"] - fp["actions"]).mean(axis=(1, 2))
+    exp_err = np.abs(out["expected"] - fp["expected"]).mean(axis=(1, 2))
     return {
         "label": label,
         "flip_rate": float(flips.mean()),
@@ -265,6 +270,9 @@ def evaluate(label: str, model: nn.Module, data: BenchData, fp: dict[str, Any]) 
         "mae_vs_fp": float(err.mean()),
         "mae_vs_fp_frames": err,
         "mae_vs_expert": float(np.abs(out["actions"][ok] - data.expert[ok]).mean()) if ok.any() else float("nan"),
+        "expected_mae_vs_fp": float(exp_err.mean()),
+        "expected_mae_vs_expert": (float(np.abs(out["expected"][ok] - data.expert[ok]).mean()) if ok.any()
+                                   else float("nan")),
         "rsd_accepted": exact["accepted"],
         "rsd_code_agreement": exact["code_agreement"],
         "rsd_passes": exact["passes"],
@@ -298,14 +306,16 @@ def paired(a: np.ndarray, b: np.ndarray, seed: int = 0, n: int = 2000) -> dict[s
 
 
 def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
-    print(f"\n{title}")
-    hdr = (f"{'config':<30} {'flip':>5} {'tf flip':>7} {'tf L0':>5} {'MAE fp':>7} {'MAE exp':>7} {'ex acc':>6} "
+    print(f"\n{title}  (MAE: greedy decode; E: expected decode, the server default; vs FP and vs the expert)")
+    hdr = (f"{'config':<30} {'flip':>5} {'tf flip':>7} {'tf L0':>5} {'MAE fp':>7} {'MAE exp':>7} {'E fp':>7} "
+           f"{'E exp':>7} {'ex acc':>6} "
            f"{'ex agr':>6} {'passes':>6} {'ra acc':>6} {'>W4 w':>5} {'B/W4':>4} {'RSD=main':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['label']:<30} {r['flip_rate']:5.3f} {r['tf_flip_rate']:7.3f} {r['tf_flip_per_layer'][0]:5.3f} "
-              f"{r['mae_vs_fp']:7.4f} {r['mae_vs_expert']:7.4f} {r['rsd_accepted']:6.2f} "
+              f"{r['mae_vs_fp']:7.4f} {r['mae_vs_expert']:7.4f} {r['expected_mae_vs_fp']:7.4f} "
+              f"{r['expected_mae_vs_expert']:7.4f} {r['rsd_accepted']:6.2f} "
               f"{r['rsd_code_agreement']:6.3f} {r['rsd_passes']:6.2f} {r['rsd_relaxed_accepted']:6.2f} "
               f"{r['hi_frac']:5.2f} {r['bytes_vs_w4']:4.2f} {str(r['rsd_exact_equal']):>8}")
 
@@ -440,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         "fp_action_mae_vs_expert": round(rows["FP"]["mae_vs_expert"], 5),
         "w4a8_action_mae_vs_expert": round(w["mae_vs_expert"], 5),
         "w4a8_fixed_action_mae_vs_expert": round(fixed["mae_vs_expert"], 5),
+        # the default expected action decode: continuous in main's logits, so a flipped near-tie code moves the
+        # chunk by its probability gap instead of a whole level
+        "fp_expected_action_mae_vs_expert": round(rows["FP"]["expected_mae_vs_expert"], 5),
+        "w4a8_fixed_expected_action_mae_vs_fp": round(fixed["expected_mae_vs_fp"], 5),
+        "w4a8_fixed_expected_action_mae_vs_expert": round(fixed["expected_mae_vs_expert"], 5),
         "fp_rsd_accepted_per_chunk": round(fp_acc, 4),
         "w4a8_rsd_accept_ratio_vs_fp": ratio(w["rsd_accepted"], fp_acc),
         "w4a8_fixed_rsd_accept_ratio_vs_fp": ratio(fixed["rsd_accepted"], fp_acc),
