@@ -60,6 +60,26 @@ class FixedDraft(nn.Module):
         return self.logits.expand(b, *self.logits.shape[1:])
 
 
+class TableDraft(nn.Module):
+    """A deep draft that proposes given layers ``[B, L, C]`` whatever the prefix (an oracle when they are main's);
+    ``calls`` records the number of decided layers at every call."""
+
+    deep = True
+    first_layer = 1
+
+    def __init__(self, layers: Tensor, levels: int = 7) -> None:
+        super().__init__()
+        self.register_buffer("table", layers.clone())
+        self.levels = levels
+        self.calls: list[int] = []
+
+    def forward(self, hidden: Tensor, prefix: Tensor, num: int | None = None) -> Tensor:
+        m = prefix.shape[1]
+        num = self.table.shape[1] - m if num is None else num
+        self.calls.append(m)
+        return F.one_hot(self.table[:, m : m + num], self.levels).float() * 10.0
+
+
 def shift_codes(tokens: Tensor, levels: int = 7) -> Tensor:
     """Every code moved one level (so no code equals the original): an adversarial draft."""
     return (tokens + 1) % levels

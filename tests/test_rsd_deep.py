@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from rsd_helpers import shift_codes, tiny_main
+from rsd_helpers import TableDraft, shift_codes, tiny_main
 
 from rsd.action_space import ActionSpace
 from rsd.config import RSDConfig
@@ -41,24 +40,6 @@ def tokenizer():
 
 def _prefix(seed: int, b: int, p: int = 6, hidden: int = 32) -> torch.Tensor:
     return torch.randn(b, p, hidden, generator=torch.Generator().manual_seed(seed))
-
-
-class TableDraft(torch.nn.Module):
-    """A deep draft that proposes given layers ``[B, L, C]`` whatever the prefix (an oracle when they are main's)."""
-
-    deep = True
-    first_layer = 1
-
-    def __init__(self, layers: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("table", layers.clone())
-        self.calls: list[int] = []
-
-    def forward(self, hidden, prefix, num=None):
-        m = prefix.shape[1]
-        num = L - m if num is None else num
-        self.calls.append(m)
-        return F.one_hot(self.table[:, m : m + num], 7).float() * 10.0
 
 
 def _engine(main, layers, **cfg) -> tuple[SpeculativeDecoder, TableDraft]:

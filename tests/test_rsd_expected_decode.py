@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from rsd_helpers import shift_codes, tiny_main
+from rsd_helpers import TableDraft, shift_codes, tiny_main
 
 from rsd.config import RSDConfig, RSDConfigError
 from rsd.engine import SpeculativeDecoder
@@ -29,22 +29,6 @@ def tokenizer():
     ae = RFSQAutoencoder(RFSQConfig(hidden_dim=32)).eval()
     q01 = np.array([-0.9, -0.9, -0.9, -0.1, -0.1, -0.2, -1.0])
     return RFSQTokenizer(ae, ActionNormalizer(q01=q01, q99=-q01))
-
-
-class TableDraft(torch.nn.Module):
-    """A deep draft proposing given layers ``[B, L, C]`` whatever the prefix."""
-
-    deep = True
-    first_layer = 1
-
-    def __init__(self, layers: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("table", layers.clone())
-
-    def forward(self, hidden, prefix, num=None):
-        m = prefix.shape[1]
-        num = L - m if num is None else num
-        return F.one_hot(self.table[:, m : m + num], 7).float() * 10.0
 
 
 def _prefix(seed: int, b: int, p: int = 6, hidden: int = 32) -> torch.Tensor:
