@@ -9,7 +9,9 @@
 #             main model's greedy layers
 #   install-> copy the trained checkpoint (released layout + rsd/) to models/checkpoints/openvla-rsd-libero-spatial
 # Usage: scripts/train_default_model.sh [all|demos|rfsq|main|draft|install] ; every stage resumes.
-# Knobs (env): SUITE, DEMOS (glob), OUT, TRIALS_PER_TASK, RFSQ_STEPS, MAIN_STEPS, DRAFT_STEPS, PRESET, DEVICE,
+# Knobs (env): SUITE, DEMOS (glob), OUT, TRIALS_PER_TASK, RFSQ_STEPS, MAIN_STEPS (one stage of N steps) or
+#              MAIN_STAGES (default "5000 10000": 5000 steps, then resumed to 10000 with a longer cosine, as the
+#              shipped checkpoint was trained), DRAFT_STEPS, PRESET, DEVICE,
 #              INIT (a released-format OpenVLA dir to fine-tune instead of a fresh PRESET backbone, e.g. 7B on a GPU;
 #                    or an OpenVLA-OFT dir, e.g. the seeds' openvla-7b-oft-finetuned-libero-spatial: told apart by its
 #                    action_head--*_checkpoint file, its backbone and (PROPRIO=1) proprio projector initialise the
@@ -42,11 +44,17 @@ run_rfsq() {
 run_main() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
   local inputs=(); [ "${PROPRIO:-1}" = 1 ] && inputs+=(--proprio); [ "${WRIST:-1}" = 1 ] && inputs+=(--wrist)
-  $py -m rsd.train_vla main --demos "$DEMOS" --rfsq "$OUT/rfsq" --out "$OUT/model" --preset "$PRESET" \
-    --steps "${MAIN_STEPS:-5000}" --batch-size "${BATCH:-32}" --ema "${EMA:-0.999}" --device "$DEVICE" \
-    --threads "${THREADS:-0}" --layer-weights "${LAYER_WEIGHTS-8,4,4,2,1,0.5,0.5,0.5}" \
-    --eval-every 1000 --resume \
-    "${init[@]}" "${inputs[@]}"
+  # MAIN_STAGES: the run's step targets in order; each later target resumes the previous stage's state with a
+  # longer cosine (the LR jumps back to the new schedule's value at that step: a warm restart). MAIN_STEPS=N is
+  # one stage of N steps. A stage already reached is a no-op, so the whole list resumes like any other stage.
+  local stages="${MAIN_STEPS:-${MAIN_STAGES:-5000 10000}}"
+  for steps in $stages; do
+    $py -m rsd.train_vla main --demos "$DEMOS" --rfsq "$OUT/rfsq" --out "$OUT/model" --preset "$PRESET" \
+      --steps "$steps" --batch-size "${BATCH:-32}" --ema "${EMA:-0.999}" --device "$DEVICE" \
+      --threads "${THREADS:-0}" --layer-weights "${LAYER_WEIGHTS-8,4,4,2,1,0.5,0.5,0.5}" \
+      --eval-every 1000 --resume \
+      "${init[@]}" "${inputs[@]}"
+  done
 }
 run_draft() {
   $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-3000}" --device "$DEVICE" \
