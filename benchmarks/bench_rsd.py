@@ -134,8 +134,10 @@ def run_configs(model, configs: dict[str, RSDConfig], prefixes: list, warm: int,
 
 def action_decode_errors(model, res: dict[str, dict], expert: np.ndarray | None) -> dict[str, float]:
     """Mean abs error against the expert's chunks of the greedy and the ``expected`` action decode (main's
-    per-layer code distributions, RSDConfig.action_decode), for main-only and RSD exact, which must agree."""
-    if expert is None:
+    per-layer code distributions, RSDConfig.action_decode), for main-only and RSD exact, which must agree. Frames
+    whose expert chunk is unknown (NaN in the frames file) are left out."""
+    ok = None if expert is None else ~np.isnan(expert).any(axis=(1, 2))
+    if ok is None or not ok.any():
         return {}
     tok = model.tokenizer
     out = {}
@@ -143,8 +145,8 @@ def action_decode_errors(model, res: dict[str, dict], expert: np.ndarray | None)
         layers, logits = res[name]["layers"], res[name]["logits"]
         greedy = tok.decode(tok.layers_to_tokens(layers)).numpy()
         expected = tok.decode_expected(logits.softmax(-1)).numpy()
-        out[f"{key}_greedy_action_mae"] = float(np.abs(greedy - expert).mean())
-        out[f"{key}_expected_action_mae"] = float(np.abs(expected - expert).mean())
+        out[f"{key}_greedy_action_mae"] = float(np.abs(greedy - expert)[ok].mean())
+        out[f"{key}_expected_action_mae"] = float(np.abs(expected - expert)[ok].mean())
     out["expected_to_greedy_action_mae_ratio"] = out["exact_expected_action_mae"] / out["exact_greedy_action_mae"]
     return out
 
