@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rsd.layer_head import RFSQLayerHeadModel
+from rsd.normalization import ActionNormalizer
+from rsd.rfsq import RFSQAutoencoder, RFSQConfig, RFSQTokenizer
 
 
 def tiny_main(
@@ -78,6 +81,19 @@ class TableDraft(nn.Module):
         num = self.table.shape[1] - m if num is None else num
         self.calls.append(m)
         return F.one_hot(self.table[:, m : m + num], self.levels).float() * 10.0
+
+
+def random_prefix(seed: int, b: int, p: int = 6, hidden: int = 32) -> Tensor:
+    """A batch of random prefix embeddings ``[b, p, hidden]`` (what the VLA's image + prompt would be)."""
+    return torch.randn(b, p, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_tokenizer() -> RFSQTokenizer:
+    """An untrained RFSQ tokenizer (random encoder/decoder, LIBERO-like action bounds)."""
+    torch.manual_seed(0)
+    ae = RFSQAutoencoder(RFSQConfig(hidden_dim=32)).eval()
+    q01 = np.array([-0.9, -0.9, -0.9, -0.1, -0.1, -0.2, -1.0])
+    return RFSQTokenizer(ae, ActionNormalizer(q01=q01, q99=-q01))
 
 
 def shift_codes(tokens: Tensor, levels: int = 7) -> Tensor:

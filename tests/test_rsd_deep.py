@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rsd_helpers import TableDraft, shift_codes, tiny_main
+from rsd_helpers import TableDraft, random_prefix, shift_codes, tiny_main, tiny_tokenizer
 
 from rsd.action_space import ActionSpace
 from rsd.config import RSDConfig
@@ -18,8 +18,6 @@ from rsd.draft import (
     train_deep_draft,
 )
 from rsd.engine import CostModel, SpeculativeDecoder
-from rsd.normalization import ActionNormalizer
-from rsd.rfsq import RFSQAutoencoder, RFSQConfig, RFSQTokenizer
 
 torch.set_num_threads(1)
 L = 8
@@ -32,14 +30,7 @@ def main():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    torch.manual_seed(0)
-    ae = RFSQAutoencoder(RFSQConfig(hidden_dim=32)).eval()
-    q01 = np.array([-0.9, -0.9, -0.9, -0.1, -0.1, -0.2, -1.0])
-    return RFSQTokenizer(ae, ActionNormalizer(q01=q01, q99=-q01))
-
-
-def _prefix(seed: int, b: int, p: int = 6, hidden: int = 32) -> torch.Tensor:
-    return torch.randn(b, p, hidden, generator=torch.Generator().manual_seed(seed))
+    return tiny_tokenizer()
 
 
 def _engine(main, layers, **cfg) -> tuple[SpeculativeDecoder, TableDraft]:
@@ -50,7 +41,7 @@ def _engine(main, layers, **cfg) -> tuple[SpeculativeDecoder, TableDraft]:
 
 
 def test_oracle_deep_draft_decodes_chunk_in_one_pass(main):
-    x = _prefix(0, 3)
+    x = random_prefix(0, 3)
     greedy = main.decode_greedy(x)
     eng, draft = _engine(main, greedy)
     tokens, stats = eng.generate(x)
@@ -61,8 +52,8 @@ def test_oracle_deep_draft_decodes_chunk_in_one_pass(main):
     assert draft.calls == [1]
 
 
-def test_rejection_speculates_again_from_the_repaired_prefix(main):
-    x = _prefix(1, 1)
+def test_rejection_speculates_again_from_the_repairedrandom_prefix(main):
+    x = random_prefix(1, 1)
     greedy = main.decode_greedy(x)
     wrong = greedy.clone()
     wrong[:, 3] = shift_codes(wrong[:, 3])
@@ -77,7 +68,7 @@ def test_rejection_speculates_again_from_the_repaired_prefix(main):
 
 def test_jacobi_rounds_reuse_main_logits_instead_of_the_draft(main):
     """After a rejection, layers past it are re-proposed from main's own logits of that pass: no draft call."""
-    x = _prefix(1, 2)
+    x = random_prefix(1, 2)
     greedy = main.decode_greedy(x)
     eng, draft = _engine(main, shift_codes(greedy), jacobi=True)
     tokens, stats = eng.generate(x)
@@ -92,7 +83,7 @@ def test_jacobi_rounds_reuse_main_logits_instead_of_the_draft(main):
 
 
 def test_adversarial_deep_draft_never_needs_more_passes_than_main_only(main):
-    x = _prefix(2, 2)
+    x = random_prefix(2, 2)
     greedy = main.decode_greedy(x)
     eng, _ = _engine(main, shift_codes(greedy), jacobi=False)
     tokens, stats = eng.generate(x)
@@ -102,7 +93,7 @@ def test_adversarial_deep_draft_never_needs_more_passes_than_main_only(main):
 
 
 def test_deep_draft_batch_with_different_prefixes_is_exact(main):
-    x = _prefix(3, 4)
+    x = random_prefix(3, 4)
     greedy = main.decode_greedy(x)
     table = greedy.clone()
     table[1, 2] = shift_codes(table[1, 2])
@@ -118,7 +109,7 @@ def test_deep_draft_batch_with_different_prefixes_is_exact(main):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
 def test_fixed_depth_rounds(main, k):
-    x = _prefix(4, 2)
+    x = random_prefix(4, 2)
     greedy = main.decode_greedy(x)
     eng, _ = _engine(main, greedy, draft_layers=k)
     tokens, stats = eng.generate(x)
@@ -128,7 +119,7 @@ def test_fixed_depth_rounds(main, k):
 
 
 def test_sampling_mode_with_deep_draft_runs_and_accepts_oracle(main):
-    x = _prefix(5, 2)
+    x = random_prefix(5, 2)
     eng, _ = _engine(main, main.decode_greedy(x), mode="sampling", seed=3)
     tokens, stats = eng.generate(x)
     assert tokens.shape == (2, L, 128) and int(tokens.max()) < 7 and stats.main_passes <= L - 1
@@ -136,7 +127,7 @@ def test_sampling_mode_with_deep_draft_runs_and_accepts_oracle(main):
 
 @pytest.mark.parametrize("depth", [1, 3, 8])
 def test_truncated_main_only_decodes_first_layers(main, depth):
-    x = _prefix(6, 2)
+    x = random_prefix(6, 2)
     greedy = main.decode_greedy(x)
     eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, decode_layers=depth))
     tokens, stats = eng.generate(x)
@@ -149,7 +140,7 @@ def test_truncated_main_only_decodes_first_layers(main, depth):
 
 
 def test_truncated_decode_uses_that_many_layers(main, tokenizer):
-    x = _prefix(7, 2)
+    x = random_prefix(7, 2)
     eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, decode_layers=3, action_decode="greedy"),
                              tokenizer=tokenizer)
     tokens, _ = eng.generate(x)
@@ -157,7 +148,7 @@ def test_truncated_decode_uses_that_many_layers(main, tokenizer):
 
 
 def test_relaxed_action_zero_tolerance_is_exact_and_infinite_accepts_all(main, tokenizer):
-    x = _prefix(8, 3)
+    x = random_prefix(8, 3)
     greedy = main.decode_greedy(x)
     noisy = shift_codes(greedy)
     eng0 = SpeculativeDecoder(main, TableDraft(noisy), RSDConfig(mode="relaxed-action", adaptive=False,
@@ -177,7 +168,7 @@ def test_relaxed_action_zero_tolerance_is_exact_and_infinite_accepts_all(main, t
 
 def test_relaxed_action_bounds_each_kept_layer(main, tokenizer):
     """Every kept drafted layer moved the chunk by at most eps against main's choice for it (checked directly)."""
-    x = _prefix(9, 4)
+    x = random_prefix(9, 4)
     greedy = main.decode_greedy(x)
     g = torch.Generator().manual_seed(0)
     noisy = torch.where(torch.rand(greedy.shape, generator=g) < 0.05, shift_codes(greedy), greedy)
@@ -236,7 +227,7 @@ def _fixed_costs(eng: SpeculativeDecoder) -> None:
 
 
 def test_adaptive_falls_back_to_main_only_for_a_useless_draft(main):
-    x = _prefix(10, 1)
+    x = random_prefix(10, 1)
     greedy = main.decode_greedy(x)
     eng, draft = _engine(main, shift_codes(greedy), adaptive=True, probe_every=0, jacobi=False)
     _fixed_costs(eng)
@@ -252,7 +243,7 @@ def test_adaptive_falls_back_to_main_only_for_a_useless_draft(main):
 
 
 def test_calibrate_measures_every_pass_width(main):
-    x = _prefix(11, 1)
+    x = random_prefix(11, 1)
     eng, _ = _engine(main, main.decode_greedy(x))
     costs = eng.calibrate(x, reps=2)
     assert set(costs) == {"prefill_ms", "draft_ms"} | {f"pass{n}_ms" for n in range(1, L)}

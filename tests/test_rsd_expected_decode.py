@@ -3,16 +3,13 @@ turned into a chunk through the expected RFSQ latent."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from rsd_helpers import TableDraft, shift_codes, tiny_main
+from rsd_helpers import TableDraft, random_prefix, shift_codes, tiny_main, tiny_tokenizer
 
 from rsd.config import RSDConfig, RSDConfigError
 from rsd.engine import SpeculativeDecoder
-from rsd.normalization import ActionNormalizer
-from rsd.rfsq import RFSQAutoencoder, RFSQConfig, RFSQTokenizer
 
 torch.set_num_threads(1)
 L = 8
@@ -25,14 +22,7 @@ def main():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    torch.manual_seed(0)
-    ae = RFSQAutoencoder(RFSQConfig(hidden_dim=32)).eval()
-    q01 = np.array([-0.9, -0.9, -0.9, -0.1, -0.1, -0.2, -1.0])
-    return RFSQTokenizer(ae, ActionNormalizer(q01=q01, q99=-q01))
-
-
-def _prefix(seed: int, b: int, p: int = 6, hidden: int = 32) -> torch.Tensor:
-    return torch.randn(b, p, hidden, generator=torch.Generator().manual_seed(seed))
+    return tiny_tokenizer()
 
 
 def _teacher_forced(main, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -52,8 +42,8 @@ def _tables(greedy: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("table", ["oracle", "adversarial", "ragged"])
 @pytest.mark.parametrize("jacobi", [True, False])
 @pytest.mark.parametrize("max_rounds", [0, 1])
-def test_recorded_logits_are_mains_on_the_decided_prefix(main, table, jacobi, max_rounds):
-    x = _prefix(1, 4)
+def test_recorded_logits_are_mains_on_the_decidedrandom_prefix(main, table, jacobi, max_rounds):
+    x = random_prefix(1, 4)
     greedy = main.decode_greedy(x)
     eng = SpeculativeDecoder(main, TableDraft(_tables(greedy)[table]),
                              RSDConfig(mode="exact", adaptive=False, jacobi=jacobi, max_rounds=max_rounds))
@@ -64,7 +54,7 @@ def test_recorded_logits_are_mains_on_the_decided_prefix(main, table, jacobi, ma
 
 
 def test_main_only_records_the_same_logits_as_exact_rsd(main):
-    x = _prefix(2, 3)
+    x = random_prefix(2, 3)
     greedy = main.decode_greedy(x)
     only = SpeculativeDecoder(main, None, RSDConfig(enabled=False))
     rsd = SpeculativeDecoder(main, TableDraft(_tables(greedy)["ragged"]), RSDConfig(mode="exact", adaptive=False))
@@ -76,7 +66,7 @@ def test_main_only_records_the_same_logits_as_exact_rsd(main):
 def test_relaxed_mode_records_mains_logits_on_the_accepted_drafts(main):
     """Lossy acceptance keeps drafted codes that are not main's argmax; the distributions are still main's,
     given the codes actually decided."""
-    x = _prefix(3, 2)
+    x = random_prefix(3, 2)
     noisy = shift_codes(main.decode_greedy(x))
     eng = SpeculativeDecoder(main, TableDraft(noisy), RSDConfig(mode="relaxed", relaxed_r=1, relaxed_tau=0.5,
                                                                  adaptive=False))
@@ -131,7 +121,7 @@ def test_action_decode_setting_is_checked_at_start_up():
 
 
 def test_engine_decodes_the_configured_way(main, tokenizer):
-    x = _prefix(4, 2)
+    x = random_prefix(4, 2)
     greedy_eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False, action_decode="greedy"), tokenizer=tokenizer)
     exp_eng = SpeculativeDecoder(main, None, RSDConfig(enabled=False), tokenizer=tokenizer)  # the default
     tokens, stats = exp_eng.generate(x)
