@@ -11,6 +11,11 @@ extra=("$@"); [ ${#extra[@]} -gt 0 ] || extra=(--trials 1 --tasks 0,1)
 port="${DEMO_PORT:-5555}"
 out=artifacts/demo
 mkdir -p "$out"
+# every demo is a fresh evaluation: an earlier run's results are kept beside it, not continued or refused
+if [ -e "$out/results.json" ]; then
+  prev="$out/results.$(date -r "$out/results.json" +%Y%m%d-%H%M%S).json"
+  mv "$out/results.json" "$prev" && echo "[demo] the previous results moved to $prev"
+fi
 
 ./run_inference_server.sh --port "$port" > "$out/server.log" 2>&1 &
 server_pid=$!
