@@ -162,7 +162,7 @@ def decode(model: nn.Module, prefixes: list[Prefix]) -> dict[str, Any]:
 
     layers = torch.cat([model.main.decode_greedy(e, m) for e, m in prefixes])
     logits = teacher_forced_logits(model, prefixes, layers).float()
-    return {"layers": layers, "actions": chunk_actions_from_tokens(model, layers),
+    return {"layers": layers, "logits": logits, "actions": chunk_actions_from_tokens(model, layers),
             "expected": model.tokenizer.decode_expected(logits.softmax(-1)).numpy()}
 
 
@@ -239,10 +239,9 @@ def clip_profile(model: nn.Module, prefixes: list[Prefix]) -> dict[str, dict[str
 
 def fp_reference(data: BenchData) -> dict[str, Any]:
     """FP greedy layers and actions, teacher-forced argmax and logit margins."""
-    ref = decode(data.model, data.evals)
-    logits = teacher_forced_logits(data.model, data.evals, ref["layers"])
-    ref["tf_argmax"] = logits.argmax(-1)
-    ref["margin"] = margin_of(logits)
+    ref = decode(data.model, data.evals)  # its logits are FP's teacher forced on FP's own layers
+    ref["tf_argmax"] = ref["logits"].argmax(-1)
+    ref["margin"] = margin_of(ref["logits"])
     return ref
 
 
