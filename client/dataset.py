@@ -41,6 +41,11 @@ STORE_RES = 128  # stored image side of rendered demonstrations
 # Optional obs dataset: the step index of each stored observation when only every k-th step was rendered
 # (``obs/*`` then has one row per frame, ``actions``/``states`` one per step). Absent = one obs per step.
 FRAME_STEPS_KEY = "frame_steps"
+# Optional obs dataset of a DAgger episode (client.libero.dagger): the scripted expert's action chunk from each stored
+# observation, [frames, H, 7]. It is the sample's target there (``actions`` holds what the *policy* executed), and
+# the group carries ``attrs[LABELS_ATTR] == EXPERT_CHUNKS_KEY``, so action-only readers skip it.
+EXPERT_CHUNKS_KEY = "expert_chunks"
+LABELS_ATTR = "labels"
 IMAGE_CONVENTION = "rotated_180"  # images as the evaluation client sends them (LIBERO's raw render is upside down)
 
 PathLike = str | Path
@@ -142,8 +147,12 @@ def load_demos(pattern: Pattern, action_dim: int = 7) -> list[Demo]:
     if (root := lerobot_root(pattern)) is not None:
         return load_lerobot_demos(root, action_dim=action_dim)
     demos: list[Demo] = []
+    labelled = 0
     for path, f, name in iter_demo_groups(pattern):
         grp = f["data"][name]
+        if is_labelled(grp):  # a DAgger episode: its actions are the policy's, not a demonstration
+            labelled += 1
+            continue
         if "actions" not in grp:
             raise ValueError(f"{path}:data/{name} has no 'actions' dataset")
         acts = np.asarray(grp["actions"][()], dtype=np.float32)
@@ -155,10 +164,18 @@ def load_demos(pattern: Pattern, action_dim: int = 7) -> list[Demo]:
         if not np.all(np.isfinite(acts)):
             raise ValueError(f"{path}:data/{name}/actions contains NaN or infinite values")
         demos.append(Demo(source=str(path), name=name, actions=acts))
+    if labelled:
+        logger.info("skipped %d expert-labelled policy episodes (their actions are the policy's)", labelled)
     if not demos:
         raise ValueError(f"no demonstrations found in {pattern!r}")
     logger.info("loaded %d demonstrations, %d actions", len(demos), sum(d.actions.shape[0] for d in demos))
     return demos
+
+
+def is_labelled(group: Any) -> bool:
+    """True for a DAgger episode (the expert's chunks in ``obs/expert_chunks`` are its targets)."""
+    value = group.attrs.get(LABELS_ATTR)
+    return (value.decode() if isinstance(value, bytes) else value) == EXPERT_CHUNKS_KEY
 
 
 def chunk_actions(actions: np.ndarray, chunk_len: int = 8, stride: int = 1) -> np.ndarray:
@@ -231,6 +248,26 @@ class DemoSamples:
             sources=self.sources,
         )
 
+    def concat(self, other: DemoSamples) -> DemoSamples:
+        """This set followed by ``other`` (its demonstrations renumbered after this set's); both must carry the same
+        inputs (wrist images, states) at the same image size."""
+        for what, a, b in (("wrist images", self.wrist_images, other.wrist_images), ("states", self.states, other.states)):
+            if (a is None) != (b is None):
+                raise ValueError(f"cannot concatenate demonstrations with and without {what}")
+        if self.images.shape[1:] != other.images.shape[1:] or self.chunks.shape[1:] != other.chunks.shape[1:]:
+            raise ValueError(f"cannot concatenate images {self.images.shape[1:]} / chunks {self.chunks.shape[1:]} "
+                             f"with {other.images.shape[1:]} / {other.chunks.shape[1:]}")
+
+        def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None or b is None else np.concatenate([a, b])
+
+        return DemoSamples(images=np.concatenate([self.images, other.images]),
+                           wrist_images=cat(self.wrist_images, other.wrist_images), states=cat(self.states, other.states),
+                           chunks=np.concatenate([self.chunks, other.chunks]),
+                           instructions=[*self.instructions, *other.instructions],
+                           demo_of=np.concatenate([self.demo_of, other.demo_of + len(self.instructions)]),
+                           sources=[*self.sources, *other.sources])
+
     def split_by_demo(self, heldout_frac: float, seed: int) -> tuple[DemoSamples, DemoSamples]:
         """Hold out whole demonstrations, stratified by instruction (every task keeps training data)."""
         rng = np.random.default_rng(seed)
@@ -285,11 +322,19 @@ def load_samples(pattern: Pattern, chunk_len: int = 8, image_key: str = IMAGE_KE
             actions = actions[:n_steps]
             steps = np.arange(n_steps)
         img = img[:n_steps]
+        if is_labelled(g):  # DAgger: the expert's chunk from each stored state is the target
+            labels = np.asarray(obs[EXPERT_CHUNKS_KEY], dtype=np.float32)
+            if labels.ndim != 3 or len(labels) != len(img) or labels.shape[1] < chunk_len or labels.shape[2] != 7:
+                raise ValueError(f"{path}:{name}: {EXPERT_CHUNKS_KEY} has shape {labels.shape}, need "
+                                 f"({len(img)}, >= {chunk_len}, 7)")
+            chunk = labels[:, :chunk_len]
+        else:
+            chunk = chunk_actions(actions, chunk_len)[steps]
         d = len(instructions)
         instructions.append(_require_instruction(f, name))
         sources.append(f"{Path(path).name}:{name}")
         images.append(img)
-        chunks.append(chunk_actions(actions, chunk_len)[steps])
+        chunks.append(chunk)
         demo_of.append(np.full(n_steps, d, dtype=np.int64))
         have_wrist = have_wrist and wrist_key in obs
         have_state = have_state and state_key in obs
@@ -311,6 +356,18 @@ def load_samples(pattern: Pattern, chunk_len: int = 8, image_key: str = IMAGE_KE
     logger.info("loaded %d samples from %d demonstrations in %d files (%d tasks)", len(samples),
                 len(instructions), len(files), len(set(instructions)))
     return samples
+
+
+def add_extra_samples(train: DemoSamples, pattern: Pattern | None, chunk_len: int) -> DemoSamples:
+    """``train`` followed by every sample of ``pattern`` (the trainers' ``--extra-demos``): DAgger episodes
+    (:mod:`client.libero.dagger`) or any other data that trains but is never held out and never changes the
+    statistics, so a run with them keeps the held-out split and normalisation of the run without them."""
+    if not pattern:
+        return train
+    extra = load_samples(pattern, chunk_len=chunk_len)
+    logger.info("--extra-demos: %d samples from %d episodes added to the %d training samples", len(extra),
+                len(extra.instructions), len(train))
+    return train.concat(extra)
 
 
 def random_crop(images: np.ndarray, area: float, rng: np.random.Generator) -> np.ndarray:
@@ -464,6 +521,12 @@ def write_demo_group(f: Any, task: Any, demo_index: int, init_index: int, action
         o.create_dataset("ee_states", data=np.concatenate([rec["ee_pos"], rec["ee_ori"]], 1).astype(np.float32), **gz)
         if "frame_steps" in rec:  # observations at these steps only (render_demos --frame-every)
             o.create_dataset(FRAME_STEPS_KEY, data=np.asarray(rec["frame_steps"], np.int32))
+        if EXPERT_CHUNKS_KEY in rec:  # a DAgger episode (write_labelled_episode)
+            o.create_dataset(EXPERT_CHUNKS_KEY, data=np.asarray(rec[EXPERT_CHUNKS_KEY], np.float32), **gz)
+            o.create_dataset("expert_phases", data=np.asarray(rec["phases"], dtype="S16"))
+            o.create_dataset("executed_expert", data=np.asarray(rec["executed_expert"], np.uint8))
+            g.attrs[LABELS_ATTR] = EXPERT_CHUNKS_KEY
+            data.attrs["source"] = "client.libero.dagger: policy episode, scripted-expert chunk per query"
         g.attrs["num_samples"] = int(len(actions))
         g.attrs["init_state_index"] = int(init_index)
         g.attrs["seed"] = int(seed)
@@ -476,6 +539,22 @@ def write_demo_group(f: Any, task: Any, demo_index: int, init_index: int, action
         demos = [k for k in data if k.startswith("demo_")]
         data.attrs["num_demos"] = len(demos)
         data.attrs["total"] = int(sum(data[k].attrs["num_samples"] for k in demos))
+
+
+def write_labelled_episode(path: PathLike, task: Any, trial: int, init_index: int, actions: np.ndarray,
+                           rec: dict[str, Any], seed: int, **info: Any) -> Path:
+    """One DAgger episode (:mod:`client.libero.dagger`) as its own file, ``data/demo_0``: the policy's executed
+    ``actions``, the queried observations and ``rec[EXPERT_CHUNKS_KEY]``. Written to a temporary name and renamed,
+    so a worker killed mid-write leaves no half file; ``info`` (success, mix, ...) goes to ``expert_params``."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write_demo_group(h5py.File(tmp, "w"), task, 0, init_index, actions, rec, env_args={},
+                     params={"trial": int(trial), **info}, seed=seed)
+    os.replace(tmp, path)
+    return path
 
 
 def recorded_init_states(path: PathLike) -> set[int]:

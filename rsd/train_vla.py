@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client.dataset import DemoSamples, load_samples, random_crop
+from client.dataset import DemoSamples, add_extra_samples, load_samples, random_crop
 from models.common import scale, training
 from models.openvla.tiny import PRESETS
 from rsd.vla import OpenVLARSD, VLARSDConfig, load_openvla_rsd
@@ -307,7 +307,8 @@ def train_main(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     samples = load_samples(args.demos, max_demos_per_task=args.max_demos_per_task)
-    train, held = samples.split_by_demo(args.heldout_frac, args.seed)
+    expert_train, held = samples.split_by_demo(args.heldout_frac, args.seed)
+    train = add_extra_samples(expert_train, args.extra_demos, samples.chunks.shape[1])
     tokenizer = RFSQTokenizer.from_pretrained(args.rfsq)
     train_layers = _tokens_for(train, tokenizer)
     held_layers = _tokens_for(held, tokenizer) if len(held) else torch.zeros(0, 8, 128, dtype=torch.long)
@@ -320,7 +321,7 @@ def train_main(args: argparse.Namespace) -> dict:
     _check_inputs(cfg, samples, "main")
     if cfg.use_proprio:
         cfg.proprio_dim = int(train.states.shape[1])
-        cfg.proprio_mean, cfg.proprio_std = _proprio_stats(train.states)
+        cfg.proprio_mean, cfg.proprio_std = _proprio_stats(expert_train.states)
     model = OpenVLARSD(backbone, cfg).to(args.device)
     init_record = _init_from_oft(model, oft_init) if oft_init is not None else None
     model.tokenizer = tokenizer
@@ -418,6 +419,7 @@ def train_draft_stage(args: argparse.Namespace) -> dict:
     train, held = samples.split_by_demo(args.heldout_frac, args.seed)
     if not len(held):
         raise SystemExit("draft: no held-out demonstrations (raise --heldout-frac or add demonstrations)")
+    train = add_extra_samples(train, args.extra_demos, samples.chunks.shape[1])
     h_train, t_train, j_train = _distillation_set(model, train, args.max_samples, 64, args.seed)
     h_held, t_held, _ = _distillation_set(model, held, max(256, args.max_samples // 8), 64, args.seed)
     tcfg = DraftTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -459,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--demos", required=True, help="glob of LIBERO-layout HDF5 files with images")
+    common.add_argument("--extra-demos", default=None,
+                        help="glob of more episodes for the training split only (never held out, not in the "
+                             "statistics): DAgger episodes written by run_libero_eval.sh --expert-labels")
     common.add_argument("--device", default="cpu")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")

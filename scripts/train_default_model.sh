@@ -7,8 +7,11 @@
 #             -> RFSQ layers
 #   draft  -> the deep draft (sized from the main model; proposes any remaining layers), distilled from the frozen
 #             main model's greedy layers
+#   dagger -> one DAgger round: scripts/collect_dagger.sh runs the trained model on LIBERO (trials 10-29 of every
+#             task) recording the scripted expert's chunk from every state it reaches, then main resumes to
+#             DAGGER_STAGES with those episodes as --extra-demos, and the draft is distilled again  [docs/dagger.md]
 #   install-> copy the trained checkpoint (released layout + rsd/) to models/checkpoints/openvla-rsd-libero-spatial
-# Usage: scripts/train_default_model.sh [all|demos|rfsq|main|draft|install] ; every stage resumes.
+# Usage: scripts/train_default_model.sh [all|demos|rfsq|main|draft|dagger|install] ; every stage resumes.
 # Knobs (env): SUITE, DEMOS (glob), OUT, TRIALS_PER_TASK, RFSQ_STEPS, MAIN_STEPS (one stage of N steps) or
 #              MAIN_STAGES (default "5000 10000": 5000 steps, then resumed to 10000 with a longer cosine, as the
 #              shipped checkpoint was trained), DRAFT_STEPS, PRESET, DEVICE,
@@ -22,6 +25,10 @@
 #              PROPRIO=1|0 (main --proprio: the normalised 8-D state as one extra prefix token; default 1),
 #              WRIST=1|0 (main --wrist: the wrist camera's patches after the agent view's; default 1).
 #              PROPRIO/WRIST change the model's inputs: --resume only continues a train_state made with the same ones.
+#              EXTRA_DEMOS (glob: main/draft --extra-demos, training split only; e.g. the DAgger episodes of
+#                    run_libero_eval.sh --expert-labels DIR: 'DIR/*.hdf5'; see docs/dagger.md),
+#              DAGGER_DIR (default $OUT/dagger), DAGGER_STAGES (main's step target(s) with the DAgger episodes,
+#                    default "14000"), TRIALS / FIRST_TRIAL / WORKERS (scripts/collect_dagger.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
@@ -44,6 +51,7 @@ run_rfsq() {
 run_main() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
   local inputs=(); [ "${PROPRIO:-1}" = 1 ] && inputs+=(--proprio); [ "${WRIST:-1}" = 1 ] && inputs+=(--wrist)
+  [ -n "${EXTRA_DEMOS:-}" ] && inputs+=(--extra-demos "$EXTRA_DEMOS")
   # MAIN_STAGES: the run's step targets in order; each later target resumes the previous stage's state with a
   # longer cosine (the LR jumps back to the new schedule's value at that step: a warm restart). MAIN_STEPS=N is
   # one stage of N steps. A stage already reached is a no-op, so the whole list resumes like any other stage.
@@ -57,9 +65,20 @@ run_main() {
   done
 }
 run_draft() {
+  local extra=(); [ -n "${EXTRA_DEMOS:-}" ] && extra=(--extra-demos "$EXTRA_DEMOS")
   $py -m rsd.train_vla draft --model "$OUT/model" --demos "$DEMOS" --steps "${DRAFT_STEPS:-3000}" --device "$DEVICE" \
-    --threads "${THREADS:-0}" \
+    --threads "${THREADS:-0}" "${extra[@]}" \
     --kind deep --save-dtype float16
+}
+run_dagger() {
+  local dir="${DAGGER_DIR:-$OUT/dagger}"
+  # the episodes come from the model as it was before this round: a finished collection is never redone
+  if [ ! -f "$dir/collected" ]; then
+    scripts/collect_dagger.sh "$OUT/model" "$dir"
+    touch "$dir/collected"
+  fi
+  EXTRA_DEMOS="$dir/labels/*.hdf5" MAIN_STEPS="${DAGGER_STAGES:-14000}" run_main
+  EXTRA_DEMOS="$dir/labels/*.hdf5" run_draft
 }
 run_install() {
   rm -rf "$INSTALL_DIR.tmp" && mkdir -p "$INSTALL_DIR.tmp"
@@ -71,7 +90,8 @@ run_install() {
   du -sh "$INSTALL_DIR"
 }
 case "$stage" in
-  demos) run_demos ;; rfsq) run_rfsq ;; main) run_main ;; draft) run_draft ;; install) run_install ;;
-  all) run_demos; run_rfsq; run_main; run_draft; run_install ;;
-  *) echo "usage: $0 [all|demos|rfsq|main|draft|install]" >&2; exit 2 ;;
+  demos) run_demos ;; rfsq) run_rfsq ;; main) run_main ;; draft) run_draft ;; dagger) run_dagger ;;
+  install) run_install ;;
+  all) run_demos; run_rfsq; run_main; run_draft; run_dagger; run_install ;;
+  *) echo "usage: $0 [all|demos|rfsq|main|draft|dagger|install]" >&2; exit 2 ;;
 esac

@@ -6,7 +6,8 @@
 #   install -> re-save OUT as float16 shards (the loader casts back to float32) into the checkpoint folder
 # Usage: scripts/train_gr00t_model.sh [all|demos|train|install]
 # Knobs (env): DEMOS (glob of LIBERO-layout HDF5 with both cameras + state_8d; render them with
-#              scripts/render_demos.sh), OUT, STEPS, BATCH, LR, EMA, DEVICE, THREADS, PRESET, INIT
+#              scripts/render_demos.sh), OUT, STEPS, BATCH, LR, EMA, DEVICE, THREADS, PRESET, INIT,
+#              EXTRA_DEMOS (glob: --extra-demos, training split only, e.g. DAgger episodes; docs/dagger.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
@@ -17,6 +18,7 @@ py=.venv/bin/python
 
 run_train() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
+  [ -n "${EXTRA_DEMOS:-}" ] && init+=(--extra-demos "$EXTRA_DEMOS")
   $py -m models.gr00t.train --demos "$DEMOS" --out "$OUT" --preset "${PRESET:-tiny}" --steps "${STEPS:-6000}" \
     --batch-size "${BATCH:-16}" --lr "${LR:-3e-4}" --ema "${EMA:-0.999}" --denoising-steps 8 \
     --device "${DEVICE:-cpu}" --threads "${THREADS:-0}" --eval-every "${EVAL_EVERY:-1000}" --resume "${init[@]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,3 +214,50 @@ def test_dataset_attrs_reads_the_file_level_attributes(tmp_path) -> None:
     path = write_action_demos(tmp_path / "s.hdf5", [np.zeros((5, 7))], {"synthetic": True, "seed": 3})
     attrs = dataset_attrs(path)
     assert bool(attrs["synthetic"]) and int(attrs["seed"]) == 3 and int(attrs["total"]) == 5
+
+
+def _labelled(path: Path, seed: int, horizon: int = 16) -> tuple[dict, np.ndarray]:
+    """A DAgger episode as client.libero.dagger writes it: 13 executed policy steps, queried at steps 0, 4, 8."""
+    full = _recording(13, seed=seed, res=16)
+    steps = np.array([0, 4, 8])
+    rec = {k: (v[steps] if k in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states",
+                                 "joint_states", "state_8d") else v) for k, v in full.items()}
+    labels = np.random.default_rng(seed + 100).uniform(-1, 1, (3, horizon, 7)).astype(np.float32)
+    rec.update(frame_steps=steps.astype(np.int32), expert_chunks=labels, phases=["approach", "descend", "grasp"],
+               executed_expert=np.array([False, True, False]))
+    dataset.write_labelled_episode(path, _task(), 4, 4, full["actions"], rec, seed=7, success=False, mix=0.3)
+    return full, labels
+
+
+def test_labelled_episodes_train_on_the_expert_chunks(tmp_path: Path, rendered: tuple[Path, list[dict]]) -> None:
+    """A DAgger episode's samples take the expert's chunk from each queried state as their target (not the policy's
+    executed actions); action-only readers skip it; --extra-demos adds it to the training split only."""
+    path = tmp_path / "labels" / "pick_bowl_trial004.hdf5"
+    full, labels = _labelled(path, seed=5)
+    assert not path.with_name(path.name + ".tmp").exists()
+    s = dataset.load_samples(path, chunk_len=8)
+    assert len(s) == 3 and s.sources == [f"{path.name}:demo_0"]
+    np.testing.assert_array_equal(s.chunks, labels[:, :8])
+    assert not np.allclose(s.chunks, dataset.chunk_actions(full["actions"], 8)[[0, 4, 8]])
+    np.testing.assert_array_equal(s.states, full["state_8d"][[0, 4, 8]])
+    with h5py.File(path) as f:
+        g = f["data/demo_0"]
+        assert dataset.is_labelled(g) and list(g["obs/expert_phases"].asstr()[()]) == ["approach", "descend", "grasp"]
+        assert list(g["obs/executed_expert"][()]) == [0, 1, 0] and "dagger" in f["data"].attrs["source"]
+    with pytest.raises(ValueError, match="no demonstrations"):
+        dataset.load_demos(path)  # its actions are the policy's: never a demonstration for RFSQ or statistics
+    demo_path, _ = rendered
+    assert len(dataset.load_demos([demo_path, path])) == 12
+    with pytest.raises(ValueError, match="expert_chunks"):
+        dataset.load_samples(path, chunk_len=17)  # labels shorter than the chunk asked for
+
+    demos = dataset.load_samples(demo_path, chunk_len=8)
+    train, held = demos.split_by_demo(0.25, seed=0)
+    both = dataset.add_extra_samples(train, str(tmp_path / "labels" / "*.hdf5"), 8)
+    assert len(both) == len(train) + 3 and both.instructions[-1] == INSTRUCTION
+    np.testing.assert_array_equal(both.chunks[-3:], labels[:, :8])
+    assert set(both.demo_of[-3:]) == {len(train.instructions)}  # renumbered after the demonstrations
+    assert dataset.add_extra_samples(train, None, 8) is train
+    no_state = dataclasses.replace(train, states=None)
+    with pytest.raises(ValueError, match="states"):
+        no_state.concat(dataset.load_samples(path, chunk_len=8))

@@ -146,3 +146,36 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
     for f in sorted(d.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def test_extra_demos_train_only_and_leave_the_statistics(demos: str, tiny_dir: Path, tmp_path: Path) -> None:
+    """--extra-demos (DAgger episodes): their samples join the training split only; the held-out split and the
+    statistics in metadata.json are those of the demonstrations alone, though the labels lie outside their range."""
+    from types import SimpleNamespace
+
+    from client.dataset import write_labelled_episode
+
+    n, size = 6, 32
+    rng = np.random.default_rng(9)
+    img = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+    labels = np.full((n, 16, 7), 0.95, dtype=np.float32)  # x beyond the demonstrations' +-0.8
+    rec = {"agentview_rgb": img, "eye_in_hand_rgb": img, "ee_pos": np.zeros((n, 3)), "ee_ori": np.zeros((n, 3)),
+           "gripper_states": np.zeros((n, 2)), "joint_states": np.zeros((n, 7)),
+           "state_8d": rng.normal(size=(n, 8)).astype(np.float32), "states": np.zeros((4 * n, 9)),
+           "rewards": np.zeros(4 * n), "dones": np.zeros(4 * n), "success_step": None,
+           "frame_steps": np.arange(0, 4 * n, 4, dtype=np.int32), "expert_chunks": labels,
+           "phases": ["approach"] * n, "executed_expert": np.zeros(n, bool)}
+    task = SimpleNamespace(name="pick", instruction=INSTRUCTIONS[0], suite="libero_spatial", task_id=0,
+                           problem_folder="libero_spatial", bddl_file="/x/pick.bddl", init_states=np.zeros((3, 5)))
+    extra = write_labelled_episode(tmp_path / "labels" / "pick_trial010.hdf5", task, 10, 0,
+                                   rng.uniform(-1, 1, (4 * n, 7)).astype(np.float32), rec, seed=7)
+    plain, more = tmp_path / "plain", tmp_path / "more"
+    common = ("--save-every", "2", "--eval-samples", "2")
+    assert train_main(_args(demos, plain, tiny_dir, 2, *common)) == 0
+    assert train_main(_args(demos, more, tiny_dir, 2, *common, "--extra-demos", str(extra))) == 0
+    m_plain = json.loads((plain / "train_metrics.json").read_text())
+    m_more = json.loads((more / "train_metrics.json").read_text())
+    assert m_more["train_samples"] == m_plain["train_samples"] + n
+    assert m_more["heldout_samples"] == m_plain["heldout_samples"]
+    meta = [json.loads((d / "experiment_cfg" / "metadata.json").read_text()) for d in (plain, more)]
+    assert meta[0]["new_embodiment"]["statistics"] == meta[1]["new_embodiment"]["statistics"]

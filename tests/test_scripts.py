@@ -121,6 +121,22 @@ def test_run_demo_uses_the_shared_wait() -> None:
     assert "client.policy_client wait" in text and "<<" not in text
 
 
+def test_collect_dagger_refuses_bad_arguments(tmp_path: Path) -> None:
+    """scripts/collect_dagger.sh names what is wrong before it starts a server or a simulator."""
+    script = str(REPO / "scripts" / "collect_dagger.sh")
+    r = subprocess.run([script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "usage" in r.stderr and "MODEL_DIR OUT_DIR" in r.stderr
+    r = subprocess.run([script, str(tmp_path / "absent"), str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "absent is not a directory" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_train_default_model_lists_the_dagger_stage() -> None:
+    r = subprocess.run([str(REPO / "scripts" / "train_default_model.sh"), "nonsense"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "dagger" in r.stderr
+
+
 def test_server_process_captures_logs_and_writes_log_file(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with ServerProcess(log_path=log) as server:

@@ -68,6 +68,9 @@ class EvalConfig:
     port: int = setting(5555, "--port", check=in_range(1, 65535), help="policy server port")
     timeout_s: float = setting(30.0, "--timeout", check=above(0), help="per-request timeout, seconds")
     trials: int = setting(50, "--trials", check=at_least(1), help="trials (init states) per task")
+    first_trial: int = setting(0, "--first-trial", check=at_least(0),
+                               help="run trials FIRST..FIRST+TRIALS-1 (trial k starts from init state k mod the "
+                                    "task's count), e.g. --first-trial 10 keeps clear of an evaluation's trials 0-9")
     tasks: list[int] | None = setting(None, "--tasks", parse=_task_list, check=_task_ids,
                                       help="comma-separated task ids, e.g. 0,3 (default: every task of the suite)")
     seed: int = setting(DEFAULT_SEED, "--seed", help="seed of the episode initialisation")
@@ -121,6 +124,14 @@ class EvalConfig:
                               help="run the episodes as Ray tasks: 'auto' (the running cluster), 'local' (start a "
                                    "local Ray instance) or a cluster ADDRESS; needs the 'ray' extra "
                                    "(pip install '.[ray]')")
+    expert_labels: str | None = setting(None, "--expert-labels", metavar="DIR",
+                                        help="DAgger data: at every query also record the scripted expert's "
+                                             "16-step chunk from that state (computed in a physics-only copy of the "
+                                             "env; the episode itself is unchanged), one HDF5 per episode in DIR, "
+                                             "readable by the trainers' --demos (pick-and-place tasks only)")
+    expert_mix: float = setting(0.0, "--expert-mix", check=in_range(0.0, 1.0),
+                                help="with --expert-labels: the fraction of queries on which the expert's chunk is "
+                                     "executed instead of the policy's (DAgger's beta; 0 = the policy always acts)")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +160,9 @@ class EvalConfig:
                 f"expects {GR00T_IMAGE_SIZE}x{GR00T_IMAGE_SIZE} frames: use --resolution {GR00T_IMAGE_SIZE} "
                 f"(got {self.resolution})"
             )
+        if self.expert_mix > 0 and self.expert_labels is None:
+            raise EvalConfigError(f"--expert-mix {self.expert_mix:g} needs --expert-labels DIR (the expert's chunks "
+                                  "are computed only when they are recorded)")
         if self.ray is not None and self.workers > 1:
             raise EvalConfigError("--workers and --ray are exclusive: Ray schedules the episodes on its own workers "
                                   f"(got --workers {self.workers} --ray {self.ray})")

@@ -110,12 +110,14 @@ def _percentile(xs: list[float], q: float) -> float | None:
 
 
 def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
-                contract_box: dict[str, Any], gate: Any = None) -> tuple[EpisodeResult, list[np.ndarray]]:
+                contract_box: dict[str, Any], gate: Any = None,
+                labeler: Any = None) -> tuple[EpisodeResult, list[np.ndarray]]:
     """One episode; never raises for server trouble (returns an errored result instead).
 
     With a :class:`client.libero.env.CameraGate`, cameras render only on the steps whose observation is
     sent to the server (the step that empties the action queue, the last wait step); the video's camera
-    renders at every step when videos are saved.
+    renders at every step when videos are saved. With a :class:`client.libero.dagger.ExpertLabeler`
+    (``--expert-labels``), every query is also labelled with the scripted expert's chunk from that state.
     """
     from client.libero.env import extract_obs, reset_to_init
 
@@ -149,6 +151,7 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
         for i in range(cfg.num_wait_steps):
             need_images(i == cfg.num_wait_steps - 1)
             raw, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))
+        labelling = labeler is not None and labeler.begin(task, trial, init_index, cfg.seed)
         queue: list[np.ndarray] = []
         max_steps = cfg.effective_max_steps
         while steps < max_steps:
@@ -165,11 +168,15 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
                 chunk = convert_gripper(chunk, contract.gripper)
                 n = len(chunk) if contract.replan is None else min(contract.replan, len(chunk))
                 queue = list(chunk[:n])
+                if labelling and (expert := labeler.observe(env, raw, steps)) is not None:
+                    queue = list(expert[:n])  # --expert-mix: the expert acts on this query
             action = queue.pop(0)
             # the observation after this step is sent only if the queue is now empty and steps remain
             need_images(not queue and steps + 1 < max_steps)
-            raw, _, done, _ = env.step(action.astype(np.float64))
+            raw, reward, done, _ = env.step(action.astype(np.float64))
             steps += 1
+            if labelling:
+                labeler.step(env, action, reward, done)
             if done:
                 success = True
                 if cfg.save_video:
@@ -187,6 +194,8 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
         log.exception("task %d trial %d: simulator raised; counted as a failure, env will be recreated",
                       task.task_id, trial)
         contract_box["env_broken"] = True  # type: ignore[assignment]
+    if labeler is not None and labeler.active:
+        labeler.end(success, errored or contract_box.get("env_broken", False))
     ep = EpisodeResult(
         task_id=task.task_id, task_name=task.name, instruction=task.instruction, trial=trial,
         init_state_index=init_index, success=success, errored=errored, steps=steps,
@@ -228,7 +237,8 @@ def evaluate(cfg: EvalConfig) -> int:
     versions["gl_backend"] = backend
     results = ResultsFile(cfg.results_path, cfg.suite, cfg.to_dict(), versions, resume=cfg.resume)
     done_keys = results.done_keys() if cfg.resume else set()
-    todo = [(t, k) for t in task_ids for k in range(cfg.trials) if (t, k) not in done_keys]
+    trials = range(cfg.first_trial, cfg.first_trial + cfg.trials)
+    todo = [(t, k) for t in task_ids for k in trials if (t, k) not in done_keys]
     log.info("%s: %d episodes to run (%d already done), results -> %s",
              cfg.suite, len(todo), len(done_keys), cfg.results_path)
     if cfg.ray is not None or cfg.workers > 1:  # several simulators: client.libero.parallel; 1 stays this loop
@@ -240,6 +250,7 @@ def evaluate(cfg: EvalConfig) -> int:
     from tqdm import tqdm
 
     client = PolicyClient(cfg.host, cfg.port, timeout_s=cfg.timeout_s)
+    labeler = make_labeler(cfg)
     contract_box: dict[str, Any] = {}  # "c": ServerContract once known; "env_broken" after a sim exception
     bar = tqdm(total=len(todo), desc=cfg.suite, unit="ep", disable=not cfg.progress, dynamic_ncols=True)
     stopped = False
@@ -256,7 +267,7 @@ def evaluate(cfg: EvalConfig) -> int:
                 gate = None if cfg.render_all_steps else CameraGate(
                     env, always_render=("agentview",) if cfg.save_video else ())
                 current_task = task_id
-            ep, frames = run_episode(env, task, trial, cfg, client, contract_box, gate)
+            ep, frames = run_episode(env, task, trial, cfg, client, contract_box, gate, labeler)
             if cfg.save_video and frames:
                 outcome = "errored" if ep.errored else ("success" if ep.success else "failure")
                 path = cfg.videos_path / episode_video_name(task_id, task.name, trial, outcome)
@@ -274,9 +285,20 @@ def evaluate(cfg: EvalConfig) -> int:
     finally:
         bar.close()
         client.close()
+        if labeler is not None:
+            labeler.close()
         if env is not None:
             close_env(env)
     return _finish(cfg, results, stopped)
+
+
+def make_labeler(cfg: EvalConfig) -> Any:
+    """The DAgger labeler ``--expert-labels`` asks for (one per simulator process), else ``None``."""
+    if cfg.expert_labels is None:
+        return None
+    from client.libero.dagger import ExpertLabeler
+
+    return ExpertLabeler(cfg.expert_labels, mix=cfg.expert_mix, seed=cfg.seed)
 
 
 def _finish(cfg: EvalConfig, results: ResultsFile, stopped: bool) -> int:
@@ -285,6 +307,8 @@ def _finish(cfg: EvalConfig, results: ResultsFile, stopped: bool) -> int:
     print(f"results: {cfg.results_path}")
     if cfg.save_video:
         print(f"videos:  {cfg.videos_path}")
+    if cfg.expert_labels is not None:
+        print(f"expert labels (DAgger): {cfg.expert_labels}")
     return EXIT_STOPPED_ON_ERROR if stopped else EXIT_OK
 
 

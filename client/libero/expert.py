@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DOWN_QUAT = np.array([1.0, 0.0, 0.0, 0.0])
 POS_SCALE = 0.05  # OSC_POSE: action 1.0 = 5 cm position delta
 ROT_SCALE = 0.5  # OSC_POSE: action 1.0 = 0.5 rad rotation delta
+GRIPPER_OPEN_WIDTH = 0.075  # finger gap (qpos[0] - qpos[1]) below which the gripper is closing or closed
 
 
 # ----------------------------------------------------------------------------- small rotation helpers
@@ -201,6 +202,57 @@ class ScriptedExpert:
         self._grasp_offset: np.ndarray | None = None  # eef - object position at grasp time
         self._plan()
 
+    @classmethod
+    def take_over(cls, env: Any, goal: PickPlaceGoal, obs: dict[str, np.ndarray],
+                  params: ExpertParams | None = None, carry_z: float | None = None) -> ScriptedExpert:
+        """An expert that takes control in the middle of someone else's episode (a DAgger label).
+
+        Why: a policy that drifts off the demonstrations' states never saw what the expert does there, so its
+        errors compound; the expert's action from the states the policy actually visits is the correction
+        (DAgger). The phase is inferred from the state: holding the object (both finger pads touch it) ->
+        ``lift`` below the carry height, ``carry``, or ``lower`` once above the place point; not holding it ->
+        ``grasp`` at the grasp point, ``descend`` right above it, else ``approach`` (which opens the gripper
+        first, so a missed grasp is retried). For a bowl the rim point nearest the hand is grasped when the
+        hand is already close (within 8 cm), as a policy half-way through a grasp has picked its side.
+        ``carry_z``: the carry height an expert planned before anyone moved the object (the first query's plan, as
+        in a demonstration); without it the carry height is planned from the place point alone.
+        """
+        p = params or ExpertParams()
+        inner = getattr(env, "env", env)
+        eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        obj_pos = np.asarray(obs[f"{goal.obj}_pos"], dtype=np.float64)
+        off = eef[:2] - obj_pos[:2]
+        if params is None and "bowl" in goal.obj and float(np.linalg.norm(off)) < 0.08:
+            bearing = math.atan2(off[1], off[0])
+            p = ExpertParams(rim_angle=min(RIM_ANGLES, key=lambda a: abs(_wrap_pi(a - bearing))))
+        ex = cls(env, goal, p)
+        if holding(inner, goal.obj):
+            ex._grasp_offset = eef - obj_pos
+            obj_h = float(ex.obj_hi[2] - ex.obj_lo[2])
+            # the object is in the air: carry it over the place point at the demonstrations' height
+            ex.carry_z = carry_z if carry_z is not None else ex.place_obj_bottom + obj_h + p.lift_clearance
+            if np.linalg.norm(ex._place_xy(obs) - obj_pos[:2]) < 0.03:
+                # lowering corrects the remaining xy error on the way down (a carried bowl swings ~2.3 cm)
+                ex._next("lower")
+            elif eef[2] < ex.carry_z - 0.03:
+                ex._next("lift")
+            else:
+                ex._next("carry")
+            return ex
+        d = float(np.linalg.norm(eef - ex.grasp_pos))
+        d_xy = float(np.linalg.norm(eef[:2] - ex.grasp_pos[:2]))
+        dz = float(eef[2] - ex.grasp_pos[2])
+        q = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
+        width = float(q[0] - q[-1])  # Panda fingers: ~0.08 open, ~0.004 closed on nothing
+        if d < 0.02 and (width < GRIPPER_OPEN_WIDTH or d < 0.015):
+            # at the grasp point (the descent stalls ~1.2 cm above it on a bowl's rim): close, or keep closing
+            ex._next("grasp")
+            ex.phase.steps = int(np.clip((GRIPPER_OPEN_WIDTH - width) / GRIPPER_OPEN_WIDTH * 10, 0, 9))
+        elif d_xy < 0.012 and -0.01 < dz < 0.095:
+            ex._next("descend")
+            ex.phase.steps = 20  # at most 20 more steps of a stalled descent, as the demonstrations' ~40 in all
+        return ex
+
     # -- planning from the current (post-settling) state
     def _plan(self) -> None:
         p = self.params
@@ -356,6 +408,11 @@ class ScriptedExpert:
         if ph.steps > 30:
             self.done = True
         return self._move(obs, tgt, -1.0, slow)
+
+
+def holding(inner: Any, obj: str) -> bool:
+    """True when both of the gripper's finger pads touch ``obj`` (robosuite's grasp check)."""
+    return bool(inner._check_grasp(gripper=inner.robots[0].gripper, object_geoms=inner.objects_dict[obj]))
 
 
 def _wrap_pi(a: float) -> float:

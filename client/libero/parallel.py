@@ -98,6 +98,7 @@ class _EpisodeRunner:
         self.env: Any = None
         self.gate: Any = None
         self.env_key: tuple[Any, ...] | None = None
+        self.labeler: Any = None
 
     def current_task(self) -> tuple[str, int] | None:
         return None if self.env_key is None else (self.env_key[0], self.env_key[1])
@@ -122,8 +123,12 @@ class _EpisodeRunner:
             self.gate = None if cfg.render_all_steps else CameraGate(
                 self.env, always_render=("agentview",) if cfg.save_video else ())
             self.env_key = env_key
+        if self.labeler is None and cfg.expert_labels is not None:
+            from client.libero.evaluate import make_labeler
+
+            self.labeler = make_labeler(cfg)
         try:
-            ep, frames = run_episode(self.env, task, trial, cfg, client, contract_box, self.gate)
+            ep, frames = run_episode(self.env, task, trial, cfg, client, contract_box, self.gate, self.labeler)
         finally:
             if contract_box.get("env_broken"):
                 self.close_env()
@@ -147,6 +152,9 @@ class _EpisodeRunner:
 
     def close(self) -> None:
         self.close_env()
+        if self.labeler is not None:
+            self.labeler.close()
+            self.labeler = None
         for client, _ in self.clients.values():
             client.close()
         self.clients.clear()

@@ -112,6 +112,11 @@ def _resize(img: np.ndarray, res: int) -> np.ndarray:
     return cv2.resize(img, (res, res), interpolation=cv2.INTER_AREA)
 
 
+def store_frame(raw_image: np.ndarray) -> np.ndarray:
+    """A raw LIBERO render as a demonstration stores it: rotated as the client sends it, ``STORE_RES`` square."""
+    return _resize(rotate_180(raw_image), STORE_RES)
+
+
 def search_demo(env: Any, task: Any, init_index: int, cfg: RecordConfig, max_steps: int,
                 rng: np.random.Generator, angle_wins: dict[str, int] | None = None) -> tuple[Any, int]:
     """Physics-only search over expert parameter variants; returns (rollout or None, attempts used).
@@ -185,8 +190,8 @@ def replay_and_record(env: Any, task: Any, init_index: int, actions: np.ndarray,
             break
         if is_frame(t):
             rec["frame_steps"].append(t)
-            rec["agentview_rgb"].append(_resize(rotate_180(raw["agentview_image"]), STORE_RES))
-            rec["eye_in_hand_rgb"].append(_resize(rotate_180(raw["robot0_eye_in_hand_image"]), STORE_RES))
+            rec["agentview_rgb"].append(store_frame(raw["agentview_image"]))
+            rec["eye_in_hand_rgb"].append(store_frame(raw["robot0_eye_in_hand_image"]))
             rec["ee_pos"].append(np.asarray(raw["robot0_eef_pos"], np.float32))
             rec["ee_ori"].append(quat2axisangle(raw["robot0_eef_quat"]).astype(np.float32))
             rec["gripper_states"].append(np.asarray(raw["robot0_gripper_qpos"], np.float32))

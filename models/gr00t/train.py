@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.dataset import add_extra_samples, random_crop
 from client.dataset import load_samples as load_demo_samples
-from client.dataset import random_crop
 from models.common import scale, training
 from models.gr00t.config import GR00TConfig
 from models.gr00t.data_config import LiberoDataConfig, make_metadata
@@ -221,6 +221,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("no training samples after the held-out split")
     actions = train_set.chunks[:, 0]  # every demonstration step's own action, once
     metadata = compute_statistics(train_set.states, actions)
+    train_set = add_extra_samples(train_set, args.extra_demos, HORIZON)  # after the statistics: they stay the demos'
 
     if args.init:
         model = models.load_pretrained("gr00t", args.init, device=args.device)
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demos", required=True, help="glob of LIBERO-layout HDF5 files (both cameras + state_8d)")
     p.add_argument("--out", required=True, help="output checkpoint directory (released GR00T N1.5 layout)")
+    p.add_argument("--extra-demos", default=None,
+                   help="glob of more episodes for the training split only (never held out, not in the statistics): "
+                        "DAgger episodes written by run_libero_eval.sh --expert-labels")
     p.add_argument("--init", default=None, help="released-format GR00T N1.5 directory to fine-tune")
     p.add_argument("--preset", default="tiny", choices=PRESETS, help="fresh model size when --init is not given")
     p.add_argument("--steps", type=int, default=3000)
