@@ -27,7 +27,7 @@ def _write_results(path: Path, episodes: list[tuple[int, int, bool, bool]]) -> N
 def test_summary_merges_jobs_and_excludes_errored_episodes(tmp_path) -> None:
     _write_results(tmp_path / "task_00.json", [(0, 0, True, False), (0, 1, False, False), (0, 2, False, True)])
     _write_results(tmp_path / "task_01.json", [(1, 0, True, False), (1, 1, True, False)])
-    s = lm._summarise([tmp_path / "task_00.json", tmp_path / "task_01.json", tmp_path / "missing.json"])
+    s = lm.summarise([tmp_path / "task_00.json", tmp_path / "task_01.json", tmp_path / "missing.json"])
     assert (s["successes"], s["valid_episodes"], s["errored"]) == (3, 4, 1)
     assert s["success_rate"] == pytest.approx(0.75)
     assert s["per_task"] == {"0": "1/2", "1": "2/2"}
@@ -37,7 +37,7 @@ def test_summary_merges_jobs_and_excludes_errored_episodes(tmp_path) -> None:
 
 
 def test_empty_summary_has_no_rate(tmp_path) -> None:
-    s = lm._summarise([tmp_path / "nothing.json"])
+    s = lm.summarise([tmp_path / "nothing.json"])
     assert s["success_rate"] is None and s["valid_episodes"] == 0 and s["ci95"] == [0.0, 1.0]
 
 
@@ -149,7 +149,7 @@ def test_recorder_writes_each_variant_and_reports_only_episodes_lost_by_workers(
     assert len(rec.failures) == 1 and rec.failures[0].startswith("exact task 1 trial 0:")
     a = json.loads(lm.results_path(cfg, "main_only").read_text())
     assert [(r["task_id"], r["trial"], r["attempt"]) for r in a["retries"]] == [(0, 0, 2)]
-    sa, sb = (lm._summarise([lm.results_path(cfg, label)]) for label in ("main_only", "exact"))
+    sa, sb = (lm.summarise([lm.results_path(cfg, label)]) for label in ("main_only", "exact"))
     assert (sa["successes"], sa["valid_episodes"], sa["errored"], sa["per_task"]) == (1, 1, 1, {"0": "1/1"})
     assert (sb["successes"], sb["valid_episodes"], sb["errored"], sb["outcomes"]) == (0, 1, 1, {"0:0": False})
     assert sa["mean_steps"] == 50 and sa["median_episode_wall_s"] == 1.5

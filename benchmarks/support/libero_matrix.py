@@ -247,7 +247,8 @@ class _Recorder:
         self.results[job.tag].record_retry(job.task_id, job.trial, reason, attempt)
 
 
-def _summarise(results_files: Sequence[Path]) -> dict[str, Any]:
+def summarise(results_files: Sequence[Path]) -> dict[str, Any]:
+    """Success, Wilson interval, per task and per-episode outcomes (``"task:trial" -> success``) of results files."""
     succ = valid = errored = steps = 0
     per_task: dict[str, list[int]] = {}
     outcomes: dict[str, bool] = {}  # "task:trial" -> success, for paired comparisons between variants
@@ -323,7 +324,7 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
         failures = _run_episodes(cfg, configs, os.environ.get("MUJOCO_GL") or "egl")
         summary: dict[str, Any] = {}
         for v in variants:
-            summary[v.label] = _summarise([results_path(cfg, v.label)])
+            summary[v.label] = summarise([results_path(cfg, v.label)])
             summary[v.label]["server"] = {"args": v.server_args, "env": v.env, "client_args": v.client_args}
             summary[v.label]["server_report"] = servers[v.label].server_report()
         return {"variants": summary, "failures": failures, "wall_s": round(time.monotonic() - t_start, 1),

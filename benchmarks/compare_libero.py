@@ -1,0 +1,126 @@
+"""Pair LIBERO runs made at different times: ``python -m benchmarks.compare_libero REF=PATH NEW=PATH ...``.
+
+A run is a client results file (``run_libero_eval.sh --results``, a matrix variant's ``results.json``) or one variant
+of a kept summary (``docs/results/*.json``: ``PATH#variant label``). Every run is compared with the first (the
+reference) on the episodes both ran -- same (task, trial) means the same init state and seed, so the right test is
+paired: how many episodes only one of them solved, the exact McNemar p-value, and the success ratio with a paired
+bootstrap 95% interval (resampling episodes, which keeps each pair together). ``--out`` writes the runs and the paired
+figures in the ``docs/results`` layout, ``--plot`` the per-task bar chart. The last line is one JSON object:
+``<label>_success_rate``, ``<label>_vs_<ref>_only_<label>``, ``..._only_<ref>``, ``..._mcnemar_p``,
+``<label>_ratio_vs_<ref>`` and ``..._ratio_ci95``.
+
+Why: an improvement shown against an old number rather than against the same episodes is not shown; the runs here
+are hours apart, and this is the one place that pairs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.support.libero_matrix import plot_success, summarise
+from client.libero.results import mcnemar_exact_p
+
+
+def load_run(spec: str) -> tuple[str, dict[str, Any]]:
+    """``LABEL=PATH`` or ``LABEL=PATH#variant`` -> (label, summary with per-episode ``outcomes``)."""
+    label, sep, where = spec.partition("=")
+    if not sep or not label or not where:
+        raise ValueError(f"expected LABEL=PATH or LABEL=PATH#variant, got {spec!r}")
+    path, _, variant = where.partition("#")
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{label}: {path} is not a file")
+    doc = json.loads(p.read_text())
+    if variant:
+        variants = doc.get("variants") or {}
+        if variant not in variants:
+            raise ValueError(f"{label}: {path} has no variant {variant!r} (has: {', '.join(variants) or 'none'})")
+        summary = dict(variants[variant])
+    elif "episodes" in doc:
+        summary = summarise([p])
+    else:
+        raise ValueError(f"{label}: {path} is neither a results file (no 'episodes') nor given a #variant")
+    if not summary.get("outcomes"):
+        raise ValueError(f"{label}: {where} records no per-episode outcomes to pair")
+    summary["source"] = where
+    return label, summary
+
+
+def paired(ref: dict[str, bool], new: dict[str, bool], n_boot: int = 4000, seed: int = 0) -> dict[str, Any]:
+    """Paired figures of ``new`` against ``ref`` on the episodes both ran (keys ``task:trial``)."""
+    shared = sorted(ref.keys() & new.keys())
+    if not shared:
+        raise ValueError("the two runs share no (task, trial) episode")
+    a = np.array([ref[k] for k in shared], dtype=float)
+    b = np.array([new[k] for k in shared], dtype=float)
+    only_new, only_ref = int(((b == 1) & (a == 0)).sum()), int(((a == 1) & (b == 0)).sum())
+    idx = np.random.default_rng(seed).integers(0, len(shared), (n_boot, len(shared)))
+    sa, sb = a[idx].sum(1), b[idx].sum(1)
+    ratios = sb[sa > 0] / sa[sa > 0]
+    ratio = float(b.sum() / a.sum()) if a.sum() else float("nan")
+    ci = [round(float(np.quantile(ratios, q)), 4) for q in (0.025, 0.975)] if len(ratios) else [None, None]
+    return {"episodes": len(shared), "successes_ref": int(a.sum()), "successes_new": int(b.sum()),
+            "only_new": only_new, "only_ref": only_ref, "mcnemar_exact_p": round(mcnemar_exact_p(only_new, only_ref), 4),
+            "ratio": round(ratio, 4), "ratio_ci95": ci}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_libero", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", metavar="LABEL=PATH[#variant]", help="the first is the reference")
+    ap.add_argument("--out", type=Path, default=None, help="write runs + paired figures (docs/results layout)")
+    ap.add_argument("--plot", type=Path, default=None, help="write the per-task success bar chart (PNG)")
+    ap.add_argument("--note", default="", help="a sentence saying what the runs are, kept in --out")
+    args = ap.parse_args(argv)
+    try:
+        runs = dict(load_run(s) for s in args.runs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(runs) != len(args.runs):
+        print("error: run labels must be unique", file=sys.stderr)
+        return 2
+    ref = next(iter(runs))
+    figures: dict[str, Any] = {}
+    pairs: dict[str, Any] = {}
+    print(f"{'run':<34} {'success':>9} {'95% CI':>14}  per task")
+    for label, s in runs.items():
+        lo, hi = s["ci95"]
+        tasks = " ".join(v.split("/")[0] for _, v in sorted(s["per_task"].items(), key=lambda kv: int(kv[0])))
+        print(f"{label:<34} {s['successes']:>4}/{s['valid_episodes']:<4} [{100 * lo:5.1f}, {100 * hi:5.1f}]  {tasks}")
+        figures[f"{label}_success_rate"] = round(s["success_rate"], 4)
+        if label == ref:
+            continue
+        try:
+            p = pairs[f"{label} vs {ref}"] = paired(runs[ref]["outcomes"], s["outcomes"])
+        except ValueError as e:
+            print(f"error: {label} vs {ref}: {e}", file=sys.stderr)
+            return 2
+        figures.update({f"{label}_vs_{ref}_only_{label}": p["only_new"], f"{label}_vs_{ref}_only_{ref}": p["only_ref"],
+                        f"{label}_vs_{ref}_mcnemar_p": p["mcnemar_exact_p"], f"{label}_ratio_vs_{ref}": p["ratio"],
+                        f"{label}_ratio_vs_{ref}_ci95": p["ratio_ci95"]})
+    for name, p in pairs.items():
+        print(f"{name}: {p['episodes']} paired episodes, {p['only_new']} only the first, {p['only_ref']} only the "
+              f"reference, exact McNemar p = {p['mcnemar_exact_p']}; ratio {p['ratio']:.3f} "
+              f"(paired bootstrap 95% {p['ratio_ci95']})")
+    first = runs[ref]
+    report = {"suite": first.get("suite", "libero_spatial"), "trials": first.get("trials"), "seed": first.get("seed"),
+              "note": args.note, "reference": ref, "variants": runs, "paired": pairs}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"written: {args.out}")
+    if args.plot:
+        print(f"plot: {plot_success(report, args.plot)}")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""benchmarks/compare_libero.py: pairing LIBERO runs recorded at different times on their shared episodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.compare_libero import main, paired
+from client.libero.results import mcnemar_exact_p
+
+
+def _results(path: Path, outcomes: dict[tuple[int, int], bool]) -> Path:
+    eps = [{"task_id": t, "trial": k, "success": s, "errored": False, "steps": 100, "wall_time_s": 1.0}
+           for (t, k), s in outcomes.items()]
+    path.write_text(json.dumps({"suite": "libero_spatial", "episodes": eps}))
+    return path
+
+
+def test_pairs_runs_on_their_shared_episodes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = [(t, k) for t in range(2) for k in range(10)]
+    ref = {key: i % 2 == 0 for i, key in enumerate(keys)}  # 10 of 20
+    new = {key: i % 2 == 0 or i < 8 for i, key in enumerate(keys)}  # those + 4 more
+    new[(1, 8)] = False  # one the reference solved
+    new[(5, 0)] = True  # not in the reference: never paired
+    a, b = _results(tmp_path / "a.json", ref), _results(tmp_path / "b.json", new)
+    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    assert main([f"old={a}", f"new={b}", "--out", str(out), "--plot", str(png), "--note", "x"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["new_vs_old_only_new"] == 4 and figures["new_vs_old_only_old"] == 1
+    assert figures["new_vs_old_mcnemar_p"] == round(mcnemar_exact_p(4, 1), 4)
+    assert figures["new_ratio_vs_old"] == 1.3  # 13 / 10 solved
+    lo, hi = figures["new_ratio_vs_old_ci95"]
+    assert lo <= 1.3 <= hi and lo > 0.9
+    doc = json.loads(out.read_text())
+    assert doc["reference"] == "old" and doc["paired"]["new vs old"]["episodes"] == 20 and doc["note"] == "x"
+    assert png.stat().st_size > 1000
+    # a kept summary's variant pairs the same way
+    assert main([f"old={out}#old", f"new={out}#new"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_vs_old_only_new"] == 4
+
+
+def test_refuses_what_it_cannot_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _results(tmp_path / "a.json", {(0, 0): True})
+    b = _results(tmp_path / "b.json", {(0, 1): True})
+    assert main([f"a={a}", f"b={b}"]) == 2 and "share no" in capsys.readouterr().err
+    assert main([f"a={a}", "b"]) == 2 and "LABEL=PATH" in capsys.readouterr().err
+    assert main([f"a={a}", f"b={a}#nope"]) == 2 and "no variant" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="share no"):
+        paired({"0:0": True}, {"0:1": True})
