@@ -525,6 +525,8 @@ def write_demo_group(f: Any, task: Any, demo_index: int, init_index: int, action
             o.create_dataset(EXPERT_CHUNKS_KEY, data=np.asarray(rec[EXPERT_CHUNKS_KEY], np.float32), **gz)
             o.create_dataset("expert_phases", data=np.asarray(rec["phases"], dtype="S16"))
             o.create_dataset("executed_expert", data=np.asarray(rec["executed_expert"], np.uint8))
+            if "sim_states" in rec:  # each query's simulator state: relabelling needs no policy run
+                o.create_dataset("sim_states", data=np.asarray(rec["sim_states"], np.float64), **gz)
             g.attrs[LABELS_ATTR] = EXPERT_CHUNKS_KEY
             data.attrs["source"] = "client.libero.dagger: policy episode, scripted-expert chunk per query"
         g.attrs["num_samples"] = int(len(actions))

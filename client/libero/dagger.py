@@ -21,7 +21,9 @@ label chunk replaces the executed actions as the sample's target), the action-on
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +91,21 @@ class ExpertLabeler:
     def label(self, env: Any) -> tuple[np.ndarray | None, str]:
         """The expert's next ``horizon`` actions from ``env``'s current state (computed in the twin), and the phase
         it took over in; ``None`` when it gives up within the chunk (e.g. it finds the grasp missed)."""
-        from client.libero.expert import ScriptedExpert
-
-        twin = self._twin
-        src, dst = env.sim.model, twin.sim.model
+        src, dst = env.sim.model, self._twin.sim.model
         if src.body_pos.shape != dst.body_pos.shape:
             raise RuntimeError("the physics-only twin's model differs from the evaluated env's")
         dst.body_pos[:] = src.body_pos  # the pinned fixture layout of this episode
         dst.body_quat[:] = src.body_quat
+        return self.label_state(env.get_sim_state())
+
+    def label_state(self, sim_state: np.ndarray) -> tuple[np.ndarray | None, str]:
+        """:meth:`label` from a flattened simulator state, in the twin's current fixture layout."""
+        from client.libero.expert import ScriptedExpert
+
+        twin = self._twin
         inner = getattr(twin, "env", twin)
         inner.timestep, inner.done = 0, False  # the twin's own step count must never end its episode
-        obs = twin.set_init_state(np.asarray(env.get_sim_state(), dtype=np.float64))
+        obs = twin.set_init_state(np.asarray(sim_state, dtype=np.float64))
         if self.carry_z is None:  # the episode's first label: nothing has been moved yet, plan as a demonstration
             self.carry_z = float(ScriptedExpert(twin, self._goal).carry_z)
         expert = ScriptedExpert.take_over(twin, self._goal, obs, carry_z=self.carry_z)
@@ -134,18 +140,24 @@ class ExpertLabeler:
         self.unlabelled = 0
         self.rec = {k: [] for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states",
                                     "joint_states", "state_8d", "expert_chunks", "phases", "frame_steps",
-                                    "executed_expert", "states", "actions", "rewards", "dones")}
+                                    "executed_expert", "states", "actions", "rewards", "dones", "sim_states")}
         return True
 
     def observe(self, env: Any, raw: dict[str, Any], step: int) -> np.ndarray | None:
         """Record the queried observation with its label; returns the label chunk when the expert's chunk should be
         executed instead of the policy's (``--expert-mix``), else ``None``."""
-        chunk, phase = self.label(env)
+        try:
+            chunk, phase = self.label(env)
+        except Exception:  # noqa: BLE001 - a labelling failure must never turn into a failed evaluation episode
+            log.exception("task %d trial %d step %d: the expert could not label this state; query left unlabelled",
+                          self.task.task_id, self.trial, step)
+            chunk = None
         if chunk is None:
             self.unlabelled += 1
             return None
         r = self.rec
         r["frame_steps"].append(int(step))
+        r["sim_states"].append(np.asarray(env.get_sim_state(), np.float64))
         r["agentview_rgb"].append(store_frame(raw["agentview_image"]))
         r["eye_in_hand_rgb"].append(store_frame(raw["robot0_eye_in_hand_image"]))
         r["ee_pos"].append(np.asarray(raw["robot0_eef_pos"], np.float32))
@@ -176,7 +188,7 @@ class ExpertLabeler:
         keep = [i for i, s in enumerate(r["frame_steps"]) if s < len(r["actions"])]
         rec: dict[str, Any] = {k: np.asarray([r[k][i] for i in keep]) for k in (
             "agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states", "state_8d",
-            "expert_chunks", "frame_steps", "executed_expert")}
+            "expert_chunks", "frame_steps", "executed_expert", "sim_states")}
         rec["phases"] = [r["phases"][i] for i in keep]
         rec["states"] = np.asarray(r["states"])
         rec["rewards"] = np.asarray(r["rewards"], np.float32)
@@ -194,3 +206,102 @@ class ExpertLabeler:
         if self._twin is not None:
             close_env(self._twin)
         self._twin = self._twin_task = None
+
+
+# ---------------------------------------------------------------------------------------------- relabelling
+def relabel(src: str | Path, out: str | Path) -> dict[str, int]:
+    """Recompute every label of the DAgger episodes in ``src`` with today's expert into ``out`` (same layout).
+
+    Why: collecting costs the policy's episodes (rendering); a label costs 16 physics steps. When the expert's
+    take-over changes (a fix), the recorded simulator states give the new labels without running the policy again.
+    Each query's state is ``obs/sim_states`` (older files: the state after the previous step, and for the first
+    query the protocol's reset and wait steps replayed). Queries the expert cannot label now are dropped.
+    """
+    import h5py
+
+    from client.dataset import EXPERT_CHUNKS_KEY, write_labelled_episode
+    from client.libero.env import get_suite_tasks, reset_to_init, setup_headless_gl, write_libero_config
+    from client.libero.protocol import NUM_WAIT_STEPS, WAIT_ACTION
+
+    setup_headless_gl()
+    write_libero_config()
+    files = sorted(Path(src).glob("*.hdf5"))
+    if not files:
+        raise FileNotFoundError(f"no DAgger episodes (*.hdf5) in {src}")
+    suites: dict[str, list[Any]] = {}
+    lab = ExpertLabeler(out)
+    counts = {"episodes": 0, "queries": 0, "dropped": 0}
+    obs_keys = ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states", "state_8d",
+                "frame_steps", "executed_expert")
+    try:
+        for path in files:
+            with h5py.File(path, "r") as f:
+                info = json.loads(f["data"].attrs["problem_info"])
+                g = f["data/demo_0"]
+                params = json.loads(g.attrs["expert_params"])
+                seed, init_index = int(g.attrs["seed"]), int(g.attrs["init_state_index"])
+                o = g["obs"]
+                rec: dict[str, Any] = {k: o[k][()] for k in obs_keys}
+                steps = rec["frame_steps"]
+                states = g["states"][()]
+                sim = o["sim_states"][()] if "sim_states" in o else None
+                actions = g["actions"][()]
+                rec.update(states=states, rewards=g["rewards"][()], dones=g["dones"][()])
+            tasks = suites.setdefault(info["suite"], get_suite_tasks(info["suite"]))
+            task = tasks[int(info["task_id"])]
+            twin = lab._twin_for(task, seed)
+            lab.carry_z = None
+            start = reset_to_init(twin, task, init_index, seed)  # the pinned layout of this seed, as evaluated
+            for _ in range(NUM_WAIT_STEPS):
+                start, _, _, _ = twin.step(WAIT_ACTION.astype(np.float64))
+            first = np.asarray(twin.get_sim_state(), np.float64)
+            keep, chunks, phases, sims = [], [], [], []
+            for i, s in enumerate(steps):
+                state = sim[i] if sim is not None else (states[s - 1] if s > 0 else first)
+                chunk, phase = lab.label_state(state)
+                if chunk is None:
+                    counts["dropped"] += 1
+                    continue
+                keep.append(i)
+                chunks.append(chunk)
+                phases.append(phase)
+                sims.append(state)
+            rec = {k: (v[keep] if k in obs_keys else v) for k, v in rec.items()}
+            rec.update({EXPERT_CHUNKS_KEY: np.asarray(chunks, np.float32), "phases": phases,
+                        "sim_states": np.asarray(sims)})
+            rec["success_step"] = len(actions) if params.get("success") else None
+            write_labelled_episode(Path(out) / path.name, task, int(params.get("trial", 0)), init_index, actions, rec,
+                                   seed=seed, **{k: v for k, v in params.items() if k != "trial"},
+                                   relabelled_from=str(path))
+            counts["episodes"] += 1
+            counts["queries"] += len(keep)
+    finally:
+        lab.close()
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m client.libero.dagger", description=relabel.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("relabel", help="recompute the labels of recorded DAgger episodes")
+    r.add_argument("src", help="directory of DAgger episodes (run_libero_eval.sh --expert-labels DIR)")
+    r.add_argument("out", help="directory for the relabelled episodes (must differ from src)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if Path(args.src).resolve() == Path(args.out).resolve():
+        print("error: relabel writes new files: OUT must differ from SRC", file=sys.stderr)
+        return 2
+    try:
+        counts = relabel(args.src, args.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

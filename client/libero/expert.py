@@ -29,6 +29,7 @@ DOWN_QUAT = np.array([1.0, 0.0, 0.0, 0.0])
 POS_SCALE = 0.05  # OSC_POSE: action 1.0 = 5 cm position delta
 ROT_SCALE = 0.5  # OSC_POSE: action 1.0 = 0.5 rad rotation delta
 GRIPPER_OPEN_WIDTH = 0.075  # finger gap (qpos[0] - qpos[1]) below which the gripper is closing or closed
+PLACED_HEIGHT = 0.015  # object origin at most this far above its resting height on the target: it is down
 
 
 # ----------------------------------------------------------------------------- small rotation helpers
@@ -226,12 +227,20 @@ class ScriptedExpert:
             bearing = math.atan2(off[1], off[0])
             p = ExpertParams(rim_angle=min(RIM_ANGLES, key=lambda a: abs(_wrap_pi(a - bearing))))
         ex = cls(env, goal, p)
+        q = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
+        width = float(q[0] - q[-1])  # Panda fingers: ~0.08 open, ~0.004 closed on nothing
+        place_xy_err = float(np.linalg.norm(ex._place_xy(obs) - obj_pos[:2]))
+        # where ``lower`` puts the object's origin: resting on the target (what the goal checks)
+        above_place = float(obj_pos[2] - (ex.place_obj_bottom + ex.origin_above_bottom))
+        placed = place_xy_err < 0.03 and above_place < PLACED_HEIGHT
         if holding(inner, goal.obj):
             ex._grasp_offset = eef - obj_pos
             obj_h = float(ex.obj_hi[2] - ex.obj_lo[2])
             # the object is in the air: carry it over the place point at the demonstrations' height
             ex.carry_z = carry_z if carry_z is not None else ex.place_obj_bottom + obj_h + p.lift_clearance
-            if np.linalg.norm(ex._place_xy(obs) - obj_pos[:2]) < 0.03:
+            if placed:
+                ex._next("release")  # it is down: a lower phase restarted at every query would never let go
+            elif place_xy_err < 0.05:
                 # lowering corrects the remaining xy error on the way down (a carried bowl swings ~2.3 cm)
                 ex._next("lower")
             elif eef[2] < ex.carry_z - 0.03:
@@ -239,16 +248,19 @@ class ScriptedExpert:
             else:
                 ex._next("carry")
             return ex
+        if placed:
+            ex._next("retreat")  # released on the target: move away, never grasp it again
+            return ex
         d = float(np.linalg.norm(eef - ex.grasp_pos))
         d_xy = float(np.linalg.norm(eef[:2] - ex.grasp_pos[:2]))
         dz = float(eef[2] - ex.grasp_pos[2])
-        q = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
-        width = float(q[0] - q[-1])  # Panda fingers: ~0.08 open, ~0.004 closed on nothing
         if d < 0.02 and (width < GRIPPER_OPEN_WIDTH or d < 0.015):
             # at the grasp point (the descent stalls ~1.2 cm above it on a bowl's rim): close, or keep closing
             ex._next("grasp")
             ex.phase.steps = int(np.clip((GRIPPER_OPEN_WIDTH - width) / GRIPPER_OPEN_WIDTH * 10, 0, 9))
-        elif d_xy < 0.012 and -0.01 < dz < 0.095:
+        elif d_xy < (0.02 if dz < 0.07 else 0.012) and -0.01 < dz < 0.095:
+            # below the approach height a little xy drift does not send the hand back up (approach <-> descend
+            # would alternate from query to query)
             ex._next("descend")
             ex.phase.steps = 20  # at most 20 more steps of a stalled descent, as the demonstrations' ~40 in all
         return ex
