@@ -215,7 +215,8 @@ def relabel(src: str | Path, out: str | Path) -> dict[str, int]:
     Why: collecting costs the policy's episodes (rendering); a label costs 16 physics steps. When the expert's
     take-over changes (a fix), the recorded simulator states give the new labels without running the policy again.
     Each query's state is ``obs/sim_states`` (older files: the state after the previous step, and for the first
-    query the protocol's reset and wait steps replayed). Queries the expert cannot label now are dropped.
+    query the protocol's reset and wait steps replayed). Queries the expert cannot label now are dropped. Resumable:
+    an episode already in ``out`` is skipped.
     """
     import h5py
 
@@ -230,11 +231,14 @@ def relabel(src: str | Path, out: str | Path) -> dict[str, int]:
         raise FileNotFoundError(f"no DAgger episodes (*.hdf5) in {src}")
     suites: dict[str, list[Any]] = {}
     lab = ExpertLabeler(out)
-    counts = {"episodes": 0, "queries": 0, "dropped": 0}
+    counts = {"episodes": 0, "queries": 0, "dropped": 0, "skipped": 0}
     obs_keys = ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states", "state_8d",
                 "frame_steps", "executed_expert")
     try:
         for path in files:
+            if (Path(out) / path.name).exists():
+                counts["skipped"] += 1
+                continue
             with h5py.File(path, "r") as f:
                 info = json.loads(f["data"].attrs["problem_info"])
                 g = f["data/demo_0"]
