@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 
 from client.dataset import write_labelled_episode
-from client.libero.protocol import quat2axisangle, state_8d
-from client.libero.record_demos import store_frame
+from client.libero.record_demos import record_frame
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +157,7 @@ class ExpertLabeler:
         r = self.rec
         r["frame_steps"].append(int(step))
         r["sim_states"].append(np.asarray(env.get_sim_state(), np.float64))
-        r["agentview_rgb"].append(store_frame(raw["agentview_image"]))
-        r["eye_in_hand_rgb"].append(store_frame(raw["robot0_eye_in_hand_image"]))
-        r["ee_pos"].append(np.asarray(raw["robot0_eef_pos"], np.float32))
-        r["ee_ori"].append(quat2axisangle(raw["robot0_eef_quat"]).astype(np.float32))
-        r["gripper_states"].append(np.asarray(raw["robot0_gripper_qpos"], np.float32))
-        r["joint_states"].append(np.asarray(raw["robot0_joint_pos"], np.float32))
-        r["state_8d"].append(state_8d(raw["robot0_eef_pos"], raw["robot0_eef_quat"], raw["robot0_gripper_qpos"]))
+        record_frame(r, raw)
         r["expert_chunks"].append(chunk)
         r["phases"].append(phase)
         use_expert = self.mix > 0 and float(self.rng.random()) < self.mix

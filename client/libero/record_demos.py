@@ -117,6 +117,18 @@ def store_frame(raw_image: np.ndarray) -> np.ndarray:
     return _resize(rotate_180(raw_image), STORE_RES)
 
 
+def record_frame(rec: dict[str, list[Any]], raw: dict[str, Any]) -> None:
+    """Append one observation, as a demonstration stores it, to the recording ``rec`` (both cameras, the robot's
+    proprio keys and the 8-D state the client sends)."""
+    rec["agentview_rgb"].append(store_frame(raw["agentview_image"]))
+    rec["eye_in_hand_rgb"].append(store_frame(raw["robot0_eye_in_hand_image"]))
+    rec["ee_pos"].append(np.asarray(raw["robot0_eef_pos"], np.float32))
+    rec["ee_ori"].append(quat2axisangle(raw["robot0_eef_quat"]).astype(np.float32))
+    rec["gripper_states"].append(np.asarray(raw["robot0_gripper_qpos"], np.float32))
+    rec["joint_states"].append(np.asarray(raw["robot0_joint_pos"], np.float32))
+    rec["state_8d"].append(state_8d(raw["robot0_eef_pos"], raw["robot0_eef_quat"], raw["robot0_gripper_qpos"]))
+
+
 def search_demo(env: Any, task: Any, init_index: int, cfg: RecordConfig, max_steps: int,
                 rng: np.random.Generator, angle_wins: dict[str, int] | None = None) -> tuple[Any, int]:
     """Physics-only search over expert parameter variants; returns (rollout or None, attempts used).
@@ -190,14 +202,7 @@ def replay_and_record(env: Any, task: Any, init_index: int, actions: np.ndarray,
             break
         if is_frame(t):
             rec["frame_steps"].append(t)
-            rec["agentview_rgb"].append(store_frame(raw["agentview_image"]))
-            rec["eye_in_hand_rgb"].append(store_frame(raw["robot0_eye_in_hand_image"]))
-            rec["ee_pos"].append(np.asarray(raw["robot0_eef_pos"], np.float32))
-            rec["ee_ori"].append(quat2axisangle(raw["robot0_eef_quat"]).astype(np.float32))
-            rec["gripper_states"].append(np.asarray(raw["robot0_gripper_qpos"], np.float32))
-            rec["joint_states"].append(np.asarray(raw["robot0_joint_pos"], np.float32))
-            rec["state_8d"].append(state_8d(raw["robot0_eef_pos"], raw["robot0_eef_quat"],
-                                            raw["robot0_gripper_qpos"]))
+            record_frame(rec, raw)
         rec["states"].append(np.asarray(env.get_sim_state(), np.float64))
         rec["actions"].append(np.asarray(a, np.float32))
         if gate is not None:
