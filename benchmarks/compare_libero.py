@@ -46,6 +46,9 @@ def load_run(spec: str) -> tuple[str, dict[str, Any]]:
         summary = summarise([p])
     else:
         raise ValueError(f"{label}: {path} is neither a results file (no 'episodes') nor given a #variant")
+    cfg = doc.get("config") or doc  # a results file keeps them in its config, a summary at its top
+    summary.setdefault("trials", cfg.get("trials"))
+    summary.setdefault("seed", cfg.get("seed"))
     if not summary.get("outcomes"):
         raise ValueError(f"{label}: {where} records no per-episode outcomes to pair")
     summary["source"] = where
