@@ -73,20 +73,31 @@ def paired(ref: dict[str, bool], new: dict[str, bool], n_boot: int = 4000, seed:
             "ratio": round(ratio, 4), "ratio_ci95": ci}
 
 
+KEPT = Path(__file__).resolve().parents[1] / "docs" / "results" / "libero_spatial_2026-12-06_expected.json"
+#: ``--quick`` (CI size): two kept runs of the same 100 episodes, paired from the repository's own results file
+QUICK_RUNS = (f"5k_greedy={KEPT}#openvla-rsd 5k greedy", f"shipped={KEPT}#openvla-rsd 10k expected (shipped)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_libero", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", metavar="LABEL=PATH[#variant]", help="the first is the reference")
+    ap.add_argument("runs", nargs="*", metavar="LABEL=PATH[#variant]", help="the first is the reference")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI size: without runs, pair two kept runs of docs/results (5000-step greedy vs shipped)")
     ap.add_argument("--out", type=Path, default=None, help="write runs + paired figures (docs/results layout)")
     ap.add_argument("--plot", type=Path, default=None, help="write the per-task success bar chart (PNG)")
     ap.add_argument("--note", default="", help="a sentence saying what the runs are, kept in --out")
     args = ap.parse_args(argv)
+    specs = args.runs or (list(QUICK_RUNS) if args.quick else [])
+    if len(specs) < 2:
+        print("error: give at least two runs (LABEL=PATH[#variant]), or --quick", file=sys.stderr)
+        return 2
     try:
-        runs = dict(load_run(s) for s in args.runs)
+        runs = dict(load_run(s) for s in specs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(runs) != len(args.runs):
+    if len(runs) != len(specs):
         print("error: run labels must be unique", file=sys.stderr)
         return 2
     ref = next(iter(runs))

@@ -49,3 +49,21 @@ def test_refuses_what_it_cannot_pair(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([f"a={a}", f"b={a}#nope"]) == 2 and "no variant" in capsys.readouterr().err
     with pytest.raises(ValueError, match="share no"):
         paired({"0:0": True}, {"0:1": True})
+
+
+def test_quick_pairs_the_kept_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """--quick (CI size) pairs two runs kept in docs/results: 10k expected vs 5k greedy on the same 100 episodes."""
+    import os
+
+    from client.testing import REPO
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert main(["--quick"]) == 0
+    finally:
+        os.chdir(cwd)
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["5k_greedy_success_rate"] == 0.49 and figures["shipped_success_rate"] == 0.61
+    assert figures["shipped_vs_5k_greedy_only_shipped"] == 21 and figures["shipped_vs_5k_greedy_only_5k_greedy"] == 9
+    assert main([]) == 2 and "--quick" in capsys.readouterr().err
