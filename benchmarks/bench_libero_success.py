@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", default="libero_spatial")
     ap.add_argument("--tasks", default="0,1,2,3,4,5,6,7,8,9")
     ap.add_argument("--trials", type=int, default=10, help="trials (init states) per task")
+    ap.add_argument("--first-trial", type=int, default=0,
+                    help="first init state index (e.g. 10 with --trials 20 runs init states 10-29: more paired "
+                         "episodes for a run that already has 0-9)")
     ap.add_argument("--workers", type=int, default=2, help="simulator client processes at once (one per core)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--resolution", type=int, default=None, help="camera resolution (client default: 256)")
@@ -153,13 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.trials < 1 or args.workers < 1:
         ap.error("--trials and --workers must be >= 1")
+    if args.first_trial < 0:
+        ap.error("--first-trial must be >= 0")
     out = Path(args.out)
     if args.quick:
         args.matrix, args.only, args.tasks, args.trials, args.max_steps = "rsd", "main_only,exact", "0", 1, 12
         out = out / "quick"
     variants = build_variants(args, out)
     cfg = MatrixConfig(suite=args.suite, tasks=parse_tasks(args.tasks), trials=args.trials, workers=args.workers,
-                       out_dir=out, seed=args.seed, max_steps=args.max_steps, resolution=args.resolution,
+                       out_dir=out, seed=args.seed, first_trial=args.first_trial, max_steps=args.max_steps,
+                       resolution=args.resolution,
                        replan=args.replan,
                        server_python=args.server_python,
                        client_python=args.client_python,
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_matrix(variants, cfg)
     (out / "summary.json").write_text(json.dumps(report, indent=2, default=str))
     plot = plot_success(report, Path(args.plot) if args.plot else out / "success.png")
-    print(f"\nLIBERO {cfg.suite}: tasks {cfg.tasks}, {cfg.trials} trials each, seed {cfg.seed}, "
+    print(f"\nLIBERO {cfg.suite}: tasks {cfg.tasks}, {cfg.trials} trials each (from {cfg.first_trial}), seed {cfg.seed}, "
           f"{cfg.workers} workers, {report['wall_s']} s")
     print(f"{'variant':<22} {'success':>12} {'rate':>7} {'95% CI':>15} {'mean steps':>10}  per task")
     for label, s in report["variants"].items():

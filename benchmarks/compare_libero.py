@@ -1,7 +1,8 @@
 """Pair LIBERO runs made at different times: ``python -m benchmarks.compare_libero REF=PATH NEW=PATH ...``.
 
 A run is a client results file (``run_libero_eval.sh --results``, a matrix variant's ``results.json``) or one variant
-of a kept summary (``docs/results/*.json``: ``PATH#variant label``). Every run is compared with the first (the
+of a kept summary (``docs/results/*.json``: ``PATH#variant label``), or several of them joined by ``+`` (disjoint
+episodes of one policy, e.g. init states 0-9 from one run and 10-29 from a later one). Every run is compared with the first (the
 reference) on the episodes both ran -- same (task, trial) means the same init state and seed, so the right test is
 paired: how many episodes only one of them solved, the exact McNemar p-value, and the success ratio with a paired
 bootstrap 95% interval (resampling episodes, which keeps each pair together). ``--out`` writes the runs and the paired
@@ -24,14 +25,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks.support.libero_matrix import plot_success, summarise
-from client.libero.results import mcnemar_exact_p
+from client.libero.results import mcnemar_exact_p, wilson_ci
 
 
-def load_run(spec: str) -> tuple[str, dict[str, Any]]:
-    """``LABEL=PATH`` or ``LABEL=PATH#variant`` -> (label, summary with per-episode ``outcomes``)."""
-    label, sep, where = spec.partition("=")
-    if not sep or not label or not where:
-        raise ValueError(f"expected LABEL=PATH or LABEL=PATH#variant, got {spec!r}")
+def _load_source(label: str, where: str) -> dict[str, Any]:
+    """One ``PATH`` or ``PATH#variant`` -> its summary with per-episode ``outcomes``."""
     path, _, variant = where.partition("#")
     p = Path(path)
     if not p.is_file():
@@ -52,7 +50,45 @@ def load_run(spec: str) -> tuple[str, dict[str, Any]]:
     if not summary.get("outcomes"):
         raise ValueError(f"{label}: {where} records no per-episode outcomes to pair")
     summary["source"] = where
-    return label, summary
+    return summary
+
+
+def merge_sources(label: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run from several sources of disjoint episodes (e.g. init states 0-9 of one run, 10-29 of a later one of
+    the same policy): the summary is recomputed from the union of their outcomes; an episode in two sources is an
+    error, as is a seed that differs (the same (task, trial) would not be the same episode)."""
+    outcomes: dict[str, bool] = {}
+    for s in parts:
+        dup = outcomes.keys() & s["outcomes"].keys()
+        if dup:
+            raise ValueError(f"{label}: episode {min(dup)} (task:trial) is in two of its sources")
+        outcomes.update(s["outcomes"])
+    seeds = {s.get("seed") for s in parts}
+    if len(seeds) > 1:
+        raise ValueError(f"{label}: its sources ran with different seeds {sorted(seeds, key=str)}")
+    per_task: dict[int, list[int]] = {}
+    for key, ok in outcomes.items():
+        t = per_task.setdefault(int(key.split(":")[0]), [0, 0])
+        t[0] += int(ok)
+        t[1] += 1
+    succ, valid = sum(outcomes.values()), len(outcomes)
+    lo, hi = wilson_ci(succ, valid)
+    per_trial = {n for _, n in per_task.values()}
+    return {"successes": succ, "valid_episodes": valid, "errored": sum(int(s.get("errored") or 0) for s in parts),
+            "success_rate": succ / valid, "ci95": [round(lo, 4), round(hi, 4)],
+            "per_task": {str(t): f"{a}/{n}" for t, (a, n) in sorted(per_task.items())}, "outcomes": outcomes,
+            "trials": per_trial.pop() if len(per_trial) == 1 else None, "seed": seeds.pop(),
+            "source": " + ".join(s["source"] for s in parts)}
+
+
+def load_run(spec: str) -> tuple[str, dict[str, Any]]:
+    """``LABEL=SOURCE[+SOURCE...]``, each SOURCE ``PATH`` or ``PATH#variant`` -> (label, summary with per-episode
+    ``outcomes``); several sources are merged into one run (:func:`merge_sources`)."""
+    label, sep, where = spec.partition("=")
+    if not sep or not label or not where:
+        raise ValueError(f"expected LABEL=PATH or LABEL=PATH#variant, got {spec!r}")
+    parts = [_load_source(label, w) for w in where.split("+")]
+    return label, parts[0] if len(parts) == 1 else merge_sources(label, parts)
 
 
 def paired(ref: dict[str, bool], new: dict[str, bool], n_boot: int = 4000, seed: int = 0) -> dict[str, Any]:
@@ -81,7 +117,7 @@ QUICK_RUNS = (f"5k_greedy={KEPT}#openvla-rsd 5k greedy", f"shipped={KEPT}#openvl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_libero", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="*", metavar="LABEL=PATH[#variant]", help="the first is the reference")
+    ap.add_argument("runs", nargs="*", metavar="LABEL=PATH[#variant][+PATH...]", help="the first is the reference")
     ap.add_argument("--quick", action="store_true",
                     help="CI size: without runs, pair two kept runs of docs/results (5000-step greedy vs shipped)")
     ap.add_argument("--out", type=Path, default=None, help="write runs + paired figures (docs/results layout)")

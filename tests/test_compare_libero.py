@@ -41,6 +41,20 @@ def test_pairs_runs_on_their_shared_episodes(tmp_path: Path, capsys: pytest.Capt
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_vs_old_only_new"] == 4
 
 
+def test_a_run_joined_from_disjoint_sources(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``LABEL=A+B``: init states 0-1 of one run and 2-3 of a later one are one run of 4 per task."""
+    first = _results(tmp_path / "first.json", {(0, 0): True, (0, 1): False, (1, 0): True, (1, 1): True})
+    later = _results(tmp_path / "later.json", {(0, 2): True, (0, 3): True, (1, 2): False, (1, 3): False})
+    new = _results(tmp_path / "new.json", {(t, k): True for t in range(2) for k in range(4)})
+    assert main([f"ref={first}+{later}", f"new={new}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert figures["ref_success_rate"] == 0.625 and figures["new_vs_ref_only_new"] == 3
+    assert figures["new_vs_ref_only_ref"] == 0 and "8 paired episodes" in "\n".join(lines)
+    assert main([f"ref={first}+{first}", f"new={new}"]) == 2  # the same episode twice
+    assert "in two of its sources" in capsys.readouterr().err
+
+
 def test_refuses_what_it_cannot_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = _results(tmp_path / "a.json", {(0, 0): True})
     b = _results(tmp_path / "b.json", {(0, 1): True})

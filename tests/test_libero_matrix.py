@@ -117,6 +117,15 @@ def test_jobs_are_task_major_interleave_the_variants_and_skip_recorded_episodes(
     assert {j.cfg.port for j in jobs if j.tag == "b"} == {6002}
 
 
+def test_first_trial_moves_the_window_of_init_states(tmp_path) -> None:
+    """``--first-trial 10 --trials 2`` runs init states 10 and 11 (more paired episodes for a run that has 0-9)."""
+    cfg = _matrix(tmp_path, tasks=[4], trials=2, first_trial=10)
+    e = lm.eval_config(cfg, lm.Variant("a", []), 6001)
+    assert (e.first_trial, e.trials) == (10, 2)
+    jobs = lm.build_jobs({"a": e}, {"a": {(4, 10)}}, cfg.tasks, cfg.trials, cfg.first_trial)
+    assert [(j.task_id, j.trial) for j in jobs] == [(4, 11)]
+
+
 def test_rerun_resumes_each_variant_from_its_results_file(tmp_path) -> None:
     cfg = _matrix(tmp_path, tasks=[0], trials=3)
     configs = {label: lm.eval_config(cfg, lm.Variant(label, []), 6000) for label in ("a", "b")}

@@ -119,6 +119,7 @@ class MatrixConfig:
     workers: int
     out_dir: Path
     seed: int = 7
+    first_trial: int = 0  # trials first_trial .. first_trial + trials - 1 (init states of the suite)
     max_steps: int | None = None
     resolution: int | None = None
     replan: int | None = None  # client --replan (None: the server's replan_steps, else the whole chunk)
@@ -177,7 +178,8 @@ def eval_config(cfg: MatrixConfig, v: Variant, port: int) -> EvalConfig:
     mean (and override) exactly what they do on that command line, and are validated the same way.
     """
     argv = [cfg.suite, "--headless", "--port", str(port), "--tasks", ",".join(str(t) for t in cfg.tasks),
-            "--trials", str(cfg.trials), "--seed", str(cfg.seed), "--workers", str(cfg.workers), "--no-video",
+            "--trials", str(cfg.trials), "--first-trial", str(cfg.first_trial), "--seed", str(cfg.seed),
+            "--workers", str(cfg.workers), "--no-video",
             "--no-progress", "--results", str(results_path(cfg, v.label)), "--resume"]
     if cfg.max_steps:
         argv += ["--max-steps", str(cfg.max_steps)]
@@ -207,13 +209,13 @@ def open_results(ecfg: EvalConfig, versions: dict[str, str]) -> ResultsFile:
 
 
 def build_jobs(configs: Mapping[str, EvalConfig], done: Mapping[str, set[tuple[int, int]]], tasks: Iterable[int],
-               trials: int) -> list[EpisodeJob]:
+               trials: int, first_trial: int = 0) -> list[EpisodeJob]:
     """One job per (variant, task, trial) not in ``done[label]``, tagged with the variant's label.
 
     Task-major, then trial, then variant: every variant runs episode (t, k) before any runs a later one, and the
     pool (which prefers jobs of the task a worker's env holds) keeps each env across all the episodes of a task.
     """
-    return [EpisodeJob(ecfg, t, k, tag=label) for t in tasks for k in range(trials)
+    return [EpisodeJob(ecfg, t, k, tag=label) for t in tasks for k in range(first_trial, first_trial + trials)
             for label, ecfg in configs.items() if (t, k) not in done.get(label, set())]
 
 
@@ -288,7 +290,8 @@ def _run_episodes(cfg: MatrixConfig, configs: Mapping[str, EvalConfig], gl_backe
 
     versions = client_versions(cfg.client_python, gl_backend)
     results = {label: open_results(ecfg, versions) for label, ecfg in configs.items()}
-    jobs = build_jobs(configs, {label: r.done_keys() for label, r in results.items()}, cfg.tasks, cfg.trials)
+    jobs = build_jobs(configs, {label: r.done_keys() for label, r in results.items()}, cfg.tasks, cfg.trials,
+                      cfg.first_trial)
     total = len(configs) * len(cfg.tasks) * cfg.trials
     log.info("%d episodes to run (%d already recorded)", len(jobs), total - len(jobs))
     bar = tqdm(total=len(jobs), desc="libero episodes", unit="ep", dynamic_ncols=True)
@@ -328,7 +331,8 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
             summary[v.label]["server"] = {"args": v.server_args, "env": v.env, "client_args": v.client_args}
             summary[v.label]["server_report"] = servers[v.label].server_report()
         return {"variants": summary, "failures": failures, "wall_s": round(time.monotonic() - t_start, 1),
-                "suite": cfg.suite, "tasks": cfg.tasks, "trials": cfg.trials, "seed": cfg.seed,
+                "suite": cfg.suite, "tasks": cfg.tasks, "trials": cfg.trials, "first_trial": cfg.first_trial,
+                "seed": cfg.seed,
                 "max_steps": cfg.max_steps, "resolution": cfg.resolution, "replan": cfg.replan,
                 "workers": cfg.workers}
     finally:
