@@ -124,6 +124,49 @@ def test_take_over_recovers_from_a_missed_grasp(spatial, tmp_path):
         close_env(env)
 
 
+def test_take_over_beside_the_rim_crosses_over_low(spatial, tmp_path):
+    """A hand that came down 3 cm beside the grasp point with the gripper open (the policy's commonest miss) is
+    labelled ``align``: it crosses over just above the rim instead of rising back to the approach height (what the
+    first DAgger labels did, teaching the policy to oscillate), and the labels executed chunk by chunk then grasp and
+    place the bowl."""
+    from client.libero.env import close_env
+    from client.libero.expert import ALIGN_CLEARANCE, POS_SCALE, ScriptedExpert, parse_goal
+
+    task = spatial[0]
+    env, obs = _settled(task)
+    lab = _labeler(tmp_path, task)
+    try:
+        lab.label(env)
+        goal = parse_goal(env)
+        grasp = ScriptedExpert(env, goal).grasp_pos
+        beside = grasp + np.array([0.0, 0.03, 0.04])
+        for target in (beside + [0, 0, 0.06], beside):
+            for _ in range(40):
+                step = np.clip((target - obs["robot0_eef_pos"]) / POS_SCALE * 1.5, -1, 1)
+                obs, _, _, _ = env.step(np.r_[step, 0, 0, 0, -1.0])
+        z0 = float(obs["robot0_eef_pos"][2])
+        assert ScriptedExpert.take_over(env, goal, obs).phase.name == "align"
+        done, phases, peak = False, [], z0
+        for _ in range(12):
+            chunk, phase = lab.label(env)
+            assert chunk is not None
+            phases.append(phase)
+            for a in chunk:
+                obs, _, done, _ = env.step(a.astype(np.float64))
+                if phases == ["align"]:
+                    peak = max(peak, float(obs["robot0_eef_pos"][2]))
+                if done:
+                    break
+            if done:
+                break
+        assert phases[0] == "align" and "approach" not in phases, phases
+        assert peak < max(z0, grasp[2] + ALIGN_CLEARANCE) + 0.01  # never back up to the approach height (+8 cm)
+        assert done, phases
+    finally:
+        lab.close()
+        close_env(env)
+
+
 def _evaluate(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "client.libero.evaluate", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=400)

@@ -30,6 +30,8 @@ POS_SCALE = 0.05  # OSC_POSE: action 1.0 = 5 cm position delta
 ROT_SCALE = 0.5  # OSC_POSE: action 1.0 = 0.5 rad rotation delta
 GRIPPER_OPEN_WIDTH = 0.075  # finger gap (qpos[0] - qpos[1]) below which the gripper is closing or closed
 PLACED_HEIGHT = 0.015  # object origin at most this far above its resting height on the target: it is down
+ALIGN_RADIUS = 0.05  # a take-over this close (xy) to the grasp point, below the approach height, crosses over low
+ALIGN_CLEARANCE = 0.035  # ... with the eef site this far above the grasp point (fingertips ~1 cm above a bowl's rim)
 
 
 # ----------------------------------------------------------------------------- small rotation helpers
@@ -263,6 +265,12 @@ class ScriptedExpert:
             # would alternate from query to query)
             ex._next("descend")
             ex.phase.steps = 20  # at most 20 more steps of a stalled descent, as the demonstrations' ~40 in all
+        elif d_xy < ALIGN_RADIUS and -0.01 < dz < 0.06 and width > 0.06:
+            # come down beside the grasp point with the gripper open (a policy's commonest miss: hovering 2-5 cm off
+            # the rim for many queries): cross over just above the rim, not back up to the approach height -- from
+            # here ``approach`` rose ~8 cm and came down again, a motion no demonstration shows (DAgger round 1
+            # labels were 64% ``approach``; docs/dagger.md)
+            ex._next("align")
         return ex
 
     # -- planning from the current (post-settling) state
@@ -331,6 +339,11 @@ class ScriptedExpert:
         a_rot = np.clip(rot_err / ROT_SCALE * 1.0, -0.5, 0.5)
         return np.concatenate([a_pos, a_rot, [gripper]]).astype(np.float32)
 
+    def _rot_error(self, obs: dict[str, np.ndarray]) -> float:
+        """Angle (rad) between the hand's orientation and the planned grasp orientation."""
+        r_cur = quat_to_mat(obs["robot0_eef_quat"])
+        return float(np.linalg.norm(mat_to_axisangle(self.target_rot @ r_cur.T)))
+
     def _place_xy(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """Where the object's origin should end up in xy: the target region's site when the goal names
         one, else the target body's origin (what ``On`` checks, within 3 cm) for ``on``, else the
@@ -362,6 +375,17 @@ class ScriptedExpert:
             a = self._move(obs, tgt, -1.0, fast)
             if np.linalg.norm(tgt - eef) < 0.012 or ph.steps > 80:
                 self._plan()
+                self._next("descend")
+            return a
+        if ph.name == "align":
+            tgt = self.grasp_pos.copy()
+            tgt[2] = max(float(eef[2]), self.grasp_pos[2] + ALIGN_CLEARANCE)
+            if tgt[2] - eef[2] > 0.01:
+                tgt[:2] = eef[:2]  # below the clearance height: straight up first, or the fingers drag the rim
+            a = self._move(obs, tgt, -1.0, slow)
+            # down only once the fingers straddle the rim: a hand still turning lands a finger on it and tips the
+            # bowl (~45 degrees, seen when descending while 90 degrees off)
+            if (np.linalg.norm(tgt[:2] - eef[:2]) < 0.008 and self._rot_error(obs) < 0.15) or ph.steps > 40:
                 self._next("descend")
             return a
         if ph.name == "descend":
