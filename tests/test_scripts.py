@@ -137,6 +137,29 @@ def test_train_default_model_lists_the_dagger_stage() -> None:
     assert r.returncode == 2 and "dagger" in r.stderr
 
 
+def test_train_gr00t_model_finetune_stage_continues_the_first_stage(tmp_path: Path) -> None:
+    """``finetune`` starts from ``train``'s result (``--init OUT``) with its own output, twice the batch and half the
+    LR; FT_STEPS=0 skips it; an unknown stage lists it."""
+    script = str(REPO / "scripts" / "train_gr00t_model.sh")
+    rec = tmp_path / "python"
+    rec.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    rec.chmod(0o755)
+    env = {**os.environ, "PY": str(rec), "OUT": str(tmp_path / "stage1")}
+    r = subprocess.run([script, "finetune"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    args = call.split()
+    flags = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+    assert args[:2] == ["-m", "models.gr00t.train"] and "--resume" in args
+    assert flags["--init"] == str(tmp_path / "stage1") and flags["--out"] == str(tmp_path / "stage1_ft")
+    assert (flags["--steps"], flags["--batch-size"], flags["--lr"]) == ("8000", "32", "1.5e-4")
+    r = subprocess.run([script, "finetune"], cwd=REPO, env={**env, "FT_STEPS": "0"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and len((tmp_path / "calls").read_text().splitlines()) == 1
+    r = subprocess.run([script, "nonsense"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "finetune" in r.stderr
+
+
 def test_server_process_captures_logs_and_writes_log_file(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with ServerProcess(log_path=log) as server:
