@@ -334,15 +334,12 @@ class ScriptedExpert:
         n = np.linalg.norm(a_pos)
         if n > max_action:
             a_pos = a_pos / n * max_action
-        r_cur = quat_to_mat(obs["robot0_eef_quat"])
-        rot_err = mat_to_axisangle(self.target_rot @ r_cur.T)
-        a_rot = np.clip(rot_err / ROT_SCALE * 1.0, -0.5, 0.5)
+        a_rot = np.clip(self._rot_delta(obs) / ROT_SCALE * 1.0, -0.5, 0.5)
         return np.concatenate([a_pos, a_rot, [gripper]]).astype(np.float32)
 
-    def _rot_error(self, obs: dict[str, np.ndarray]) -> float:
-        """Angle (rad) between the hand's orientation and the planned grasp orientation."""
-        r_cur = quat_to_mat(obs["robot0_eef_quat"])
-        return float(np.linalg.norm(mat_to_axisangle(self.target_rot @ r_cur.T)))
+    def _rot_delta(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """Axis-angle (rad) from the hand's orientation to the planned grasp orientation."""
+        return mat_to_axisangle(self.target_rot @ quat_to_mat(obs["robot0_eef_quat"]).T)
 
     def _place_xy(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """Where the object's origin should end up in xy: the target region's site when the goal names
@@ -385,7 +382,7 @@ class ScriptedExpert:
             a = self._move(obs, tgt, -1.0, slow)
             # down only once the fingers straddle the rim: a hand still turning lands a finger on it and tips the
             # bowl (~45 degrees, seen when descending while 90 degrees off)
-            if (np.linalg.norm(tgt[:2] - eef[:2]) < 0.008 and self._rot_error(obs) < 0.15) or ph.steps > 40:
+            if (np.linalg.norm(tgt[:2] - eef[:2]) < 0.008 and float(np.linalg.norm(self._rot_delta(obs))) < 0.15) or ph.steps > 40:
                 self._next("descend")
             return a
         if ph.name == "descend":
