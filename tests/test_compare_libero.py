@@ -11,10 +11,10 @@ from benchmarks.compare_libero import main, paired
 from client.libero.results import mcnemar_exact_p
 
 
-def _results(path: Path, outcomes: dict[tuple[int, int], bool]) -> Path:
+def _results(path: Path, outcomes: dict[tuple[int, int], bool], server: dict | None = None) -> Path:
     eps = [{"task_id": t, "trial": k, "success": s, "errored": False, "steps": 100, "wall_time_s": 1.0}
            for (t, k), s in outcomes.items()]
-    path.write_text(json.dumps({"suite": "libero_spatial", "episodes": eps}))
+    path.write_text(json.dumps({"suite": "libero_spatial", "config": {"server": server or {}}, "episodes": eps}))
     return path
 
 
@@ -53,6 +53,24 @@ def test_a_run_joined_from_disjoint_sources(tmp_path: Path, capsys: pytest.Captu
     assert figures["new_vs_ref_only_ref"] == 0 and "8 paired episodes" in "\n".join(lines)
     assert main([f"ref={first}+{first}", f"new={new}"]) == 2  # the same episode twice
     assert "in two of its sources" in capsys.readouterr().err
+
+
+def test_sources_of_different_checkpoints_are_not_joined(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Results files record the served model (config ``server``); a checkpoint retrained in place keeps its path
+    but not its digest, and two runs of different weights are not one run."""
+    ident = {"policy": "gr00t", "model_id": "models/checkpoints/g", "checkpoint_digest": "aaaa",
+             "quantization": {"enabled": False}}
+    first = _results(tmp_path / "first.json", {(0, 0): True, (0, 1): False}, ident)
+    moved = _results(tmp_path / "moved.json", {(0, 2): True}, {**ident, "model_id": "/elsewhere/g"})
+    retrained = _results(tmp_path / "retrained.json", {(0, 2): True}, {**ident, "checkpoint_digest": "bbbb"})
+    quantised = _results(tmp_path / "w4a8.json", {(0, 2): True}, {**ident, "quantization": {"enabled": True}})
+    new = _results(tmp_path / "new.json", {(0, k): True for k in range(3)})
+    assert main([f"ref={first}+{moved}", f"new={new}"]) == 0  # the same weights served from another path
+    capsys.readouterr()
+    for other, what in ((retrained, "checkpoint_digest"), (quantised, "quantization")):
+        assert main([f"ref={first}+{other}", f"new={new}"]) == 2
+        err = capsys.readouterr().err
+        assert "were run against different models" in err and what in err
 
 
 def test_refuses_what_it_cannot_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -165,31 +165,31 @@ def test_gr00t_flag_parses_and_is_recorded_in_results(tmp_path) -> None:  # noqa
 
 # ---------------------------------------------------------------------------------------------- --preprocess auto
 def test_auto_follows_the_preprocessing_the_real_server_advertises() -> None:
-    from client.libero.evaluate import settle_preprocess
+    from client.libero.evaluate import settle_from_server
     from client.testing import ServerProcess
 
     with ServerProcess(["--policy-option", "libero_preprocess=openvla"]) as server:
         cfg = config_from_args(["libero_spatial", "--headless", "--port", str(server.port)])
         assert cfg.preprocess == "auto"  # the default
-        settle_preprocess(cfg)
+        settle_from_server(cfg)
         assert cfg.preprocess == "openvla" and cfg.extra["preprocess_from"] == "server metadata"
         assert cfg.to_dict()["preprocessing"] == PREPROCESS_DESCRIPTIONS["openvla"]
         explicit = config_from_args(["libero_spatial", "--headless", "--port", str(server.port), "--preprocess", "none"])
-        settle_preprocess(explicit)  # a flag always wins
+        settle_from_server(explicit)  # a flag always wins
         assert explicit.preprocess == "none"
     with ServerProcess(["--policy-option", "libero_preprocess=gr00t"]) as server:
         cfg = config_from_args(["libero_spatial", "--headless", "--port", str(server.port), "--resolution", "128"])
         with pytest.raises(EvalConfigError, match="--resolution 256"):  # gr00t's harness renders 256x256
-            settle_preprocess(cfg)
+            settle_from_server(cfg)
 
 
 def test_auto_without_a_server_stops_at_start_naming_the_flag() -> None:
-    from client.libero.evaluate import settle_preprocess
+    from client.libero.evaluate import settle_from_server
     from client.testing import free_port
 
     cfg = config_from_args(["libero_spatial", "--headless", "--port", str(free_port()), "--timeout", "0.3"])
     with pytest.raises(EvalConfigError, match=r"--preprocess auto: the server at 127\.0\.0\.1:\d+ did not answer"):
-        settle_preprocess(cfg)
+        settle_from_server(cfg)
 
 
 class _ScriptedMetadata:
@@ -222,21 +222,21 @@ def test_auto_waits_for_a_loading_server_and_rejects_unknown_presets(monkeypatch
     monkeypatch.setattr(pc, "PolicyClient", script)
     monkeypatch.setattr(ev.time, "sleep", lambda s: None)
     cfg = config_from_args(["libero_spatial", "--headless"])
-    ev.settle_preprocess(cfg)
+    ev.settle_from_server(cfg)
     assert (cfg.preprocess, script.calls) == ("gr00t", 3)
 
     monkeypatch.setattr(pc, "PolicyClient", _ScriptedMetadata([{"status": "loading"}]))
     cfg = config_from_args(["libero_spatial", "--headless", "--server-wait", "0"])
     with pytest.raises(EvalConfigError, match="is 'loading', not ready"):
-        ev.settle_preprocess(cfg)
+        ev.settle_from_server(cfg)
 
     monkeypatch.setattr(pc, "PolicyClient", _ScriptedMetadata([{"status": "ready", "preprocess": "pi0"}]))
     with pytest.raises(EvalConfigError, match="advertises preprocess 'pi0'"):
-        ev.settle_preprocess(config_from_args(["libero_spatial", "--headless"]))
+        ev.settle_from_server(config_from_args(["libero_spatial", "--headless"]))
 
     monkeypatch.setattr(pc, "PolicyClient", _ScriptedMetadata([{"status": "ready"}]))  # an older server
     cfg = config_from_args(["libero_spatial", "--headless"])
-    ev.settle_preprocess(cfg)
+    ev.settle_from_server(cfg)
     assert cfg.preprocess == "none" and cfg.extra["preprocess_from"].startswith("default")
 
 

@@ -18,7 +18,7 @@ from client.libero.protocol import (
     rotate_180,
     state_8d,
 )
-from client.libero.results import EpisodeResult, ResultsFile, wilson_ci
+from client.libero.results import EpisodeResult, ResultsFile, ResultsFileError, wilson_ci
 from client.libero.video import episode_video_name
 
 pytestmark = pytest.mark.libero
@@ -160,6 +160,28 @@ def test_results_file_resume_skips_done_and_retries_errored(tmp_path):
     again.add(_ep(2, 1, True))  # the retried episode replaces the errored one
     doc = json.loads(path.read_text())
     assert len(doc["episodes"]) == 2 and doc["summary"]["successes"] == 2 and doc["summary"]["errored"] == 0
+
+
+def test_resume_refuses_another_model_or_episode_setting(tmp_path, caplog):
+    """A checkpoint replaced in place keeps its path: the recorded digest, not the path, says which weights ran."""
+    ident = {"policy": "gr00t", "model_id": "models/checkpoints/g", "checkpoint_digest": "aaaa",
+             "quantization": {"enabled": False}, "denoising_steps": 8}
+    path = tmp_path / "results.json"
+    ResultsFile(path, "libero_spatial", {"replan": None, "server": ident}, {}).add(_ep(0, 0, True))
+    moved = {**ident, "model_id": "/copy/of/g"}
+    assert ResultsFile(path, "libero_spatial", {"replan": None, "server": moved}, {}, resume=True).done_keys() == {
+        (0, 0)}
+    for key, value in (("checkpoint_digest", "bbbb"), ("quantization", {"enabled": True}), ("denoising_steps", 4)):
+        with pytest.raises(ResultsFileError, match=f"another model than the server now serves.*{key}"):
+            ResultsFile(path, "libero_spatial", {"replan": None, "server": {**ident, key: value}}, {}, resume=True)
+    with pytest.raises(ResultsFileError, match="--replan"):
+        ResultsFile(path, "libero_spatial", {"replan": 8, "server": ident}, {}, resume=True)
+    # a file written before results recorded the checkpoint: continued, with a warning that it cannot be checked
+    old = tmp_path / "old.json"
+    ResultsFile(old, "libero_spatial", {}, {}).add(_ep(0, 0, True))
+    with caplog.at_level("WARNING"):
+        ResultsFile(old, "libero_spatial", {"server": ident}, {}, resume=True)
+    assert "cannot check that the server still serves the same weights" in caplog.text
 
 
 # ----------------------------------------------------------------------------- config / naming

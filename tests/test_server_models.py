@@ -41,6 +41,27 @@ def test_openvla_policy_serves_actions(tiny_dirs) -> None:
     assert meta["policy"] == "openvla" and meta["action_horizon"] == 1
 
 
+def test_metadata_names_the_checkpoint_by_content(tiny_dirs, tmp_path) -> None:
+    """``checkpoint_digest``: the same weights under another path give the same digest, other weights another
+    (an evaluation records it; ``--resume`` and ``compare_libero`` refuse to mix two)."""
+    import shutil
+
+    from models.common.digest import checkpoint_digest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dirs["gr00t"], copy)
+    (copy / ".cache-note").write_text("hidden files are not the checkpoint")
+    with ServerProcess(args=["--policy", "gr00t", "--model-path", str(copy)]) as proc:
+        with PolicyClient(port=proc.port, timeout_s=60) as client:
+            meta = client.metadata()
+    assert meta["checkpoint_digest"] == checkpoint_digest(tiny_dirs["gr00t"]) and len(meta["checkpoint_digest"]) == 16
+    shard = sorted(copy.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    shard.write_bytes(bytes(data))
+    assert checkpoint_digest(copy) != meta["checkpoint_digest"]
+
+
 def test_gr00t_policy_serves_16_step_chunks_with_seed_flags(tiny_dirs) -> None:
     args = ["--policy", "gr00t", "--model_path", str(tiny_dirs["gr00t"]), "--denoising-steps", "8",
             "--embodiment-tag", "new_embodiment", "--data_config",

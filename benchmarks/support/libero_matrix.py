@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from client.libero.config import EvalConfig, config_from_args
-from client.libero.evaluate import settle_preprocess
+from client.libero.evaluate import settle_from_server
 from client.libero.parallel import EpisodeJob, EpisodePool
-from client.libero.results import EpisodeResult, ResultsFile
+from client.libero.results import EpisodeResult, ResultsFile, server_mismatch, wilson_ci
 from client.testing import REPO, ServerProcess, venv_python
 
 log = logging.getLogger("bench.libero_matrix")
@@ -255,10 +255,15 @@ def summarise(results_files: Sequence[Path]) -> dict[str, Any]:
     per_task: dict[str, list[int]] = {}
     outcomes: dict[str, bool] = {}  # "task:trial" -> success, for paired comparisons between variants
     wall: list[float] = []
+    model: dict[str, Any] = {}  # the served model's identity (the results config's "server"), when recorded
     for f in results_files:
         if not f.is_file():
             continue
         doc = json.loads(f.read_text())
+        recorded = (doc.get("config") or {}).get("server") or {}
+        if recorded and model and (differ := server_mismatch(model, recorded)):
+            raise ValueError(f"{f} was run against another model than the files before it ({', '.join(differ)})")
+        model = model or recorded
         for ep in doc.get("episodes", []):
             if ep.get("errored"):
                 errored += 1
@@ -271,8 +276,6 @@ def summarise(results_files: Sequence[Path]) -> dict[str, Any]:
             t = per_task.setdefault(str(ep["task_id"]), [0, 0])
             t[0] += int(bool(ep["success"]))
             t[1] += 1
-    from client.libero.results import wilson_ci
-
     lo, hi = wilson_ci(succ, valid)
     return {
         "successes": succ, "valid_episodes": valid, "errored": errored,
@@ -281,6 +284,7 @@ def summarise(results_files: Sequence[Path]) -> dict[str, Any]:
         "mean_steps": (steps / valid) if valid else None,
         "median_episode_wall_s": sorted(wall)[len(wall) // 2] if wall else None,
         "outcomes": outcomes,
+        "model": model,
     }
 
 
@@ -323,7 +327,7 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
             s.wait_ready(cfg.ready_timeout_s)
         log.info("%d servers ready in %.1fs", len(servers), time.monotonic() - t_start)
         for ecfg in configs.values():  # --preprocess auto -> what each variant's server advertises
-            settle_preprocess(ecfg)
+            settle_from_server(ecfg)
         failures = _run_episodes(cfg, configs, os.environ.get("MUJOCO_GL") or "egl")
         summary: dict[str, Any] = {}
         for v in variants:

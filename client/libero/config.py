@@ -133,6 +133,9 @@ class EvalConfig:
                                 help="with --expert-labels: the fraction of queries on which the expert's chunk is "
                                      "executed instead of the policy's (DAgger's beta; 0 = the policy always acts)")
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The served model's identity, taken from the server's metadata at start (``evaluate.settle_from_server``);
+    #: empty when the server did not answer. Recorded in the results file; ``--resume`` compares it.
+    server: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self, EvalConfigError)

@@ -29,7 +29,7 @@ from client.libero.protocol import (
     convert_gripper,
     rotate_180,
 )
-from client.libero.results import EpisodeResult, ResultsFile, ResultsFileError
+from client.libero.results import EpisodeResult, ResultsFile, ResultsFileError, server_identity
 
 log = logging.getLogger("client.libero.evaluate")
 
@@ -47,7 +47,7 @@ class ServerContract:
         self.horizon = int(meta.get("action_horizon", 1) or 1)
         replan = cfg.replan if cfg.replan is not None else meta.get("replan_steps")
         self.replan = int(replan) if replan else None  # None = execute the whole returned chunk
-        # normally settled before the run (settle_preprocess); a config built in code may still say auto
+        # normally settled before the run (settle_from_server); a config built in code may still say auto
         self.preprocess = cfg.preprocess if cfg.preprocess != PREPROCESS_AUTO else advertised_preprocess(meta)
 
 
@@ -83,11 +83,16 @@ def wait_for_server(cfg: EvalConfig, poll_s: float = 2.0) -> dict[str, Any] | No
             time.sleep(poll_s)
 
 
-def settle_preprocess(cfg: EvalConfig) -> None:
-    """Replace ``--preprocess auto`` by the preset the server advertises (``metadata["preprocess"]``), so the results
-    file records the image path actually used; raises :class:`EvalConfigError` (naming the flag) when the server
-    cannot say. An explicit preset only waits for a loading server (episodes against a missing one are errored)."""
+def settle_from_server(cfg: EvalConfig) -> None:
+    """What the run takes from the server before its first episode: ``cfg.server``, the served model's identity
+    (:func:`client.libero.results.server_identity`: policy, checkpoint digest, quantisation, decoding settings;
+    recorded in the results file, and a ``--resume`` against other weights is refused), and the preset that
+    replaces ``--preprocess auto`` (``metadata["preprocess"]``), so the results file records the image path actually
+    used; raises :class:`EvalConfigError` (naming the flag) when the server cannot say. An explicit preset only
+    waits for a loading server (episodes against a missing one are errored)."""
     meta = wait_for_server(cfg)
+    if meta is not None and meta.get("status", "ready") == "ready":
+        cfg.server = server_identity(meta)
     if cfg.preprocess != PREPROCESS_AUTO:
         return
     where = f"{cfg.host}:{cfg.port}"
@@ -223,7 +228,7 @@ def evaluate(cfg: EvalConfig) -> int:
 
     if not cfg.headless:
         log.info("no on-screen viewer is implemented; rendering off-screen")
-    settle_preprocess(cfg)
+    settle_from_server(cfg)
     backend = setup_headless_gl()
     write_libero_config()
     tasks = get_suite_tasks(cfg.suite)

@@ -62,7 +62,27 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
 
 #: Config keys a resumed run must share with the recorded one (mixing them would mix two experiments), and their flag.
 RESUME_MUST_MATCH = {"preprocess": "--preprocess", "seed": "--seed", "resolution": "--resolution",
-                     "fixtures": "--fixtures"}
+                     "fixtures": "--fixtures", "replan": "--replan", "max_steps": "--max-steps",
+                     "num_wait_steps": "--wait-steps"}
+
+
+#: The server metadata entries that say which model produced an episode, recorded as the config's ``server``:
+#: weights (``checkpoint_digest``, a content fingerprint), policy, quantisation and the decoding settings.
+SERVER_IDENTITY_KEYS = ("policy", "model_id", "checkpoint_digest", "quantization", "action_horizon",
+                        "denoising_steps", "initial_noise", "embodiment_tag", "rsd_config", "unnorm_key", "center_crop")
+#: Recorded but not compared on resume: the same weights may be served from another path.
+SERVER_IDENTITY_UNCOMPARED = ("model_id",)
+
+
+def server_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`SERVER_IDENTITY_KEYS` entries of a server's ``metadata`` reply (those it has)."""
+    return {k: meta[k] for k in SERVER_IDENTITY_KEYS if k in meta}
+
+
+def server_mismatch(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Identity entries that differ between a recorded server and this one (only entries both sides have)."""
+    return [k for k in SERVER_IDENTITY_KEYS if k not in SERVER_IDENTITY_UNCOMPARED
+            and k in before and k in now and before[k] != now[k]]
 
 
 class ResultsFileError(ValueError):
@@ -138,10 +158,28 @@ class ResultsFile:
                     raise ResultsFileError(
                         f"results file {self.path} was recorded with {key} {before[key]!r}, this run would use "
                         f"{config[key]!r} ({flag}): resume with the same setting or choose another --results path")
+            self._check_server(before.get("server") or {}, config.get("server") or {})
             self.episodes = list(doc.get("episodes", []))
             self.retries = list(doc.get("retries", []))
             self.created = doc.get("created", self.created)
             log.info("resuming %s: %d episodes already recorded", self.path, len(self.episodes))
+
+    def _check_server(self, before: dict[str, Any], now: dict[str, Any]) -> None:
+        """Refuse to continue episodes of another model (a checkpoint replaced in place keeps its path)."""
+        if not now:
+            return
+        if "checkpoint_digest" not in before:  # None is recorded too: a policy without a checkpoint (debug)
+            log.warning("resuming %s: it does not record which checkpoint produced its episodes (written before "
+                        "results recorded the server's checkpoint digest), so this run cannot check that the "
+                        "server still serves the same weights", self.path)
+            return
+        differ = server_mismatch(before, now)
+        if differ:
+            what = "; ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in differ)
+            raise ResultsFileError(
+                f"results file {self.path} was recorded against another model than the server now serves "
+                f"({what}; recorded model_id {before.get('model_id')!r}): resume against the same checkpoint and "
+                "settings, or choose another --results path")
 
     def done_keys(self) -> set[tuple[int, int]]:
         """(task_id, trial) of episodes already recorded (errored ones are retried on resume)."""

@@ -38,10 +38,13 @@ class Policy(abc.ABC):
     #: The LIBERO client image path the checkpoint expects (``client.libero.protocol.PREPROCESS_*``), set by the
     #: policy factory and sent as ``metadata["preprocess"]`` so the evaluation client follows it by default.
     preprocess: str = PREPROCESS_NONE
+    #: Content fingerprint of the checkpoint directory (:func:`models.common.digest.checkpoint_digest`), set by the
+    #: policy factory; an evaluation records it and ``--resume`` refuses another one. ``None``: no checkpoint.
+    checkpoint_digest: str | None = None
 
     def served_metadata(self) -> dict[str, Any]:
-        """:meth:`metadata` plus what the server adds for every policy (``preprocess``)."""
-        return {**self.metadata(), "preprocess": self.preprocess}
+        """:meth:`metadata` plus what the server adds for every policy (``preprocess``, ``checkpoint_digest``)."""
+        return {**self.metadata(), "preprocess": self.preprocess, "checkpoint_digest": self.checkpoint_digest}
 
     def validate(self, obs: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Raise :class:`PolicyInputError` if ``obs`` is unusable. Called on the event loop: keep it cheap."""

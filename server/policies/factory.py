@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.libero.protocol import PREPROCESS_NONE
+from models.common.digest import checkpoint_digest
 from server.policies.options import (
     KIND_DEFAULT,
     CalibrationOptions,
@@ -109,4 +110,5 @@ def build_policy(spec: PolicySpec, config: ServerConfig) -> Policy:
         report = quantize_model(model, dq, calib, lambda: spec.wrap(ctx, model, dict(CALIBRATING)))
         policy = spec.wrap(ctx, model, report)
     policy.preprocess = spec.preprocess if options.libero_preprocess == KIND_DEFAULT else options.libero_preprocess
+    policy.checkpoint_digest = checkpoint_digest(path) if path is not None else None
     return policy
