@@ -99,7 +99,8 @@ def test_unknown_option_lists_the_known_ones() -> None:
         create_policy(ServerConfig(policy="openvla-rsd", policy_options={"rsd_mode": "exact"}))
     text = str(err.value)
     assert "unknown option(s) for openvla-rsd: rsd_mode" in text
-    assert "known: libero_preprocess, calib_data, calib_n, calib_seed" in text and "--list-policies" in text
+    assert "known: libero_preprocess, replan_steps, calib_data, calib_n, calib_seed" in text
+    assert "--list-policies" in text
 
 
 def test_options_are_typed_dataclasses_with_shared_calibration_fields() -> None:
@@ -239,6 +240,25 @@ def test_each_policy_kind_advertises_the_libero_image_path_of_its_released_check
     assert PolicyServer(ServerConfig(policy="debug"), own).metadata()["preprocess"] == "openvla"
     with pytest.raises(ConfigError, match=re.escape("--policy-option libero_preprocess='jpeg': must be one of")):
         create_policy(ServerConfig(policy="debug", policy_options={"libero_preprocess": "jpeg"}))
+
+
+def test_replan_steps_is_advertised_and_bounded_by_the_chunk() -> None:
+    """metadata["replan_steps"] is the client's ``--replan`` default (the tiny GR00T executes 8 of its 16)."""
+    from client.libero.config import config_from_args
+    from client.libero.evaluate import ServerContract
+
+    plain = PolicyServer(ServerConfig(policy="debug"), create_policy(ServerConfig(policy="debug"))).metadata()
+    assert "replan_steps" not in plain  # the whole chunk
+    opts = {"horizon": "16", "replan_steps": "8"}
+    meta = PolicyServer(ServerConfig(policy="debug"),
+                        create_policy(ServerConfig(policy="debug", policy_options=opts))).metadata()
+    assert (meta["action_horizon"], meta["replan_steps"]) == (16, 8)
+    assert ServerContract(meta, config_from_args(["libero_spatial", "--headless"])).replan == 8
+    assert ServerContract(meta, config_from_args(["libero_spatial", "--headless", "--replan", "2"])).replan == 2
+    with pytest.raises(ValueError, match=r"replan_steps=9 is more than the 8 actions of a debug chunk"):
+        create_policy(ServerConfig(policy="debug", policy_options={"replan_steps": "9"}))
+    with pytest.raises(ConfigError, match=re.escape("--policy-option replan_steps='-1': must be >= 0")):
+        create_policy(ServerConfig(policy="debug", policy_options={"replan_steps": "-1"}))
 
 
 def test_gr00t_instruction_text_option_reaches_the_prompt_and_metadata() -> None:

@@ -68,7 +68,7 @@ RESUME_MUST_MATCH = {"preprocess": "--preprocess", "seed": "--seed", "resolution
 
 #: The server metadata entries that say which model produced an episode, recorded as the config's ``server``:
 #: weights (``checkpoint_digest``, a content fingerprint), policy, quantisation and the decoding settings.
-SERVER_IDENTITY_KEYS = ("policy", "model_id", "checkpoint_digest", "quantization", "action_horizon",
+SERVER_IDENTITY_KEYS = ("policy", "model_id", "checkpoint_digest", "quantization", "action_horizon", "replan_steps",
                         "denoising_steps", "initial_noise", "embodiment_tag", "rsd_config", "unnorm_key", "center_crop")
 #: Recorded but not compared on resume: the same weights may be served from another path.
 SERVER_IDENTITY_UNCOMPARED = ("model_id",)

@@ -41,10 +41,17 @@ class Policy(abc.ABC):
     #: Content fingerprint of the checkpoint directory (:func:`models.common.digest.checkpoint_digest`), set by the
     #: policy factory; an evaluation records it and ``--resume`` refuses another one. ``None``: no checkpoint.
     checkpoint_digest: str | None = None
+    #: Actions of a chunk a LIBERO client executes before asking again (``--policy-option replan_steps``), sent as
+    #: ``metadata["replan_steps"]`` when set; ``None``: the whole chunk.
+    replan_steps: int | None = None
 
     def served_metadata(self) -> dict[str, Any]:
-        """:meth:`metadata` plus what the server adds for every policy (``preprocess``, ``checkpoint_digest``)."""
-        return {**self.metadata(), "preprocess": self.preprocess, "checkpoint_digest": self.checkpoint_digest}
+        """:meth:`metadata` plus what the server adds for every policy (``preprocess``, ``checkpoint_digest``,
+        ``replan_steps`` when set)."""
+        meta = {**self.metadata(), "preprocess": self.preprocess, "checkpoint_digest": self.checkpoint_digest}
+        if self.replan_steps:
+            meta["replan_steps"] = self.replan_steps
+        return meta
 
     def validate(self, obs: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Raise :class:`PolicyInputError` if ``obs`` is unusable. Called on the event loop: keep it cheap."""

@@ -9,7 +9,8 @@ Every policy is built in the same order by :func:`build_policy`:
 4. load the model (the declaration's ``load``);
 5. quantise it (DuQuant, calibrated on ``calib_data`` when given);
 6. wrap it in its :class:`Policy`, the quantisation report passed to the constructor;
-7. set the LIBERO image path it advertises (``--policy-option libero_preprocess``, else the declaration's).
+7. set what it advertises to LIBERO clients: the image path (``--policy-option libero_preprocess``, else the
+   declaration's), the execution horizon (``replan_steps``, at most its chunk) and the checkpoint's digest.
 
 A declaration without ``load`` (the debugging policy) has no model: steps 3-5 are skipped.
 """
@@ -111,4 +112,11 @@ def build_policy(spec: PolicySpec, config: ServerConfig) -> Policy:
         policy = spec.wrap(ctx, model, report)
     policy.preprocess = spec.preprocess if options.libero_preprocess == KIND_DEFAULT else options.libero_preprocess
     policy.checkpoint_digest = checkpoint_digest(path) if path is not None else None
+    if options.replan_steps:
+        horizon = int(policy.metadata().get("action_horizon") or 0)
+        if options.replan_steps > horizon:
+            policy.close()
+            raise ValueError(f"--policy-option replan_steps={options.replan_steps} is more than the {horizon} "
+                             f"actions of a {spec.name} chunk")
+        policy.replan_steps = options.replan_steps
     return policy

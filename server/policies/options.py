@@ -41,12 +41,18 @@ class PolicyOptions:
     path the checkpoint was trained with, which ``run_libero_eval.sh`` follows by default (``--preprocess auto``).
     Each policy kind has its own default (``PolicySpec.preprocess``: the upstream harness of a released checkpoint
     of that kind); a checkpoint fine-tuned on this project's own client images says ``none`` here.
+    ``replan_steps`` is likewise the execution horizon advertised as ``metadata["replan_steps"]`` (checked against
+    the policy's action horizon at start-up).
     """
 
     libero_preprocess: str = setting(KIND_DEFAULT, choices=(KIND_DEFAULT, *PREPROCESS_CHOICES),
                                      help="the LIBERO client's image path this checkpoint expects, advertised in "
                                           "metadata['preprocess'] ('default': the policy kind's own: "
                                           "openvla/openvla-oft 'openvla', gr00t 'gr00t', others 'none')")
+    replan_steps: int = setting(0, check=at_least(0),
+                                help="actions of each returned chunk a LIBERO client executes before asking again, "
+                                     "advertised in metadata['replan_steps'] (the client's --replan default); 0: "
+                                     "the whole chunk. The shipped tiny GR00T solves more with 8 of its 16")
 
     def __post_init__(self) -> None:
         check_fields(self, ConfigError)
