@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 from benchmarks.support.libero_matrix import (
+    GR00T_REPLAN_STEPS,
     MatrixConfig,
     Variant,
     default_python,
@@ -56,7 +57,7 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
             if policy == "gr00t" and not path:
                 raise SystemExit("error: --quant-policy gr00t needs --gr00t-path DIR (a trained checkpoint)")
             variants += quant_variants(policy, path, out / "packs", args.calib_data, args.calib_n,
-                                       args.denoising_steps, args.initial_noise)
+                                       args.denoising_steps, args.initial_noise, args.gr00t_replan_steps)
     if args.only:
         keep = set(args.only.split(","))
         unknown = keep - {v.label for v in variants}
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--initial-noise", choices=("gaussian", "zero"), default="gaussian",
                     help="GR00T variants: where the flow-matching sampler starts (server --policy-option "
                          "initial_noise=...)")
+    ap.add_argument("--gr00t-replan-steps", type=int, default=GR00T_REPLAN_STEPS,
+                    help="GR00T variants: actions of each 16-step chunk executed before the next query, as the "
+                         "server advertises it (--policy-option replan_steps=...; 0: the whole chunk). 8: the shipped "
+                         "tiny GR00T solved 55/100 with it against 38/100 with whole chunks")
     ap.add_argument("--relaxed-r", type=int, default=1)
     ap.add_argument("--relaxed-tau", type=float, default=0.9)
     ap.add_argument("--action-eps", type=float, default=0.5,

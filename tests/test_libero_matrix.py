@@ -78,6 +78,11 @@ def test_quant_variants_share_flags_and_differ_only_in_quantisation(tmp_path) ->
     assert "initial_noise=gaussian" in fp.server_args  # upstream's sampler unless asked
     zero = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16, 4, initial_noise="zero")
     assert all("initial_noise=zero" in v.server_args for v in zero)
+    # GR00T is served as shipped: 8 of its 16 actions per query unless asked otherwise (0 = the whole chunk)
+    assert f"replan_steps={lm.GR00T_REPLAN_STEPS}" in fp.server_args and lm.GR00T_REPLAN_STEPS == 8
+    whole = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16, 4, gr00t_replan_steps=0)
+    assert all("replan_steps=0" in v.server_args for v in whole)
+    assert not any("replan_steps" in a for a in lm.quant_variants("openvla-rsd", None, tmp_path, None, 16, 8)[0].server_args)
 
 
 def _matrix(tmp_path: Path, **kw) -> lm.MatrixConfig:
