@@ -19,6 +19,7 @@ it. ``h5py`` is imported inside the functions that open files.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import logging
@@ -368,6 +369,28 @@ def add_extra_samples(train: DemoSamples, pattern: Pattern | None, chunk_len: in
     logger.info("--extra-demos: %d samples from %d episodes added to the %d training samples", len(extra),
                 len(extra.instructions), len(train))
     return train.concat(extra)
+
+
+def add_extra_share_argument(p: argparse.ArgumentParser) -> None:
+    """``--extra-share F``: the trainers' fixed share of every batch drawn from the ``--extra-demos`` samples."""
+    p.add_argument("--extra-share", type=float, default=None, metavar="F",
+                   help="with --extra-demos: draw this fraction of every batch from those episodes and the rest from "
+                        "the demonstrations (default: uniform over all samples, i.e. their share of the samples -- "
+                        "DAgger round 1 was ~35%% labels and taught the policy the labels' detours)")
+
+
+def extra_share_kwargs(share: float | None, num_base: int, num_total: int) -> dict[str, Any]:
+    """The :class:`models.common.training.TrainConfig` fields for ``--extra-share`` (samples ``num_base`` ..
+    ``num_total - 1`` are the extra ones); ``SystemExit`` naming the flag when it cannot apply."""
+    if share is None:
+        return {}
+    if not 0.0 < share < 1.0:
+        raise SystemExit(f"--extra-share must be between 0 and 1 (exclusive), got {share}")
+    if num_total <= num_base:
+        raise SystemExit("--extra-share needs --extra-demos with at least one sample")
+    logger.info("--extra-share %.2f: %.0f%% of every batch from the %d extra samples (their plain share: %.0f%%)",
+                share, 100 * share, num_total - num_base, 100 * (num_total - num_base) / num_total)
+    return {"extra_start": num_base, "extra_share": share}
 
 
 def random_crop(images: np.ndarray, area: float, rng: np.random.Generator) -> np.ndarray:

@@ -42,7 +42,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client.dataset import DemoSamples, add_extra_samples, load_samples, random_crop
+from client.dataset import (
+    DemoSamples,
+    add_extra_samples,
+    add_extra_share_argument,
+    extra_share_kwargs,
+    load_samples,
+    random_crop,
+)
 from models.common import scale, training
 from models.openvla.tiny import PRESETS
 from rsd.vla import OpenVLARSD, VLARSDConfig, load_openvla_rsd
@@ -354,7 +361,7 @@ def train_main(args: argparse.Namespace) -> dict:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, betas=(0.9, 0.95), grad_clip=1.0, seed=args.seed,
         save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="main", ema_decay=args.ema,
-        **scale.train_config_kwargs(args))
+        **scale.train_config_kwargs(args), **extra_share_kwargs(args.extra_share, len(expert_train), len(train)))
     result = training.fit(model, len(train), tcfg, batch_loss,
                           validate=(lambda: evaluate_main(model, held, held_layers, max_samples=512)) if len(held) else None,
                           checkpoint_dir=out / STATE_DIR, resume=args.resume,
@@ -367,7 +374,8 @@ def train_main(args: argparse.Namespace) -> dict:
     metrics = evaluate_main(model, held, held_layers) if len(held) else {}
     metrics.update({"preset": None if args.init else args.preset, "layer_weights": layer_weights,
                     "steps": step, "train_seconds": round(result.seconds, 1), "train_samples": len(train),
-                    "heldout_samples": len(held), "history": history})
+                    "heldout_samples": len(held), "extra_samples": len(train) - len(expert_train),
+                    "extra_share": args.extra_share, "history": history})
     if init_record is not None:
         metrics["init"] = init_record
     from models.openvla.tiny import save_pretrained
@@ -495,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the normalised 8-D state (obs/state_8d) as one projected prefix token (OpenVLA-OFT)")
     m.add_argument("--wrist", action="store_true",
                    help="feed the wrist camera (obs/eye_in_hand_rgb) through the same vision towers (OpenVLA-OFT)")
+    add_extra_share_argument(m)
     scale.add_scale_arguments(m)
     d = sub.add_parser("draft", parents=[common])
     d.add_argument("--model", required=True, help="OpenVLA-RSD directory from the main stage (draft saved into it)")

@@ -27,6 +27,7 @@
 #              PROPRIO/WRIST change the model's inputs: --resume only continues a train_state made with the same ones.
 #              EXTRA_DEMOS (glob: main/draft --extra-demos, training split only; e.g. the DAgger episodes of
 #                    run_libero_eval.sh --expert-labels DIR: 'DIR/*.hdf5'; see docs/dagger.md),
+#              EXTRA_SHARE (main --extra-share: that fraction of every batch from EXTRA_DEMOS; default: uniform),
 #              DAGGER_DIR (default $OUT/dagger), DAGGER_STAGES (main's step target(s) with the DAgger episodes,
 #                    default "14000"), TRIALS / FIRST_TRIAL / WORKERS (scripts/collect_dagger.sh).
 set -euo pipefail
@@ -52,6 +53,7 @@ run_main() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
   local inputs=(); [ "${PROPRIO:-1}" = 1 ] && inputs+=(--proprio); [ "${WRIST:-1}" = 1 ] && inputs+=(--wrist)
   [ -n "${EXTRA_DEMOS:-}" ] && inputs+=(--extra-demos "$EXTRA_DEMOS")
+  [ -n "${EXTRA_SHARE:-}" ] && inputs+=(--extra-share "$EXTRA_SHARE")
   # MAIN_STAGES: the run's step targets in order; each later target resumes the previous stage's state with a
   # longer cosine (the LR jumps back to the new schedule's value at that step: a warm restart). MAIN_STEPS=N is
   # one stage of N steps. A stage already reached is a no-op, so the whole list resumes like any other stage.

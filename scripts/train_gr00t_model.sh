@@ -11,6 +11,7 @@
 # Knobs (env): DEMOS (glob of LIBERO-layout HDF5 with both cameras + state_8d; render them with
 #              scripts/render_demos.sh), OUT, STEPS, BATCH, LR, EMA, DEVICE, THREADS, PRESET, INIT,
 #              EXTRA_DEMOS (glob: --extra-demos, training split only, e.g. DAgger episodes; docs/dagger.md),
+#              EXTRA_SHARE (--extra-share: that fraction of every batch from EXTRA_DEMOS; default: uniform),
 #              FT_OUT (default OUT_ft), FT_STEPS (8000), FT_BATCH (32), FT_LR (1.5e-4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ py="${PY:-.venv/bin/python}"  # PY: another interpreter (tests pass a recorder)
 run_train() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
   [ -n "${EXTRA_DEMOS:-}" ] && init+=(--extra-demos "$EXTRA_DEMOS")
+  [ -n "${EXTRA_SHARE:-}" ] && init+=(--extra-share "$EXTRA_SHARE")
   $py -m models.gr00t.train --demos "$DEMOS" --out "$OUT" --preset "${PRESET:-tiny}" --steps "${STEPS:-8000}" \
     --batch-size "${BATCH:-16}" --lr "${LR:-3e-4}" --ema "${EMA:-0.999}" --denoising-steps 8 \
     --device "${DEVICE:-cpu}" --threads "${THREADS:-0}" --eval-every "${EVAL_EVERY:-1000}" --resume "${init[@]}"

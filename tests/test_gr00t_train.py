@@ -179,3 +179,11 @@ def test_extra_demos_train_only_and_leave_the_statistics(demos: str, tiny_dir: P
     assert m_more["heldout_samples"] == m_plain["heldout_samples"]
     meta = [json.loads((d / "experiment_cfg" / "metadata.json").read_text()) for d in (plain, more)]
     assert meta[0]["new_embodiment"]["statistics"] == meta[1]["new_embodiment"]["statistics"]
+    assert (m_more["extra_samples"], m_more["extra_share"]) == (n, None)
+    shared = tmp_path / "shared"  # a fixed share of every batch from them (--extra-share)
+    assert train_main(_args(demos, shared, tiny_dir, 2, *common, "--extra-demos", str(extra),
+                            "--extra-share", "0.5")) == 0
+    m_shared = json.loads((shared / "train_metrics.json").read_text())
+    assert (m_shared["extra_samples"], m_shared["extra_share"], m_shared["steps"]) == (n, 0.5, 2)
+    with pytest.raises(SystemExit, match="--extra-share needs --extra-demos"):
+        train_main(_args(demos, tmp_path / "none", tiny_dir, 2, *common, "--extra-share", "0.5"))

@@ -61,6 +61,11 @@ def test_layer_weights_flag() -> None:
     assert args.layer_weights == "" and args.preset == "tiny"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["main", "--demos", "d", "--rfsq", "r", "--out", "o", "--preset", "huge"])
+    assert args.extra_share is None  # DAgger labels at their plain share unless --extra-share says otherwise
+    shared = build_parser().parse_args(["main", "--demos", "d", "--rfsq", "r", "--out", "o", "--extra-share", "0.2"])
+    assert shared.extra_share == 0.2
+    with pytest.raises(SystemExit):  # the draft distils the main model: no batch mix to set there
+        build_parser().parse_args(["draft", "--demos", "d", "--model", "m", "--extra-share", "0.2"])
 
 
 def test_small_preset_is_bigger_and_loads_through_the_released_loader(tmp_path) -> None:  # noqa: ANN001

@@ -63,6 +63,42 @@ def test_batch_schedule_is_a_function_of_seed_and_step() -> None:
     assert a.index.min() >= 0 and a.index.max() < 100
 
 
+def test_extra_share_fixes_each_batchs_mix_and_stays_a_function_of_seed_and_step() -> None:
+    """--extra-share: samples 90..99 (say, DAgger labels after 90 demonstration samples) are a fixed quarter of
+    every batch, not their 10% share of the samples; every micro-batch gets some (the batch is shuffled)."""
+    extra = (90, 0.25)
+    a = make_batch(3, 7, 100, 16, extra=extra)
+    np.testing.assert_array_equal(a.index, make_batch(3, 7, 100, 16, extra=extra).index)
+    for step in range(20):
+        idx = make_batch(3, step, 100, 16, extra=extra).index
+        assert (idx >= 90).sum() == 4 and idx.min() >= 0 and idx.max() < 100
+    halves = [make_batch(3, s, 100, 16, m, 2, extra=extra).index for s in range(20) for m in range(2)]
+    assert sum(int((h >= 90).any()) for h in halves) > 30  # shuffled: not all extras in one micro-batch
+    with pytest.raises(ValueError, match="outside 1..99"):
+        make_batch(3, 7, 100, 16, extra=(100, 0.25))
+    model = nn.Linear(2, 1)
+    seen: list[np.ndarray] = []
+
+    def loss(batch):  # noqa: ANN001, ANN202
+        seen.append(batch.index)
+        return model(torch.zeros(len(batch.index), 2)).sum()
+
+    fit(model, 100, TrainConfig(steps=3, batch_size=8, lr=1e-3, progress=False, extra_start=90, extra_share=0.5),
+        loss)
+    assert [int((i >= 90).sum()) for i in seen] == [4, 4, 4]
+
+
+def test_extra_share_flag_is_checked_before_training() -> None:
+    from client.dataset import extra_share_kwargs
+
+    assert extra_share_kwargs(None, 90, 100) == {}
+    assert extra_share_kwargs(0.3, 90, 100) == {"extra_start": 90, "extra_share": 0.3}
+    with pytest.raises(SystemExit, match="--extra-share must be between 0 and 1"):
+        extra_share_kwargs(1.0, 90, 100)
+    with pytest.raises(SystemExit, match="--extra-share needs --extra-demos"):
+        extra_share_kwargs(0.3, 90, 90)
+
+
 def test_resume_is_exact(tmp_path: Path) -> None:
     full = Toy()
     r_full = fit(full, 64, _cfg(), checkpoint_dir=tmp_path / "full")

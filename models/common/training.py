@@ -93,6 +93,10 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; fp32 master weights)
     grad_checkpointing: bool = False  # gradient_checkpointing_enable() on HF submodules that support it
     data_parallel: str = "ddp"  # with several ranks: "ddp" (replicas + all-reduce) | "fsdp" (sharded; see above)
+    # A fixed share of every batch from samples extra_start.. (the trainers' --extra-share, e.g. DAgger episodes
+    # after the demonstrations); None: every sample equally likely.
+    extra_start: int | None = None
+    extra_share: float | None = None
 
 
 @dataclass
@@ -132,11 +136,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_batch(seed: int, step: int, num_samples: int, batch_size: int, micro: int = 0,
-               num_micro: int = 1) -> Batch:
+               num_micro: int = 1, extra: tuple[int, float] | None = None) -> Batch:
     """The batch of ``step`` (or its shard ``micro`` of ``num_micro`` equal ones): a pure function of
-    ``(seed, step, micro)``, which is what makes resuming exact. With one shard it is the whole step's batch."""
+    ``(seed, step, micro)``, which is what makes resuming exact. With one shard it is the whole step's batch.
+    ``extra = (start, share)``: ``round(share * batch_size)`` of the samples come from ``start..num_samples-1``, the
+    rest from ``0..start-1``, in a shuffled order (so every micro-batch gets its share)."""
     rng = np.random.default_rng([seed, step])
-    index = rng.integers(0, num_samples, size=batch_size)
+    if extra is None:
+        index = rng.integers(0, num_samples, size=batch_size)
+    else:
+        start, share = extra
+        if not 0 < start < num_samples:
+            raise ValueError(f"extra samples start at {start}, outside 1..{num_samples - 1}")
+        k = int(round(share * batch_size))
+        index = rng.permutation(np.concatenate([rng.integers(0, start, size=batch_size - k),
+                                                rng.integers(start, num_samples, size=k)]))
     if num_micro == 1:
         return Batch(step=step, index=index, rng=rng, seed=int(rng.integers(0, 2**62)))
     if batch_size % num_micro:
@@ -373,6 +387,7 @@ mode after it).
     rank, world = _dist()
     sharded = _use_fsdp(cfg, world)
     num_micro = cfg.grad_accum * world
+    extra = None if cfg.extra_share is None else (int(cfg.extra_start or 0), float(cfg.extra_share))
     if cfg.batch_size % num_micro:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x world size = {num_micro}")
     loss_fn = loss_fn or model.loss  # type: ignore[assignment]
@@ -436,7 +451,7 @@ mode after it).
         opt.zero_grad(set_to_none=True)
         loss_sum, stats_sum = 0.0, {}
         for m in range(cfg.grad_accum):
-            batch = make_batch(cfg.seed, step, num_samples, cfg.batch_size, m * world + rank, num_micro)
+            batch = make_batch(cfg.seed, step, num_samples, cfg.batch_size, m * world + rank, num_micro, extra)
             torch.manual_seed(batch.seed)  # noise drawn inside the model (dropout, flow matching) is per step too
             with amp():
                 out = fsdp.call(model, loss_fn, batch)  # FSDP: inside the root's forward hooks

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.dataset import add_extra_samples, random_crop
+from client.dataset import add_extra_samples, add_extra_share_argument, extra_share_kwargs, random_crop
 from client.dataset import load_samples as load_demo_samples
 from models.common import scale, training
 from models.gr00t.config import GR00TConfig
@@ -221,6 +221,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("no training samples after the held-out split")
     actions = train_set.chunks[:, 0]  # every demonstration step's own action, once
     metadata = compute_statistics(train_set.states, actions)
+    num_demo_samples = len(train_set)
     train_set = add_extra_samples(train_set, args.extra_demos, HORIZON)  # after the statistics: they stay the demos'
 
     if args.init:
@@ -253,7 +254,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, betas=(0.95, 0.999), grad_clip=1.0, seed=args.seed,
         save_every=args.save_every, eval_every=args.eval_every, log_every=20, desc="gr00t", ema_decay=args.ema,
-        **scale.train_config_kwargs(args))
+        **scale.train_config_kwargs(args), **extra_share_kwargs(args.extra_share, num_demo_samples, len(train_set)))
     extra = {"demos": str(args.demos), "seed": args.seed, "preset": None if args.init else args.preset,
              "init": args.init}
     result = training.fit(model, len(train_set), tcfg, batch_loss, validate=validate if len(held) else None,
@@ -271,7 +272,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     metrics.update({
         "steps": step, "train_seconds_this_run": round(result.seconds, 1), "train_samples": len(train_set),
         "heldout_samples": len(held), "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "ema_decay": args.ema,
+        "ema_decay": args.ema, "extra_samples": len(train_set) - num_demo_samples, "extra_share": args.extra_share,
         "init": args.init, "preset": None if args.init else args.preset, "demos": str(args.demos),
         "train_loss_first": losses[0][1] if losses else None,
         "train_loss_last_fifth_mean": float(np.mean(tail)) if losses else None,
@@ -292,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-demos", default=None,
                    help="glob of more episodes for the training split only (never held out, not in the statistics): "
                         "DAgger episodes written by run_libero_eval.sh --expert-labels")
+    add_extra_share_argument(p)
     p.add_argument("--init", default=None, help="released-format GR00T N1.5 directory to fine-tune")
     p.add_argument("--preset", default="tiny", choices=PRESETS, help="fresh model size when --init is not given")
     p.add_argument("--steps", type=int, default=3000)
