@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.support.libero_matrix import plot_success, summarise
-from client.libero.results import mcnemar_exact_p, server_mismatch, wilson_ci
+from client.libero.results import common_identity, mcnemar_exact_p, wilson_ci
 
 
 def _load_source(label: str, where: str) -> dict[str, Any]:
@@ -66,11 +66,10 @@ def merge_sources(label: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
     seeds = {s.get("seed") for s in parts}
     if len(seeds) > 1:
         raise ValueError(f"{label}: its sources ran with different seeds {sorted(seeds, key=str)}")
-    models = [(s["source"], s["model"]) for s in parts if s.get("model")]  # recorded model identities
-    for where, model in models[1:]:
-        if differ := server_mismatch(models[0][1], model):
-            raise ValueError(f"{label}: {models[0][0]} and {where} were run against different models "
-                             f"({', '.join(differ)} differ)")
+    try:
+        model = common_identity([(s["source"], s.get("model") or {}) for s in parts])
+    except ValueError as e:
+        raise ValueError(f"{label}: {e}") from None
     per_task: dict[int, list[int]] = {}
     for key, ok in outcomes.items():
         t = per_task.setdefault(int(key.split(":")[0]), [0, 0])
@@ -83,7 +82,7 @@ def merge_sources(label: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
             "success_rate": succ / valid, "ci95": [round(lo, 4), round(hi, 4)],
             "per_task": {str(t): f"{a}/{n}" for t, (a, n) in sorted(per_task.items())}, "outcomes": outcomes,
             "trials": per_trial.pop() if len(per_trial) == 1 else None, "seed": seeds.pop(),
-            "model": models[0][1] if models else {},
+            "model": model,
             "source": " + ".join(s["source"] for s in parts)}
 
 

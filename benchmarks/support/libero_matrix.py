@@ -29,7 +29,7 @@ from typing import Any
 from client.libero.config import EvalConfig, config_from_args
 from client.libero.evaluate import settle_from_server
 from client.libero.parallel import EpisodeJob, EpisodePool
-from client.libero.results import EpisodeResult, ResultsFile, server_mismatch, wilson_ci
+from client.libero.results import EpisodeResult, ResultsFile, common_identity, wilson_ci
 from client.testing import REPO, ServerProcess, venv_python
 
 log = logging.getLogger("bench.libero_matrix")
@@ -264,15 +264,12 @@ def summarise(results_files: Sequence[Path]) -> dict[str, Any]:
     per_task: dict[str, list[int]] = {}
     outcomes: dict[str, bool] = {}  # "task:trial" -> success, for paired comparisons between variants
     wall: list[float] = []
-    model: dict[str, Any] = {}  # the served model's identity (the results config's "server"), when recorded
+    recorded: list[tuple[str, dict[str, Any]]] = []  # each file's served-model identity (its config's "server")
     for f in results_files:
         if not f.is_file():
             continue
         doc = json.loads(f.read_text())
-        recorded = (doc.get("config") or {}).get("server") or {}
-        if recorded and model and (differ := server_mismatch(model, recorded)):
-            raise ValueError(f"{f} was run against another model than the files before it ({', '.join(differ)})")
-        model = model or recorded
+        recorded.append((str(f), (doc.get("config") or {}).get("server") or {}))
         for ep in doc.get("episodes", []):
             if ep.get("errored"):
                 errored += 1
@@ -293,7 +290,7 @@ def summarise(results_files: Sequence[Path]) -> dict[str, Any]:
         "mean_steps": (steps / valid) if valid else None,
         "median_episode_wall_s": sorted(wall)[len(wall) // 2] if wall else None,
         "outcomes": outcomes,
-        "model": model,
+        "model": common_identity(recorded),
     }
 
 

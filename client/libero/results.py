@@ -85,6 +85,17 @@ def server_mismatch(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
             and k in before and k in now and before[k] != now[k]]
 
 
+def common_identity(recorded: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The one model identity that ``(where, identity)`` records of runs to be joined share (empty ones are not
+    recorded and skipped); ``ValueError`` naming the two sources and the entries that differ otherwise."""
+    known = [(where, ident) for where, ident in recorded if ident]
+    for where, ident in known[1:]:
+        if differ := server_mismatch(known[0][1], ident):
+            raise ValueError(f"{known[0][0]} and {where} were run against different models ({', '.join(differ)} "
+                             "differ)")
+    return known[0][1] if known else {}
+
+
 class ResultsFileError(ValueError):
     """A results file that cannot be continued by this run (another suite, or other episode settings)."""
 
