@@ -582,6 +582,111 @@ def write_labelled_episode(path: PathLike, task: Any, trial: int, init_index: in
     return path
 
 
+# Per-frame obs datasets of a rendered demonstration (one row per recorded step, ``frame_steps`` names the steps).
+FRAME_OBS_KEYS = (IMAGE_KEY, WRIST_KEY, "ee_pos", "ee_ori", "gripper_states", "joint_states", STATE_KEY, "ee_states")
+
+
+def merge_frame_renders(sources: Sequence[PathLike], out: PathLike) -> dict[str, Any]:
+    """Join renders of the same demonstrations at different frame phases into one render with all their frames.
+
+    ``render_demos --frame-every k --frame-phase P`` records steps ``t = init_index + P (mod k)``; renders at
+    phases ``0, k/n, 2k/n, ...`` hold disjoint frames of the same replayed episodes, so their union is the render
+    at every ``(k/n)``-th step (phase 0) -- what ``--frame-every k/n`` would give, for the cost of the missing
+    phases only (a render is ~45 min on 2 cores at k = 8). Per task file (``*_demo.hdf5`` in the first source)
+    and init state: every source's episode must have the same actions and simulator states (a replay is
+    deterministic from its init state, but the fixture layout is not pinned, so this is checked, not assumed);
+    a mismatching or missing phase leaves that episode with the frames that agree, and is counted (an episode
+    only a later render has -- its replay failed in the first -- is left out and counted). Each output
+    file is written to a temporary name and renamed; files already in ``out`` are skipped (re-run to resume).
+    """
+    import h5py
+
+    dirs = [Path(d) for d in sources]
+    if len(dirs) < 2:
+        raise ValueError("merge needs at least two renders")
+    setting = []
+    for d in dirs:
+        files = sorted(d.glob("*_demo.hdf5"))
+        if not files:
+            raise FileNotFoundError(f"{d}: no *_demo.hdf5 render files")
+        env_args = json.loads(dataset_attrs(files[0]).get("env_args", "{}"))
+        setting.append((int(env_args.get("frame_every", 1)), int(env_args.get("frame_phase", 0))))
+    every = {k for k, _ in setting}
+    phases = sorted(p for _, p in setting)
+    if len(every) != 1 or (k := every.pop()) % len(dirs) or phases != list(range(0, k, k // len(dirs))):
+        raise ValueError(f"renders at (frame_every, frame_phase) {setting}: need one frame_every k that the "
+                         f"{len(dirs)} renders split evenly, at phases 0, k/{len(dirs)}, 2k/{len(dirs)}, ...")
+    merged_every = k // len(dirs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"files": 0, "episodes": 0, "frames": 0, "skipped_files": 0, "missing_phase": 0, "mismatched": 0,
+              "only_in_later_renders": 0}
+    for first in sorted(dirs[0].glob("*_demo.hdf5")):
+        target = out / first.name
+        if target.exists():
+            counts["skipped_files"] += 1
+            continue
+        others = [h5py.File(d / first.name, "r") if (d / first.name).exists() else None for d in dirs[1:]]
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            with h5py.File(first, "r") as src, h5py.File(tmp, "w") as dst:
+                src.copy(src["data"], dst, name="data")
+                by_init = [{int(f["data"][n].attrs["init_state_index"]): f["data"][n] for n in demo_groups(f)}
+                           if f is not None else {} for f in others]
+                inits: set[int] = set()
+                for name in demo_groups(dst):
+                    g = dst["data"][name]
+                    init = int(g.attrs["init_state_index"])
+                    parts = [g]
+                    for table in by_init:
+                        o = table.get(init)
+                        if o is None:
+                            counts["missing_phase"] += 1
+                        elif (o["actions"].shape != g["actions"].shape
+                              or not np.array_equal(o["actions"][()], g["actions"][()])
+                              or not np.allclose(o["states"][()], g["states"][()], atol=1e-6)):
+                            counts["mismatched"] += 1
+                            logger.warning("%s init %d: phases differ (actions or states); kept the first's frames",
+                                           first.name, init)
+                        else:
+                            parts.append(o)
+                    counts["frames"] += _merge_obs(g["obs"], [p["obs"] for p in parts])
+                    counts["episodes"] += 1
+                    inits.add(init)
+                counts["only_in_later_renders"] += len(set().union(*by_init) - inits)
+                env_args = json.loads(dst["data"].attrs.get("env_args", "{}"))
+                env_args.update(frame_every=merged_every, frame_phase=0,
+                                merged_from=[{"frame_every": k, "frame_phase": p} for _, p in setting])
+                dst["data"].attrs["env_args"] = json.dumps(env_args)
+            os.replace(tmp, target)
+        finally:
+            for f in others:
+                if f is not None:
+                    f.close()
+        counts["files"] += 1
+        logger.info("%s: merged %d renders", first.name, len(dirs))
+    return counts
+
+
+def _merge_obs(obs: Any, parts: Sequence[Any]) -> int:
+    """Rewrites the per-frame datasets of ``obs`` as the step-sorted union of ``parts``' frames; returns the count."""
+    steps = np.concatenate([np.asarray(p[FRAME_STEPS_KEY], np.int64) for p in parts])
+    order = np.argsort(steps, kind="stable")
+    if len(np.unique(steps)) != len(steps):
+        raise ValueError(f"{obs.name}: the renders share frame steps (not disjoint phases)")
+    gz = {"compression": "gzip", "compression_opts": 4}
+    for key in FRAME_OBS_KEYS:
+        if key not in obs:
+            continue
+        data = np.concatenate([np.asarray(p[key]) for p in parts])[order]
+        del obs[key]
+        chunks = (1, *data.shape[1:]) if key in (IMAGE_KEY, WRIST_KEY) else None
+        obs.create_dataset(key, data=data, chunks=chunks, **gz)
+    del obs[FRAME_STEPS_KEY]
+    obs.create_dataset(FRAME_STEPS_KEY, data=steps[order].astype(np.int32))
+    return len(steps)
+
+
 def recorded_init_states(path: PathLike) -> set[int]:
     """Init-state indices of the demonstrations already in a rendered file (empty if it does not exist)."""
     import h5py

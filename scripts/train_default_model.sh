@@ -12,6 +12,7 @@
 #             DAGGER_STAGES with those episodes as --extra-demos, and the draft is distilled again  [docs/dagger.md]
 #   install-> copy the trained checkpoint (released layout + rsd/) to models/checkpoints/openvla-rsd-libero-spatial
 # Usage: scripts/train_default_model.sh [all|demos|rfsq|main|draft|dagger|install] ; every stage resumes.
+#        all = demos rfsq main draft install (the shipped recipe; dagger only when asked for by name)
 # Knobs (env): SUITE, DEMOS (glob), OUT, TRIALS_PER_TASK, RFSQ_STEPS, MAIN_STEPS (one stage of N steps) or
 #              MAIN_STAGES (default "5000 10000": 5000 steps, then resumed to 10000 with a longer cosine, as the
 #              shipped checkpoint was trained), DRAFT_STEPS, PRESET, DEVICE,
@@ -94,6 +95,7 @@ run_install() {
 case "$stage" in
   demos) run_demos ;; rfsq) run_rfsq ;; main) run_main ;; draft) run_draft ;; dagger) run_dagger ;;
   install) run_install ;;
-  all) run_demos; run_rfsq; run_main; run_draft; run_dagger; run_install ;;
+  # not dagger: every DAgger round so far made the policy worse (docs/dagger.md); the shipped recipe has none
+  all) run_demos; run_rfsq; run_main; run_draft; run_install ;;
   *) echo "usage: $0 [all|demos|rfsq|main|draft|dagger|install]" >&2; exit 2 ;;
 esac

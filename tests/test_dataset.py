@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,6 +144,61 @@ def test_sparse_frame_demos(tmp_path: Path) -> None:
         f["data/demo_0/obs/frame_steps"][-1] = 13  # past the last action
     with pytest.raises(ValueError, match="frame_steps"):
         dataset.load_samples(path)
+
+
+def _sparse(full: dict, every: int, offset: int) -> dict:
+    steps = np.arange(offset, len(full["actions"]), every)
+    rec = {k: (v[steps] if k in dataset.FRAME_OBS_KEYS else v) for k, v in full.items()}
+    rec["frame_steps"] = steps.astype(np.int32)
+    return rec
+
+
+def _render_dir(root: Path, phase: int, fulls: dict[int, dict], every: int = 8) -> Path:
+    """A ``render_demos --frame-every 8 --frame-phase P`` directory of one task file (offset = init + P mod k)."""
+    d = root / f"p{phase}"
+    d.mkdir()
+    for n, (init, full) in enumerate(fulls.items()):
+        dataset.write_demo(d / "pick_bowl_demo.hdf5", _task(), n, init_index=init, actions=full["actions"],
+                           rec=_sparse(full, every, (init + phase) % every),
+                           env_args={"frame_every": every, "frame_phase": phase}, params={}, seed=7)
+    return d
+
+
+def test_merge_frame_renders_equals_a_render_at_half_the_spacing(tmp_path: Path) -> None:
+    """Renders at phases 0 and 4 of 8 join into what a render every 4th step holds: every frame once, in step
+    order, each sample with its own step's chunk; a phase whose replay differs (states) or is missing keeps the
+    first render's frames and is counted; a rerun skips finished files; mismatched settings are refused."""
+    fulls = {init: _recording(30 + init, seed=init, res=16) for init in (3, 6, 9)}
+    a = _render_dir(tmp_path, 0, fulls)
+    drifted = {**fulls, 6: {**fulls[6], "states": fulls[6]["states"] + 1e-3}}  # a replay that went elsewhere
+    b = _render_dir(tmp_path, 4, {k: v for k, v in drifted.items() if k != 9})  # init 9's replay failed there
+    out = tmp_path / "k4"
+    counts = dataset.merge_frame_renders([a, b], out)
+    assert counts["episodes"] == 3 and counts["mismatched"] == 1 and counts["missing_phase"] == 1
+    s = dataset.load_samples(out / "pick_bowl_demo.hdf5", chunk_len=4)
+    want = {3: np.arange(3, 33, 4), 6: np.arange(6, 36, 8), 9: np.arange(1, 39, 8)}  # merged / first render's only
+    assert counts["frames"] == len(s) == sum(len(v) for v in want.values())
+    for d, init in enumerate((3, 6, 9)):
+        rows = s.demo_of == d
+        np.testing.assert_array_equal(s.images[rows, 0, 0, 1], want[init])  # the first pixel encodes the step
+        np.testing.assert_array_equal(s.states[rows], fulls[init]["state_8d"][want[init]])
+        np.testing.assert_array_equal(s.chunks[rows], dataset.chunk_actions(fulls[init]["actions"], 4)[want[init]])
+        np.testing.assert_array_equal(s.wrist_images[rows], fulls[init]["eye_in_hand_rgb"][want[init]])
+    env_args = json.loads(dataset.dataset_attrs(out / "pick_bowl_demo.hdf5")["env_args"])
+    assert (env_args["frame_every"], env_args["frame_phase"]) == (4, 0) and len(env_args["merged_from"]) == 2
+    assert dataset.merge_frame_renders([a, b], out)["skipped_files"] == 1
+    # the command line: the same join, or a usage error
+    from client.libero.render_demos import main as render_main
+
+    assert render_main(["--merge", str(a), str(b), "--out", str(tmp_path / "cli")]) == 0
+    np.testing.assert_array_equal(dataset.load_samples(tmp_path / "cli" / "pick_bowl_demo.hdf5", chunk_len=4).images,
+                                  s.images)
+    with pytest.raises(SystemExit):
+        render_main(["--merge", str(a), "--out", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="evenly"):
+        dataset.merge_frame_renders([a, _render_dir(tmp_path, 2, fulls)], tmp_path / "bad")
+    with pytest.raises(ValueError, match="at least two"):
+        dataset.merge_frame_renders([a], tmp_path / "bad")
 
 
 def test_actions_file_round_trip(tmp_path: Path) -> None:

@@ -178,7 +178,7 @@ def test_render_records_a_failed_replay_and_a_resume_skips_it(tmp_path, spatial_
     counts = render_task("libero_spatial", 0, [(init, actions[:10])], str(tmp_path), seed=7, frame_every=8)
     assert counts["replay_failures"] == 1 and counts["rendered"] == 0
     record = json.loads((tmp_path / f"{spatial_tasks[0].name}_replay_failures.json").read_text())
-    assert record == {"frame_every": 8, "seed": 7, "init_indices": [init]}
+    assert record == {"frame_every": 8, "frame_phase": 0, "seed": 7, "init_indices": [init]}
 
     def no_env(*a, **k):
         raise AssertionError("a recorded failure was replayed again")
