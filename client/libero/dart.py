@@ -62,36 +62,6 @@ def held_noise(spec: NoiseSpec, steps: int, rng: np.random.Generator) -> np.ndar
     return noise
 
 
-def noisy_expert(env: Any, init_state: np.ndarray, params: Any, noise: np.ndarray, seed: int,
-                 wait_steps: int) -> dict[str, Any]:
-    """Run the expert closed loop from ``init_state`` executing ``clip(action + noise[t])``; the clean actions are
-    the labels. Returns executed and clean actions, the phase per step, and the success step (or ``None``)."""
-    from client.libero.expert import ScriptedExpert, parse_goal
-    from client.libero.protocol import WAIT_ACTION
-
-    env.seed(seed)
-    env.reset()
-    obs = env.set_init_state(init_state)
-    for _ in range(wait_steps):
-        obs, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))
-    expert = ScriptedExpert(env, parse_goal(env), params)
-    executed, clean, phases = [], [], []
-    success_step = None
-    for t in range(len(noise)):
-        a = expert.act(obs)
-        if expert.failed:
-            break
-        phases.append(expert.phase.name)
-        clean.append(a)
-        executed.append(np.clip(a + noise[t], -1.0, 1.0).astype(np.float32))
-        obs, _, done, _ = env.step(executed[-1].astype(np.float64))
-        if done:
-            success_step = t + 1
-            break
-    return {"executed": np.asarray(executed, np.float32).reshape(-1, 7), "clean": np.asarray(clean, np.float32)
-            .reshape(-1, 7), "phases": phases, "success_step": success_step}
-
-
 def episode_path(out: str | Path, task_name: str, init_index: int) -> Path:
     return Path(out) / f"{task_name}_init{int(init_index):03d}.hdf5"
 
@@ -100,7 +70,7 @@ def record_task(suite: str, tid: int, inits: list[int], out: str, spec: NoiseSpe
                 frame_every: int) -> dict[str, Any]:
     """Noisy episodes of one task's ``inits`` into ``out`` (one file each); returns counts."""
     from client.libero.env import close_env, get_suite_tasks, make_env, setup_headless_gl
-    from client.libero.expert import ExpertParams
+    from client.libero.expert import ExpertParams, run_expert
     from client.libero.protocol import NUM_WAIT_STEPS, max_steps_for
     from client.libero.record_demos import RENDER_RES, replay_and_record
 
@@ -121,9 +91,9 @@ def record_task(suite: str, tid: int, inits: list[int], out: str, spec: NoiseSpe
             for attempt in range(attempts):
                 rng = np.random.default_rng([seed, tid, k, attempt])
                 params = ExpertParams.sample(rng, attempt)
-                run = noisy_expert(phys, task.init_states[k], params, held_noise(spec, max_steps, rng), seed,
-                                   NUM_WAIT_STEPS)
-                if run["success_step"] is not None:
+                run = run_expert(phys, task.init_states[k], params, max_steps, seed=seed, wait_steps=NUM_WAIT_STEPS,
+                                 noise=held_noise(spec, max_steps, rng))
+                if run.success:
                     found = (attempt, params, run)
                     break
             if found is None:
@@ -131,15 +101,15 @@ def record_task(suite: str, tid: int, inits: list[int], out: str, spec: NoiseSpe
                 log.info("task %d init %d: no noisy attempt of %d succeeded", tid, k, attempts)
                 continue
             attempt, params, run = found
-            rec = replay_and_record(rend, task, k, run["executed"], seed, frame_every=frame_every,
+            rec = replay_and_record(rend, task, k, run.actions, seed, frame_every=frame_every,
                                     frame_offset=k % frame_every)
-            if rec["success_step"] is None or len(rec["actions"]) != len(run["executed"]):
+            if rec["success_step"] is None or len(rec["actions"]) != run.steps:
                 counts["replay_failures"] += 1
                 log.warning("task %d init %d: the rendered replay did not reproduce the noisy episode", tid, k)
                 continue
             steps = rec["frame_steps"] if "frame_steps" in rec else np.arange(len(rec["actions"]))
-            rec[EXPERT_CHUNKS_KEY] = chunk_actions(run["clean"], LABEL_HORIZON)[steps]
-            rec["phases"] = [run["phases"][s] for s in steps]
+            rec[EXPERT_CHUNKS_KEY] = chunk_actions(run.labels, LABEL_HORIZON)[steps]
+            rec["phases"] = [run.phases[s] for s in steps]
             rec["executed_expert"] = np.ones(len(steps), np.uint8)
             write_labelled_episode(episode_path(out, task.name, k), task, k, k, rec["actions"], rec, seed,
                                    success=True, dart_sigma=spec.sigma, dart_hold=spec.hold, attempt=attempt,

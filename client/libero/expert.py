@@ -467,19 +467,24 @@ class Rollout:
     """Result of one expert attempt from a fixed init state."""
 
     success: bool
-    actions: np.ndarray  # (T, 7) float32, the recorded part (after the wait steps)
+    actions: np.ndarray  # (T, 7) float32, the recorded part (after the wait steps): what was executed
     steps: int
     success_step: int | None
     params: ExpertParams
+    labels: np.ndarray | None = None  # with ``noise``: (T, 7) the actions the expert meant (before the noise)
+    phases: list[str] | None = None  # with ``noise``: the expert's phase at each step
 
 
 def run_expert(env: Any, init_state: np.ndarray, params: ExpertParams, max_steps: int, seed: int = 7,
-               wait_steps: int = 10, extra_after_success: int = 0, goal: PickPlaceGoal | None = None) -> Rollout:
+               wait_steps: int = 10, extra_after_success: int = 0, goal: PickPlaceGoal | None = None,
+               noise: np.ndarray | None = None) -> Rollout:
     """Reset to ``init_state`` (seed, reset, set_init_state, wait steps) and run the expert.
 
     The wait steps mirror the evaluation protocol and are not part of ``actions``; ``max_steps`` counts
     the recorded steps, the same budget an evaluated policy gets. Stops at env ``done`` (plus
     ``extra_after_success`` steps, so a demo shows the release settling) or when the budget runs out.
+    ``noise`` (``[>= max_steps, 7]``, DART: :mod:`client.libero.dart`) is added to every action before it is
+    executed (clipped to [-1, 1]); ``actions`` are then the executed ones and ``labels`` the expert's own.
     """
     from client.libero.protocol import WAIT_ACTION
 
@@ -490,15 +495,24 @@ def run_expert(env: Any, init_state: np.ndarray, params: ExpertParams, max_steps
         obs, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))
     expert = ScriptedExpert(env, goal or parse_goal(env), params)
     actions: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    phases: list[str] = []
     success_step = None
     for t in range(max_steps):
         a = expert.act(obs)
         if expert.failed:
             break
+        if noise is not None:
+            labels.append(a)
+            phases.append(expert.phase.name)
+            a = np.clip(a + noise[t], -1.0, 1.0).astype(np.float32)
         actions.append(a)
         obs, _, done, _ = env.step(a.astype(np.float64))
         if done and success_step is None:
             success_step = t + 1
         if success_step is not None and t + 1 >= success_step + extra_after_success:
             break
-    return Rollout(success_step is not None, np.asarray(actions, np.float32), len(actions), success_step, params)
+    executed = np.asarray(actions, np.float32).reshape(-1, 7)
+    return Rollout(success_step is not None, executed, len(actions), success_step, params,
+                   labels=None if noise is None else np.asarray(labels, np.float32).reshape(-1, 7),
+                   phases=None if noise is None else phases)
