@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="episode step cap (smoke runs only)")
     ap.add_argument("--replan", type=int, default=None,
                     help="actions executed per query (client --replan; default: the server's, else the whole chunk)")
+    ap.add_argument("--ensemble", type=float, default=None, metavar="M",
+                    help="client --ensemble M: temporal ensembling of the overlapping chunks (needs a replan "
+                         "shorter than the chunk; default off)")
     ap.add_argument("--openvla-rsd-path", default=None, help="checkpoint (default: the embedded default model)")
     ap.add_argument("--gr00t-path", default=None)
     ap.add_argument("--quant-policy", nargs="+", default=["openvla-rsd"], choices=("openvla-rsd", "gr00t"))
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                        out_dir=out, seed=args.seed, first_trial=args.first_trial, max_steps=args.max_steps,
                        resolution=args.resolution,
                        replan=args.replan,
+                       ensemble=args.ensemble,
                        server_python=args.server_python,
                        client_python=args.client_python,
                        server_extra=["--device", args.device, "--torch-threads", str(args.server_threads)])

@@ -98,16 +98,17 @@ def _episode(task: int, trial: int, success: bool = True, errored: bool = False)
 
 
 def test_eval_config_has_the_matrix_settings_and_the_variants_client_flags(tmp_path) -> None:
-    cfg = _matrix(tmp_path, trials=7, replan=2)
+    cfg = _matrix(tmp_path, trials=7, replan=2, ensemble=0.0)
     v = lm.Variant("relaxed", ["--policy", "openvla-rsd"], client_args=["--replan", "4", "--timeout", "90"])
     e = lm.eval_config(cfg, v, 5601)
     assert (e.suite, e.port, e.tasks, e.trials, e.seed) == ("libero_spatial", 5601, [3, 5], 7, 11)
     assert (e.max_steps, e.resolution, e.workers) == (20, 128, 2)
     assert e.replan == 4 and e.timeout_s == 90.0  # a variant's own client flags override the matrix's
+    assert e.ensemble == 0.0  # the matrix's --ensemble reaches every variant's client
     assert e.resume and e.headless and not e.save_video and not e.progress
     assert e.results_path == tmp_path / "relaxed" / "results.json" == lm.results_path(cfg, "relaxed")
     plain = lm.eval_config(_matrix(tmp_path, max_steps=None, resolution=None), lm.Variant("a", []), 5602)
-    assert plain.replan is None and plain.resolution == 256 and plain.max_steps is None  # the client's defaults
+    assert plain.ensemble is None and plain.replan is None and plain.resolution == 256 and plain.max_steps is None  # the client's defaults
     with pytest.raises(ValueError, match="--replan"):
         lm.eval_config(cfg, lm.Variant("bad", [], client_args=["--replan", "0"]), 5603)
 

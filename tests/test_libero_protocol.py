@@ -213,3 +213,40 @@ def test_demo_schema_modules_import_without_torch_or_h5py() -> None:
     code = ("import sys, client.dataset, client.libero.record_demos, client.libero.render_demos; "
             "assert 'torch' not in sys.modules and 'h5py' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------- temporal ensembling
+def test_temporal_ensemble_weighs_predictions_oldest_first():
+    from client.libero.ensemble import TemporalEnsemble
+
+    rng = np.random.default_rng(0)
+    c0, c1, c2 = (rng.normal(size=(4, 7)).astype(np.float32) for _ in range(3))
+    ens = TemporalEnsemble(0.5)
+    ens.add(0, c0)
+    np.testing.assert_allclose(ens.action(1), c0[1], rtol=1e-6)  # one prediction: itself
+    ens.add(2, c1)
+    w = np.exp(-0.5 * np.arange(2))
+    np.testing.assert_allclose(ens.action(3), (w[0] * c0[3] + w[1] * c1[1]) / w.sum(), rtol=1e-5)
+    ens.add(4, c2)  # c0 covers steps 0-3 only: dropped
+    assert len(ens._chunks) == 2
+    np.testing.assert_allclose(ens.actions(4, 2), [(w[0] * c1[2] + w[1] * c2[0]) / w.sum(),
+                                                   (w[0] * c1[3] + w[1] * c2[1]) / w.sum()], rtol=1e-5)
+    with pytest.raises(ValueError, match="covers step 9"):
+        ens.action(9)
+    with pytest.raises(ValueError, match="step order"):
+        ens.add(3, c0)
+    ens.reset()
+    with pytest.raises(ValueError, match="no recorded chunk"):
+        ens.action(4)
+    uniform = TemporalEnsemble(0.0)
+    uniform.add(0, c0)
+    uniform.add(1, c1)
+    np.testing.assert_allclose(uniform.action(2), (c0[2] + c1[1]) / 2, rtol=1e-5)
+
+
+def test_ensemble_flag_is_parsed_checked_and_recorded():
+    cfg = config_from_args(["libero_spatial", "--headless", "--replan", "4", "--ensemble", "0.1"])
+    assert cfg.ensemble == pytest.approx(0.1) and cfg.to_dict()["ensemble"] == pytest.approx(0.1)
+    assert config_from_args(["libero_spatial", "--headless"]).ensemble is None
+    with pytest.raises(ValueError, match="--ensemble"):
+        config_from_args(["libero_spatial", "--headless", "--ensemble", "50"])

@@ -297,3 +297,40 @@ def test_camera_gate_keeps_the_video_camera_rendering(spatial_tasks, tmp_path):
     assert any(np.abs(frames[i].astype(int) - frames[i + 1].astype(int)).max() > 0 for i in range(5))
     # agent view: reset + 1 wait + 6 steps = 8 renders; wrist: only the 2 sent observations
     assert gate.rendered == 8 + 2
+
+
+def test_ensemble_executes_the_mean_of_the_overlapping_chunks(spatial_tasks, tmp_path):
+    """--ensemble 0 with --replan 2 and 4-step chunks: every executed action is the mean of the (up to 2) chunks
+    that predicted it, and the policy is still asked every 2 steps."""
+    from client.libero.config import EvalConfig
+    from client.libero.evaluate import run_episode
+
+    task = spatial_tasks[0]
+    cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=8, num_wait_steps=1, resolution=64,
+                     save_video=False, results=str(tmp_path / "r.json"), replan=2, ensemble=0.0)
+    env = make_env(task, 64, cameras=True)
+    executed: list[np.ndarray] = []
+    step = env.step
+
+    def recording_step(action):
+        executed.append(np.array(action))
+        return step(action)
+
+    env.step = recording_step
+    client = _RecordingClient(4)
+    chunks: list[np.ndarray] = []
+    infer = client.infer
+    client.infer = lambda obs: chunks.append(infer(obs)) or chunks[-1]
+    try:
+        ep, _ = run_episode(env, task, 0, cfg, client, {})
+    finally:
+        close_env(env)
+    assert ep.steps == 8 and ep.num_queries == 4 and not ep.errored
+    moves = executed[1:]  # the first step executed is the wait no-op
+    assert len(moves) == 8
+    for t, a in enumerate(moves):
+        preds = [c[t - 2 * k] for k, c in enumerate(chunks) if 0 <= t - 2 * k < 4]
+        assert len(preds) == (1 if t < 2 else 2)
+        np.testing.assert_allclose(a, np.mean(preds, axis=0), rtol=1e-5, atol=1e-6)
+    # and it is not what the plain loop executes (the newest chunk alone)
+    assert not np.allclose(moves[2], chunks[1][0])

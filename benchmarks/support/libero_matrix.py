@@ -132,6 +132,7 @@ class MatrixConfig:
     max_steps: int | None = None
     resolution: int | None = None
     replan: int | None = None  # client --replan (None: the server's replan_steps, else the whole chunk)
+    ensemble: float | None = None  # client --ensemble (temporal ensembling of overlapping chunks; None: off)
     server_python: str = field(default_factory=lambda: default_python(".venv"))
     client_python: str = field(default_factory=lambda: default_python(".venv-libero"))
     server_extra: list[str] = field(default_factory=list)
@@ -196,6 +197,8 @@ def eval_config(cfg: MatrixConfig, v: Variant, port: int) -> EvalConfig:
         argv += ["--resolution", str(cfg.resolution)]
     if cfg.replan:
         argv += ["--replan", str(cfg.replan)]
+    if cfg.ensemble is not None:
+        argv += ["--ensemble", str(cfg.ensemble)]
     return config_from_args(argv + v.client_args)
 
 
@@ -343,7 +346,7 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
         return {"variants": summary, "failures": failures, "wall_s": round(time.monotonic() - t_start, 1),
                 "suite": cfg.suite, "tasks": cfg.tasks, "trials": cfg.trials, "first_trial": cfg.first_trial,
                 "seed": cfg.seed,
-                "max_steps": cfg.max_steps, "resolution": cfg.resolution, "replan": cfg.replan,
+                "max_steps": cfg.max_steps, "resolution": cfg.resolution, "replan": cfg.replan, "ensemble": cfg.ensemble,
                 "workers": cfg.workers}
     finally:
         for s in servers.values():

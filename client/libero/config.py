@@ -77,6 +77,11 @@ class EvalConfig:
     replan: int | None = setting(None, "--replan", check=at_least(1),
                                  help="actions executed from each returned chunk before querying again (default: "
                                       "the server's replan_steps, else all)")
+    ensemble: float | None = setting(None, "--ensemble", metavar="M", check=in_range(-10.0, 10.0),
+                                     help="temporal ensembling (ACT): execute the weighted mean of every overlapping "
+                                          "chunk's prediction for a step, weight exp(-M*k) with k=0 the oldest "
+                                          "(0: equal weights); needs --replan (or the server's replan_steps) "
+                                          "shorter than the chunk; default off: the newest chunk only")
     max_steps: int | None = setting(None, "--max-steps", check=at_least(1),
                                     help="override the suite's step limit (tests, smoke runs)")
     num_wait_steps: int = setting(NUM_WAIT_STEPS, "--wait-steps", check=at_least(0),

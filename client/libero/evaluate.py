@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from client.libero.config import EvalConfig, EvalConfigError, config_from_args
+from client.libero.ensemble import TemporalEnsemble
 from client.libero.protocol import (
     GRIPPER_LIBERO,
     PREPROCESS_AUTO,
@@ -149,6 +150,10 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
             c = contract_box["c"]
             log.info("server: %s, horizon %d, replan %s, gripper convention %s, preprocess %s",
                      c.meta.get("model_id", "?"), c.horizon, c.replan or "full chunk", c.gripper, c.preprocess)
+            if cfg.ensemble is not None and (c.replan is None or c.replan >= c.horizon):
+                log.warning("--ensemble %g: each chunk is executed whole (replan %s, horizon %d), so no two chunks "
+                            "overlap and ensembling changes nothing; pass --replan N < %d",
+                            cfg.ensemble, c.replan or "full chunk", c.horizon, c.horizon)
         contract = contract_box["c"]
         client.reset()
         need_images(cfg.num_wait_steps == 0)
@@ -157,6 +162,7 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
             need_images(i == cfg.num_wait_steps - 1)
             raw, _, _, _ = env.step(WAIT_ACTION.astype(np.float64))
         labelling = labeler is not None and labeler.begin(task, trial, init_index, cfg.seed)
+        ensemble = TemporalEnsemble(cfg.ensemble) if cfg.ensemble is not None else None
         queue: list[np.ndarray] = []
         max_steps = cfg.effective_max_steps
         while steps < max_steps:
@@ -172,7 +178,11 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
                         server_timings.setdefault(k, []).append(float(v))
                 chunk = convert_gripper(chunk, contract.gripper)
                 n = len(chunk) if contract.replan is None else min(contract.replan, len(chunk))
-                queue = list(chunk[:n])
+                if ensemble is not None:
+                    ensemble.add(steps, chunk)
+                    queue = ensemble.actions(steps, n)
+                else:
+                    queue = list(chunk[:n])
                 if labelling and (expert := labeler.observe(env, raw, steps)) is not None:
                     queue = list(expert[:n])  # --expert-mix: the expert acts on this query
             action = queue.pop(0)
