@@ -68,3 +68,39 @@ def test_noisy_episode_is_labelled_with_the_clean_actions(tmp_path) -> None:
     for bad in (["--sigma", "2"], ["--hold", "0"], ["--tasks", "12"], ["--inits", "x"]):
         with pytest.raises(SystemExit):
             main([*spec_args[:4], *bad])
+
+
+def test_closed_loop_rerun_in_the_rendering_env_perturbs_and_labels_like_the_physics_run() -> None:
+    """The fallback for replays that diverge (the drawer task): ``replay_and_record`` with the attempt's params and
+    noise runs the expert closed loop in the rendering env; the executed actions are the labels plus the noise
+    (clipped), step by step, and the rerun is the same episode as the physics-only one wherever the two envs agree
+    (task 0, which replays bit-identically). Noise without params (open loop) is refused."""
+    from client.libero.dart import NoiseSpec, held_noise
+    from client.libero.env import close_env, get_suite_tasks, make_env
+    from client.libero.expert import ExpertParams, run_expert
+    from client.libero.protocol import NUM_WAIT_STEPS, max_steps_for
+    from client.libero.record_demos import replay_and_record
+
+    task = get_suite_tasks("libero_spatial")[0]
+    max_steps = max_steps_for("libero_spatial")
+    rng = np.random.default_rng([SEED, 0, 2, 0])
+    params = ExpertParams.sample(rng, 0)
+    noise = held_noise(NoiseSpec(0.05, 8), max_steps, rng)
+    phys = make_env(task, cameras=False)
+    rend = make_env(task, 64, cameras=True)
+    try:
+        run = run_expert(phys, task.init_states[2], params, max_steps, seed=SEED, wait_steps=NUM_WAIT_STEPS,
+                         noise=noise)
+        rec = replay_and_record(rend, task, 2, run.actions, SEED, params=params, max_steps=max_steps,
+                                frame_every=8, frame_offset=2, noise=noise)
+        with pytest.raises(ValueError, match="noise needs params"):
+            replay_and_record(rend, task, 2, run.actions, SEED, frame_every=8, noise=noise)
+    finally:
+        close_env(phys)
+        close_env(rend)
+    assert run.success and rec["success_step"] == len(rec["actions"]) == len(rec["labels"]) == len(rec["phases"])
+    np.testing.assert_allclose(rec["actions"], np.clip(rec["labels"] + noise[: len(rec["labels"])], -1, 1),
+                               atol=1e-6)
+    np.testing.assert_array_equal(rec["actions"], run.actions)
+    np.testing.assert_array_equal(rec["labels"], np.asarray(run.labels, np.float32))
+    assert rec["phases"] == list(run.phases)

@@ -154,7 +154,7 @@ def search_demo(env: Any, task: Any, init_index: int, cfg: RecordConfig, max_ste
 
 def replay_and_record(env: Any, task: Any, init_index: int, actions: np.ndarray, seed: int,
                       params: Any = None, max_steps: int | None = None, frame_every: int = 1,
-                      frame_offset: int = 0) -> dict[str, Any]:
+                      frame_offset: int = 0, noise: np.ndarray | None = None) -> dict[str, Any]:
     """Re-run an episode from the init state in a rendering env, recording obs before each action.
 
     With ``params`` the scripted expert runs again closed loop with the parameters the search found
@@ -168,6 +168,10 @@ def replay_and_record(env: Any, task: Any, init_index: int, actions: np.ndarray,
     Why: rendering is ~95% of a step on a CPU (~360 ms for the two cameras against ~6 ms of physics), and
     consecutive frames of one demonstration are nearly the same training sample; at ``k = 4`` an episode
     renders ~3.5x faster and the rendered frames are bit-identical to those of an every-step recording.
+
+    ``noise`` (closed loop only, DART: :mod:`client.libero.dart`) is added to each of the expert's actions before it
+    is executed, as :func:`client.libero.expert.run_expert` does; ``labels`` and ``phases`` then hold the expert's
+    own actions and phase names step by step.
     """
     from client.libero.env import CameraGate
     from client.libero.expert import ScriptedExpert, parse_goal
@@ -194,12 +198,20 @@ def replay_and_record(env: Any, task: Any, init_index: int, actions: np.ndarray,
         "agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states", "joint_states", "state_8d",
         "states", "rewards", "dones", "actions", "frame_steps")}
     expert = ScriptedExpert(env, parse_goal(env), params) if params is not None else None
+    if noise is not None and expert is None:
+        raise ValueError("noise needs params: only a closed-loop replay perturbs the expert's actions")
+    labels: list[np.ndarray] = []
+    phases: list[str] = []
     limit = (max_steps or len(actions)) if expert is not None else len(actions)
     success_step = None
     for t in range(limit):
         a = expert.act(raw) if expert is not None else np.asarray(actions[t], np.float32)
         if expert is not None and expert.failed:
             break
+        if noise is not None:
+            labels.append(np.asarray(a, np.float32))
+            phases.append(expert.phase.name)
+            a = np.clip(a + noise[t], -1.0, 1.0).astype(np.float32)
         if is_frame(t):
             rec["frame_steps"].append(t)
             record_frame(rec, raw)
@@ -218,6 +230,8 @@ def replay_and_record(env: Any, task: Any, init_index: int, actions: np.ndarray,
     if frame_every == 1:
         del out["frame_steps"]  # every step has its observation: the standard LIBERO layout
     out["success_step"] = success_step
+    if noise is not None:
+        out["labels"], out["phases"] = np.asarray(labels, np.float32), phases
     ref = np.asarray(actions, np.float32)
     out["open_loop_match"] = bool(out["actions"].shape == ref.shape and np.array_equal(out["actions"], ref))
     return out
