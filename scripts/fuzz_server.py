@@ -210,7 +210,7 @@ def run(messages: int, senders: int, good_requests: int, ws_messages: int = 2000
             sock = zmq.Context.instance().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(f"tcp://127.0.0.1:{server.port}")
-            sent = errors = 0
+            sent = errors = replies = 0
             try:
                 while sent < quota:
                     for frames in malformed_messages(rng) + malformed_gr00t_messages(rng):
@@ -220,9 +220,14 @@ def run(messages: int, senders: int, good_requests: int, ws_messages: int = 2000
                         sent += 1
                         while sock.poll(0):
                             errors += _is_error(sock.recv_multipart()[-1])
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and sock.poll(500):
-                    errors += _is_error(sock.recv_multipart()[-1])
+                            replies += 1
+                # Every message here carries a payload, so each gets a reply: wait for all of them. A pause in the
+                # replies is not the end (a CI run once stopped listening after a 0.5 s gap and missed one).
+                deadline = time.monotonic() + 60
+                while replies < sent and time.monotonic() < deadline:
+                    if sock.poll(500):
+                        errors += _is_error(sock.recv_multipart()[-1])
+                        replies += 1
             except Exception:  # noqa: BLE001 - counted and reported
                 with lock:
                     stats["sender_errors"] += 1
