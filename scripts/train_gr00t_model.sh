@@ -10,7 +10,8 @@
 # Usage: scripts/train_gr00t_model.sh [all|demos|train|finetune|install]
 # Knobs (env): DEMOS (glob of LIBERO-layout HDF5 with both cameras + state_8d; render them with
 #              scripts/render_demos.sh), OUT, STEPS, BATCH, LR, EMA, DEVICE, THREADS, INIT,
-#              PRESET (fresh model size: tiny, the shipped one; medium, a wider and deeper vision tower; small),
+#              PRESET (fresh model size: tiny, the shipped one; tiny_wide_vision, its vision tower twice as wide
+#              and 3 layers deep; small),
 #              EXTRA_DEMOS (glob: --extra-demos, training split only, e.g. DAgger episodes; docs/dagger.md),
 #              EXTRA_SHARE (--extra-share: that fraction of every batch from EXTRA_DEMOS; default: uniform),
 #              FT_OUT (default OUT_ft), FT_STEPS (8000), FT_BATCH (32), FT_LR (1.5e-4)

@@ -189,28 +189,28 @@ def test_extra_demos_train_only_and_leave_the_statistics(demos: str, tiny_dir: P
         train_main(_args(demos, tmp_path / "none", tiny_dir, 2, *common, "--extra-share", "0.5"))
 
 
-def test_presets_grow_within_the_size_limit_and_medium_loads_through_the_released_loader(tmp_path: Path) -> None:
+def test_presets_grow_within_the_size_limit_and_load_through_the_released_loader(tmp_path: Path) -> None:
     import models
     from models.gr00t.data_config import make_metadata
     from models.gr00t.tiny import libero_stats, save_pretrained
     from models.gr00t.train import PRESETS, build_fresh, preset_config
 
-    assert PRESETS == ("tiny", "medium", "small")
+    assert PRESETS == ("tiny", "tiny_wide_vision", "small")
     built = {p: build_fresh(p, 0) for p in PRESETS}
     counts = {p: sum(t.numel() for t in m.parameters()) for p, m in built.items()}
-    assert counts["tiny"] < counts["medium"] < counts["small"]
-    assert 2 * counts["medium"] <= 30e6  # the shipped-checkpoint limit, float16
-    medium = built["medium"]
-    medium.metadata = make_metadata(medium.data_config, *libero_stats())
-    vision = medium.config.eagle_config["vision_config"]
+    assert counts["tiny"] < counts["tiny_wide_vision"] < counts["small"]
+    assert 2 * counts["tiny_wide_vision"] <= 30e6  # the shipped-checkpoint limit, float16
+    wide = built["tiny_wide_vision"]
+    wide.metadata = make_metadata(wide.data_config, *libero_stats())
+    vision = wide.config.eagle_config["vision_config"]
     assert vision["hidden_size"] == 128 and vision["num_hidden_layers"] == 3
-    # the action head (run once per denoising step) is the tiny one: medium spends its parameters on perception
+    # the action head (run once per denoising step) is the tiny one: this preset spends its parameters on perception
     tiny_head = preset_config("tiny", 576, 517, 512, 514).action_head_cfg
-    assert medium.config.action_head_cfg["diffusion_model_cfg"] == tiny_head["diffusion_model_cfg"]
-    medium.eval()
-    save_pretrained(medium, tmp_path, num_shards=2)
+    assert wide.config.action_head_cfg["diffusion_model_cfg"] == tiny_head["diffusion_model_cfg"]
+    wide.eval()
+    save_pretrained(wide, tmp_path, num_shards=2)
     loaded = models.load_pretrained("gr00t", tmp_path)
-    for (name, a), (_, b) in zip(medium.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(wide.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="--preset"):
         preset_config("huge", 576, 517, 512, 514)

@@ -1,8 +1,8 @@
 """Train (fine-tune) GR00T N1.5 on LIBERO demonstrations and save it in the released checkpoint layout.
 
     python -m models.gr00t.train --demos 'artifacts/demos/libero_spatial/*.hdf5' --out DIR \
-        [--init DIR | --preset tiny|medium|small] [--steps N] [--batch-size B] [--lr LR] [--seed S] [--device cpu|cuda] \
-        [--denoising-steps 8] [--resume]
+        [--init DIR | --preset tiny|tiny_wide_vision|small] [--steps N] [--batch-size B] [--lr LR] [--seed S] \
+        [--device cpu|cuda] [--denoising-steps 8] [--resume]
 
 Every sample is one demonstration step: both camera images (as the evaluation client sends them), the 8-D
 state, the instruction, and the 16-step action chunk that starts there (padded at the episode end by repeating
@@ -55,7 +55,7 @@ logger = logging.getLogger("models.gr00t.train")
 STATE_DIR = "train_state"
 METRICS_FILE = "train_metrics.json"
 HORIZON = 16
-PRESETS = ("tiny", "medium", "small")
+PRESETS = ("tiny", "tiny_wide_vision", "small")
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -88,9 +88,9 @@ def compute_statistics(states: np.ndarray, actions: np.ndarray,
 # ---------------------------------------------------------------------------------------------- model
 def preset_config(preset: str, vocab_size: int, image_token_index: int, bos_id: int, eos_id: int) -> GR00TConfig:
     """``tiny`` is :func:`models.gr00t.tiny.tiny_config` (3.2M parameters, 34 ms per 8-step chunk on one CPU
-    thread); ``medium`` (4.0M) spends the extra parameters on perception only (:func:`_medium`: 1.3x the training
-    step, 46 ms per chunk); ``small`` (15.0M) doubles the widths and depths of the LLM, vision tower and DiT
-    (4.7x the training step and 111 ms per chunk: over the 60 ms serving budget)."""
+    thread); ``tiny_wide_vision`` (4.0M) spends the extra parameters on perception only (:func:`_wide_vision`:
+    1.3x the training step, 46 ms per chunk); ``small`` (15.0M) doubles the widths and depths of the LLM, vision
+    tower and DiT (4.7x the training step and 111 ms per chunk: over the 60 ms serving budget)."""
     from models.gr00t.tiny import tiny_config
 
     cfg = tiny_config(vocab_size, image_token_index, bos_id, eos_id)
@@ -99,8 +99,8 @@ def preset_config(preset: str, vocab_size: int, image_token_index: int, bos_id: 
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {PRESETS}, got {preset!r}")
     d = cfg.to_dict()
-    if preset == "medium":
-        return GR00TConfig.from_dict(_medium(d))
+    if preset == "tiny_wide_vision":
+        return GR00TConfig.from_dict(_wide_vision(d))
     llm = 256
     d["hidden_size"] = llm
     d["backbone_cfg"]["select_layer"] = 4
@@ -117,7 +117,7 @@ def preset_config(preset: str, vocab_size: int, image_token_index: int, bos_id: 
     return GR00TConfig.from_dict(d)
 
 
-def _medium(d: dict[str, Any]) -> dict[str, Any]:
+def _wide_vision(d: dict[str, Any]) -> dict[str, Any]:
     """The tiny model with twice the vision tower's width and a third layer, and all three LLM layers; the action
     head is the tiny one (it runs once per denoising step, so it sets the latency)."""
     d["backbone_cfg"]["select_layer"] = 3
