@@ -71,7 +71,7 @@ def test_layer_weights_flag() -> None:
 def test_small_preset_is_bigger_and_loads_through_the_released_loader(tmp_path) -> None:  # noqa: ANN001
     import models
 
-    assert PRESETS == ("tiny", "small", "medium")
+    assert PRESETS == ("tiny", "small", "small_wide_vision", "medium")
     tiny, small = build_tiny("tiny"), build_tiny("small")
     n_tiny, n_small = (sum(p.numel() for p in m.parameters()) for m in (tiny, small))
     assert n_small > 1.5 * n_tiny and n_small < 4e6  # shipped size limit is 30 MB: 4 M fp32 parameters is 16 MB
@@ -80,4 +80,18 @@ def test_small_preset_is_bigger_and_loads_through_the_released_loader(tmp_path) 
     assert loaded.config.text_config["hidden_size"] == 192
     assert loaded.config.vision_configs()[0].embed_dim == 96
     for (name, a), (_, b) in zip(small.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_small_wide_vision_preset_grows_only_the_vision_towers(tmp_path) -> None:  # noqa: ANN001
+    import models
+
+    small, wide = build_tiny("small"), build_tiny("small_wide_vision")
+    assert wide.config.text_config == small.config.text_config
+    assert [(v.embed_dim, v.depth) for v in wide.config.vision_configs()] == [(128, 3), (128, 3)]
+    n_small, n_wide = (sum(p.numel() for p in m.parameters()) for m in (small, wide))
+    assert n_small < n_wide < 4e6  # within the 30 MB limit even in fp32
+    save_pretrained(wide, tmp_path, num_shards=2)
+    loaded = models.load_pretrained("openvla", tmp_path)
+    for (name, a), (_, b) in zip(wide.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -54,14 +54,16 @@ def libero_like_norm_stats() -> dict[str, Any]:
 
 
 #: Backbone presets :func:`tiny_config` builds.
-PRESETS = ("tiny", "small", "medium")
+PRESETS = ("tiny", "small", "small_wide_vision", "medium")
 
 
 def tiny_config(preset: str = "tiny", vocab_base: int = 1024) -> OpenVLAConfig:
     """Small widths/depths of the real architecture.
 
     ``tiny`` (1.3 M parameters with the RSD head) is the CI/test size; ``small`` (2.7 M, 1.65x tiny's training step
-    on 2 cores) is the shipped LIBERO policy's size; ``medium`` is ~300 MB in fp32 (for the load benchmark).
+    on 2 cores) is the shipped LIBERO policy's size; ``small_wide_vision`` is ``small`` with both vision towers
+    twice as wide and 3 layers deep (the capacity lever GR00T's ``tiny_wide_vision`` tries); ``medium`` is ~300 MB
+    in fp32 (for the load benchmark).
     """
     if preset == "tiny":
         img, vdim, vdepth, heads, llm = 112, 64, 2, 4, dict(hidden_size=128, intermediate_size=256,
@@ -69,6 +71,9 @@ def tiny_config(preset: str = "tiny", vocab_base: int = 1024) -> OpenVLAConfig:
     elif preset == "small":
         img, vdim, vdepth, heads, llm = 112, 96, 2, 4, dict(hidden_size=192, intermediate_size=512,
                                                                num_hidden_layers=2, num_attention_heads=4)
+    elif preset == "small_wide_vision":  # small's LLM, both ViTs 128 wide and 3 deep
+        img, vdim, vdepth, heads, llm = 112, 128, 3, 4, dict(hidden_size=192, intermediate_size=512,
+                                                                num_hidden_layers=2, num_attention_heads=4)
     elif preset == "medium":
         img, vdim, vdepth, heads, llm = 112, 128, 2, 4, dict(hidden_size=1024, intermediate_size=2816,
                                                                 num_hidden_layers=6, num_attention_heads=8)
