@@ -13,8 +13,9 @@ jittered variants, each with its own noise draw, until one succeeds; then the ex
 loop in a rendering env (``replay_and_record``, observations every ``--frame-every``-th step, same frame offsets as
 the demonstrations; where that replay diverges, as the drawer task's often do, the same attempt runs again closed
 loop in the rendering env with the same parameters and noise) and the episode is written in the DAgger layout
-(:func:`client.dataset.write_labelled_episode`): ``actions`` = what was executed, ``obs/expert_chunks`` = the expert's clean actions from each frame's step on
-(16 steps, padded with the last), so the trainers' ``--extra-demos`` / ``--extra-share`` take it as is.
+(:func:`client.dataset.write_labelled_episode`): ``actions`` = what was executed, ``obs/expert_chunks`` = the
+expert's clean actions from each frame's step on (16 steps, padded with the last), so the trainers'
+``--extra-demos`` / ``--extra-share`` take it as is.
 The noise is a Gaussian of ``--sigma`` (action units: 1.0 = 5 cm or 0.5 rad per step) on the 6 arm dimensions,
 held for ``--hold`` steps (a chunk-long bias, like a policy's error, rather than white noise the controller
 averages away); the gripper is never perturbed. Resumable: an episode already in ``--out`` is skipped.
