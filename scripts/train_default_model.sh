@@ -21,7 +21,7 @@
 #                    action_head--*_checkpoint file, its backbone and (PROPRIO=1) proprio projector initialise the
 #                    model, its L1 action head is unused; keep WRIST=1, OFT is trained on both cameras),
 #              LAYER_WEIGHTS (main --layer-weights: cross-entropy weight per RFSQ layer, default 8,4,4,2,1,0.5,0.5,0.5;
-#                    '' = equal), PRESET (fresh backbone size: tiny|small|small_wide_vision|medium, default small),
+#                    '' = equal), PRESET (fresh backbone size: tiny|small|small_wide_vision|small_p8|medium, default small),
 #              BATCH (main --batch-size, default 32), EMA (main --ema, default 0.999), THREADS (torch threads),
 #              PROPRIO=1|0 (main --proprio: the normalised 8-D state as one extra prefix token; default 1),
 #              WRIST=1|0 (main --wrist: the wrist camera's patches after the agent view's; default 1).

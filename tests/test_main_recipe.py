@@ -71,7 +71,7 @@ def test_layer_weights_flag() -> None:
 def test_small_preset_is_bigger_and_loads_through_the_released_loader(tmp_path) -> None:  # noqa: ANN001
     import models
 
-    assert PRESETS == ("tiny", "small", "small_wide_vision", "medium")
+    assert PRESETS == ("tiny", "small", "small_wide_vision", "small_p8", "medium")
     tiny, small = build_tiny("tiny"), build_tiny("small")
     n_tiny, n_small = (sum(p.numel() for p in m.parameters()) for m in (tiny, small))
     assert n_small > 1.5 * n_tiny and n_small < 4e6  # shipped size limit is 30 MB: 4 M fp32 parameters is 16 MB
@@ -95,3 +95,20 @@ def test_small_wide_vision_preset_grows_only_the_vision_towers(tmp_path) -> None
     loaded = models.load_pretrained("openvla", tmp_path)
     for (name, a), (_, b) in zip(wide.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_small_p8_preset_sees_a_finer_grid_through_the_released_loader(tmp_path) -> None:  # noqa: ANN001
+    import models
+
+    small, fine = build_tiny("small"), build_tiny("small_p8")
+    assert fine.config.text_config == small.config.text_config
+    assert [v.patch_size for v in fine.config.vision_configs()] == [8, 8]
+    assert (small.num_patches, fine.num_patches) == (64, 196)  # 8x8 and 14x14 per 112 px camera
+    save_pretrained(fine, tmp_path, num_shards=2)
+    loaded = models.load_pretrained("openvla", tmp_path)
+    assert loaded.num_patches == 196
+    for (name, a), (_, b) in zip(fine.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    pixels = torch.rand(1, 6, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(fine.project_patches(pixels), loaded.project_patches(pixels))

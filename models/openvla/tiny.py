@@ -54,7 +54,7 @@ def libero_like_norm_stats() -> dict[str, Any]:
 
 
 #: Backbone presets :func:`tiny_config` builds.
-PRESETS = ("tiny", "small", "small_wide_vision", "medium")
+PRESETS = ("tiny", "small", "small_wide_vision", "small_p8", "medium")
 
 
 def tiny_config(preset: str = "tiny", vocab_base: int = 1024) -> OpenVLAConfig:
@@ -62,9 +62,12 @@ def tiny_config(preset: str = "tiny", vocab_base: int = 1024) -> OpenVLAConfig:
 
     ``tiny`` (1.3 M parameters with the RSD head) is the CI/test size; ``small`` (2.7 M, 1.65x tiny's training step
     on 2 cores) is the shipped LIBERO policy's size; ``small_wide_vision`` is ``small`` with both vision towers
-    twice as wide and 3 layers deep (the capacity lever GR00T's ``tiny_wide_vision`` tries); ``medium`` is ~300 MB
-    in fp32 (for the load benchmark).
+    twice as wide and 3 layers deep (the capacity lever GR00T's ``tiny_wide_vision`` tries); ``small_p8`` is
+    ``small`` with 8-pixel patches (a 14x14 grid per 112 px camera instead of 8x8: the released 224 px / 14 px
+    models see a 16x16 grid, so the 14-pixel tiny ones see half as finely; vision + prefill ~2.6x, still inside the
+    60 ms chunk budget on one thread); ``medium`` is ~300 MB in fp32 (for the load benchmark).
     """
+    patch = 14
     if preset == "tiny":
         img, vdim, vdepth, heads, llm = 112, 64, 2, 4, dict(hidden_size=128, intermediate_size=256,
                                                                num_hidden_layers=2, num_attention_heads=4)
@@ -74,14 +77,18 @@ def tiny_config(preset: str = "tiny", vocab_base: int = 1024) -> OpenVLAConfig:
     elif preset == "small_wide_vision":  # small's LLM, both ViTs 128 wide and 3 deep
         img, vdim, vdepth, heads, llm = 112, 128, 3, 4, dict(hidden_size=192, intermediate_size=512,
                                                                 num_hidden_layers=2, num_attention_heads=4)
+    elif preset == "small_p8":  # small with 8-pixel patches: 196 per camera instead of 64
+        img, vdim, vdepth, heads, llm = 112, 96, 2, 4, dict(hidden_size=192, intermediate_size=512,
+                                                               num_hidden_layers=2, num_attention_heads=4)
+        patch = 8
     elif preset == "medium":
         img, vdim, vdepth, heads, llm = 112, 128, 2, 4, dict(hidden_size=1024, intermediate_size=2816,
                                                                 num_hidden_layers=6, num_attention_heads=8)
     else:
         raise ValueError(f"unknown preset {preset!r}")
-    dino = ViTConfig(image_size=img, patch_size=14, embed_dim=vdim, depth=vdepth, num_heads=heads,
+    dino = ViTConfig(image_size=img, patch_size=patch, embed_dim=vdim, depth=vdepth, num_heads=heads,
                      mlp_hidden_dim=4 * vdim, class_token=True, num_reg_tokens=4, layer_scale=True)
-    siglip = ViTConfig(image_size=img, patch_size=14, embed_dim=vdim, depth=vdepth, num_heads=heads,
+    siglip = ViTConfig(image_size=img, patch_size=patch, embed_dim=vdim, depth=vdepth, num_heads=heads,
                        mlp_hidden_dim=4 * vdim - 16, class_token=False, global_pool="map")
     text = {"model_type": "llama", "vocab_size": vocab_base + 64, "num_key_value_heads": llm["num_attention_heads"],
             "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "pad_token_id": vocab_base,
@@ -91,7 +98,7 @@ def tiny_config(preset: str = "tiny", vocab_base: int = 1024) -> OpenVLAConfig:
         llm_backbone_id=f"{preset}-llama",
         pad_token_id=vocab_base,
         text_config=text,
-        timm_model_ids=[f"{preset}_vit_patch14_reg4_dinov2", f"{preset}_vit_patch14_siglip_{img}"],
+        timm_model_ids=[f"{preset}_vit_patch{patch}_reg4_dinov2", f"{preset}_vit_patch{patch}_siglip_{img}"],
         image_sizes=[img, img],
         hf_llm_id="",
         norm_stats=libero_like_norm_stats(),
