@@ -219,6 +219,24 @@ def test_cost_model_plans_full_depth_when_drafts_are_accepted_and_none_when_not(
     assert cm.plan(L, L - 1, 1)[1] > 0
 
 
+def test_cost_model_acceptance_replaces_the_prior_with_the_first_measurements_then_moves_as_an_ema():
+    cm = CostModel(L, momentum=0.1, prior_acceptance=0.5)
+    cm.pass_ms = {n: 1.0 + 0.05 * (n - 1) for n in range(1, L)}
+    cm.draft_ms = 0.1
+    assert cm.plan(L, L - 1, 1)[1] > 0  # the optimistic prior drafts before anything is measured
+    for layer in range(L):
+        cm.observe_acceptance(layer, 0.0)  # one full-depth probe: the draft got no layer right
+    assert cm.acceptance == [0.0] * L
+    assert cm.plan(L, L - 1, 1)[1:L] == [0] * (L - 1)  # so the next chunk is decoded main-only
+    cm.observe_acceptance(1, 1.0)
+    assert cm.acceptance[1] == pytest.approx(0.5)  # the mean of the two observations
+    for _ in range(8):
+        cm.observe_acceptance(1, 1.0)
+    assert cm.acceptance[1] == pytest.approx(0.9)  # 9 of 10
+    cm.observe_acceptance(1, 0.0)  # past 1 / momentum observations: an EMA with momentum 0.1
+    assert cm.acceptance[1] == pytest.approx(0.81)
+
+
 def _fixed_costs(eng: SpeculativeDecoder) -> None:
     """CPU-like costs (a pass over n tokens a little dearer than a step, a cheap draft), not timed: deterministic."""
     eng.costs.pass_ms = {n: 1.0 + 0.05 * (n - 1) for n in range(1, L)}
