@@ -52,7 +52,16 @@ from client.dataset import (
 )
 from models.common import scale, training
 from models.openvla.tiny import PRESETS
-from rsd.vla import OpenVLARSD, VLARSDConfig, load_openvla_rsd
+from rsd.vla import (
+    RSD_CONFIG,
+    RSD_DIR,
+    OpenVLARSD,
+    VLARSDConfig,
+    has_rsd_parts,
+    load_layer_head,
+    load_openvla_rsd,
+    load_proprio_projector,
+)
 
 logger = logging.getLogger("rsd.train_vla")
 STATE_DIR = "train_state"
@@ -128,7 +137,15 @@ def _build_backbone(args: argparse.Namespace):
     from models.openvla import tiny
 
     if args.init:
-        return models.load_pretrained("openvla", args.init, device=args.device)
+        model = models.load_pretrained("openvla", args.init, device=args.device)
+        if args.patch_size:
+            from models.openvla.repatch import repatch
+
+            model = repatch(model, args.patch_size)
+        return model
+    if args.patch_size:
+        raise SystemExit("error: --patch-size re-grids an --init checkpoint's vision towers; a fresh backbone takes "
+                         "its grid from --preset (small_p8: 8-pixel patches)")
     model = tiny.build_tiny(args.preset, seed=args.seed)
     return model.to(args.device)
 
@@ -251,6 +268,50 @@ def _init_from_oft(model: OpenVLARSD, init: OFTInit) -> dict[str, Any]:
     return record
 
 
+def _same_tokenizer(a, b) -> bool:  # noqa: ANN001 - two RFSQTokenizers
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return (a.config.to_dict() == b.config.to_dict() and sa.keys() == sb.keys()
+            and all(torch.equal(sa[k], sb[k]) for k in sa)
+            and all(np.array_equal(np.asarray(getattr(a.normalizer, f)), np.asarray(getattr(b.normalizer, f)))
+                    for f in vars(a.normalizer)))
+
+
+def _init_from_rsd(model: OpenVLARSD, init: str | Path, tokenizer) -> dict[str, Any]:  # noqa: ANN001
+    """``--init`` an OpenVLA-RSD directory: its RFSQ layer head (and proprio projector with its state
+    normalisation, when both models read the state) continue training with the backbone; the draft is not read
+    (the draft stage distils a new one). The head's codes are only meaningful under the tokenizer it was trained
+    with, so ``--rfsq`` must be the init's own (``INIT/rsd/rfsq``). Returns the record kept in
+    ``train_main_metrics.json``."""
+    from rsd.rfsq import RFSQTokenizer
+
+    root = Path(init)
+    init_cfg = VLARSDConfig.from_dict(json.loads((root / RSD_DIR / RSD_CONFIG).read_text()))
+    init_rfsq = root / RSD_DIR / init_cfg.rfsq_dir
+    if not _same_tokenizer(tokenizer, RFSQTokenizer.from_pretrained(init_rfsq)):
+        raise SystemExit(f"error: --rfsq is not the RFSQ tokenizer --init {root} was trained with: its layer head "
+                         f"would predict codes that mean other actions. Pass --rfsq {init_rfsq}")
+    load_layer_head(model, root)
+    reused, fresh, unused = ["backbone (vision towers, projector, LLM)", "rsd layer head"], [], ["draft"]
+    proj = model.proprio_projector
+    if proj is not None and init_cfg.use_proprio and init_cfg.proprio_dim == model.cfg.proprio_dim:
+        load_proprio_projector(model, root)
+        model.cfg.proprio_mean, model.cfg.proprio_std = init_cfg.proprio_mean, init_cfg.proprio_std
+        reused.append("proprio projector")
+    elif proj is not None:
+        fresh.append("proprio projector")
+    elif init_cfg.use_proprio:
+        unused.append("proprio projector")
+    if init_cfg.use_wrist_image != model.cfg.use_wrist_image:
+        logger.warning("--init %s was trained %s the wrist camera; this run %s it", root,
+                       "with" if init_cfg.use_wrist_image else "without",
+                       "uses" if model.cfg.use_wrist_image else "does not use")
+    record = {"path": str(root), "kind": "openvla-rsd", "reused": reused, "fresh": fresh, "unused": unused,
+              "patch_size": model.backbone.config.vision_configs()[0].patch_size}
+    logger.info("OpenVLA-RSD init: reused %s; freshly initialised %s; unused %s", ", ".join(reused),
+                ", ".join(fresh) or "nothing", ", ".join(unused))
+    return record
+
+
 @torch.no_grad()
 def evaluate_main(model: OpenVLARSD, samples: DemoSamples, layers: torch.Tensor, batch: int = 64,
                   max_samples: int = 2048) -> dict:
@@ -330,7 +391,12 @@ def train_main(args: argparse.Namespace) -> dict:
         cfg.proprio_dim = int(train.states.shape[1])
         cfg.proprio_mean, cfg.proprio_std = _proprio_stats(expert_train.states)
     model = OpenVLARSD(backbone, cfg).to(args.device)
-    init_record = _init_from_oft(model, oft_init) if oft_init is not None else None
+    if oft_init is not None:
+        init_record = _init_from_oft(model, oft_init)
+    elif args.init and has_rsd_parts(args.init):
+        init_record = _init_from_rsd(model, args.init, tokenizer)
+    else:
+        init_record = None
     model.tokenizer = tokenizer
     lora = scale.prepare_model(model, model.backbone.language_model, args, keep_trainable=[
         model.main.code_embed, model.main.layer_embed, model.main.head, model.proprio_projector])
@@ -483,7 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init", default=None,
                    help="released-format OpenVLA directory to fine-tune, or a released OpenVLA-OFT one (detected "
                         "by its action_head--*_checkpoint file: its backbone, and with --proprio its proprio "
-                        "projector, initialise the RSD model; pass --wrist too, OFT uses both cameras)")
+                        "projector, initialise the RSD model; pass --wrist too, OFT uses both cameras), or an "
+                        "OpenVLA-RSD one (detected by rsd/rsd_config.json: its layer head and proprio projector "
+                        "continue too; needs --rfsq INIT/rsd/rfsq)")
+    m.add_argument("--patch-size", type=int, default=0,
+                   help="re-grid the --init backbone's vision towers to N-pixel patches before training "
+                        "(models/openvla/repatch.py; e.g. 8 on the shipped 14-pixel checkpoint: 14x14 patches "
+                        "per 112 px camera instead of 8x8); 0 keeps the checkpoint's")
     m.add_argument("--preset", default="tiny", choices=PRESETS, help="fresh backbone preset when --init is not given")
     m.add_argument("--layer-weights", default="",
                    help="cross-entropy weight per RFSQ layer, comma-separated ('' = equal). Coarse layers move the "

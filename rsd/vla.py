@@ -204,31 +204,49 @@ def load_openvla_rsd(path: str | Path, device: str | torch.device = "cpu", dtype
     cfg = VLARSDConfig.from_dict(json.loads((rsd_root / RSD_CONFIG).read_text()))
     backbone = models.load_pretrained("openvla-rsd", root, device=device, dtype=dtype)
     model = OpenVLARSD(backbone, cfg)
-    head_file = rsd_root / RSD_HEAD
-    try:
-        head = load_file(str(head_file))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise CheckpointError(f"{head_file}: cannot read ({exc})") from None
-    missing, unexpected = model.main.load_state_dict(head, strict=False)
-    missing = [m for m in missing if not m.startswith("llm.")]
-    if missing or unexpected:
-        raise CheckpointError(f"{head_file}: missing {missing}, unexpected {unexpected}")
+    load_layer_head(model, root)
     model.main.to(device=device, dtype=dtype)
     if model.proprio_projector is not None:
-        proj_file = rsd_root / PROPRIO_PROJECTOR
-        try:
-            proj = load_file(str(proj_file))
-        except Exception as exc:  # noqa: BLE001 - a missing or bad file raises several types
-            raise CheckpointError(f"{proj_file}: cannot read ({exc}); the config sets use_proprio") from None
-        try:
-            model.proprio_projector.load_state_dict(proj, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{proj_file}: {exc}") from None
+        load_proprio_projector(model, root)
         model.proprio_projector.to(device=device, dtype=dtype)
     model.tokenizer = RFSQTokenizer.from_pretrained(rsd_root / cfg.rfsq_dir)
     if with_draft and (rsd_root / cfg.draft_dir).is_dir():
         model.draft = load_draft(rsd_root / cfg.draft_dir, device=device).to(dtype).eval()
     return model.eval()
+
+
+def load_layer_head(model: OpenVLARSD, path: str | Path) -> None:
+    """``path/rsd/rsd_head.safetensors`` into ``model.main`` (its LLM is the backbone's, not in the file)."""
+    from models import CheckpointError
+
+    head_file = Path(path) / RSD_DIR / RSD_HEAD
+    try:
+        head = load_file(str(head_file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise CheckpointError(f"{head_file}: cannot read ({exc})") from None
+    try:
+        missing, unexpected = model.main.load_state_dict(head, strict=False)
+    except RuntimeError as exc:  # a shape mismatch: another LLM width or RFSQ size
+        raise CheckpointError(f"{head_file}: {exc}") from None
+    missing = [m for m in missing if not m.startswith("llm.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{head_file}: missing {missing}, unexpected {unexpected}")
+
+
+def load_proprio_projector(model: OpenVLARSD, path: str | Path) -> None:
+    """``path/rsd/proprio_projector.safetensors`` into ``model.proprio_projector`` (which must exist)."""
+    from models import CheckpointError
+
+    assert model.proprio_projector is not None
+    proj_file = Path(path) / RSD_DIR / PROPRIO_PROJECTOR
+    try:
+        proj = load_file(str(proj_file))
+    except Exception as exc:  # noqa: BLE001 - a missing or bad file raises several types
+        raise CheckpointError(f"{proj_file}: cannot read ({exc}); the config sets use_proprio") from None
+    try:
+        model.proprio_projector.load_state_dict(proj, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{proj_file}: {exc}") from None
 
 
 def chunk_actions_from_tokens(model: OpenVLARSD, layers: Tensor, depth: int | None = None) -> np.ndarray:

@@ -17,9 +17,13 @@
 #              MAIN_STAGES (default "5000 10000": 5000 steps, then resumed to 10000 with a longer cosine, as the
 #              shipped checkpoint was trained), DRAFT_STEPS, PRESET, DEVICE,
 #              INIT (a released-format OpenVLA dir to fine-tune instead of a fresh PRESET backbone, e.g. 7B on a GPU;
+#                    or an OpenVLA-RSD dir, e.g. the shipped one: its layer head, proprio projector and RFSQ tokenizer
+#                    continue too -- the rfsq stage copies INIT/rsd/rfsq instead of training one;
 #                    or an OpenVLA-OFT dir, e.g. the seeds' openvla-7b-oft-finetuned-libero-spatial: told apart by its
 #                    action_head--*_checkpoint file, its backbone and (PROPRIO=1) proprio projector initialise the
 #                    model, its L1 action head is unused; keep WRIST=1, OFT is trained on both cameras),
+#              PATCH (main --patch-size: re-grid INIT's vision towers to PATCH-pixel patches, e.g. 8 on the shipped
+#                    14-pixel checkpoint -> 14x14 patches per camera; models/openvla/repatch.py),
 #              LAYER_WEIGHTS (main --layer-weights: cross-entropy weight per RFSQ layer, default 8,4,4,2,1,0.5,0.5,0.5;
 #                    '' = equal), PRESET (fresh backbone size: tiny|small|small_wide_vision|small_p8|medium, default small),
 #              BATCH (main --batch-size, default 32), EMA (main --ema, default 0.999), THREADS (torch threads),
@@ -48,10 +52,16 @@ run_demos() {
   OUT="$DEMO_DIR" ACTIONS="data/${SUITE}_actions_50.hdf5" scripts/render_demos.sh
 }
 run_rfsq() {
+  # an OpenVLA-RSD INIT's layer head predicts its own tokenizer's codes: continue with that tokenizer
+  if [ -n "${INIT:-}" ] && [ -f "$INIT/rsd/rsd_config.json" ]; then
+    [ -d "$OUT/rfsq" ] || cp -r "$INIT/rsd/rfsq" "$OUT/rfsq"
+    return 0
+  fi
   $py -m rsd.train_rfsq --data "$DEMOS" --mode robust --steps "${RFSQ_STEPS:-3000}" --out "$OUT/rfsq" --resume
 }
 run_main() {
   local init=(); [ -n "${INIT:-}" ] && init=(--init "$INIT")
+  [ -n "${PATCH:-}" ] && init+=(--patch-size "$PATCH")
   local inputs=(); [ "${PROPRIO:-1}" = 1 ] && inputs+=(--proprio); [ "${WRIST:-1}" = 1 ] && inputs+=(--wrist)
   [ -n "${EXTRA_DEMOS:-}" ] && inputs+=(--extra-demos "$EXTRA_DEMOS")
   [ -n "${EXTRA_SHARE:-}" ] && inputs+=(--extra-share "$EXTRA_SHARE")

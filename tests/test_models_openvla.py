@@ -133,3 +133,45 @@ def test_encode_prompt_feature_is_last_hidden_state(model) -> None:  # noqa: ANN
     assert torch.allclose(state.last_hidden, out.hidden_states[-1][:, -1], atol=1e-5)
     assert torch.allclose(state.logits, out.logits[:, -1], atol=1e-4)
     assert state.next_position.item() == emb.shape[1]
+
+
+def test_pi_resized_patch_kernel_embeds_a_patch_as_the_old_one_embeds_it_upsampled() -> None:
+    import torch.nn.functional as F
+
+    from models.common.vit import resize_patch_embed, resize_pos_embed
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, 14, 14, generator=g)
+    w8 = resize_patch_embed(w, 8)
+    assert w8.shape == (6, 3, 8, 8)
+    x = torch.randn(5, 3, 8, 8, generator=g)
+    up = F.interpolate(x.double(), size=(14, 14), mode="bilinear", align_corners=False).float()
+    torch.testing.assert_close(torch.einsum("dchw,nchw->nd", w8, x), torch.einsum("dchw,nchw->nd", w, up),
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(resize_patch_embed(w, 14), w)
+    pos = torch.randn(1, 64, 6, generator=g)
+    assert torch.equal(resize_pos_embed(pos, 8), pos)  # the same grid is the identity
+    fine = resize_pos_embed(pos, 14)
+    assert fine.shape == (1, 196, 6)
+    # a constant field stays constant
+    torch.testing.assert_close(resize_pos_embed(torch.ones(1, 64, 6), 14), torch.ones(1, 196, 6))
+    with pytest.raises(ValueError, match="square grid"):
+        resize_pos_embed(torch.zeros(1, 60, 6), 8)
+
+
+def test_repatch_keeps_every_weight_but_the_grid() -> None:
+    from models.openvla.repatch import repatch
+
+    small = build_tiny("small")
+    fine = repatch(small, 8)
+    assert (small.num_patches, fine.num_patches) == (64, 196)
+    assert fine.config.timm_model_ids == ["small_vit_patch8_reg4_dinov2", "small_vit_patch8_siglip_112"]
+    a, b = small.state_dict(), fine.state_dict()
+    assert a.keys() == b.keys()
+    regridded = {k for k in a if k.endswith(("patch_embed.proj.weight", ".pos_embed"))}
+    assert len(regridded) == 4  # two towers, each a kernel and a position table
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in regridded)
+    with torch.no_grad():
+        assert fine.project_patches(torch.rand(1, 6, 112, 112)).shape == (1, 196, 192)
+    with pytest.raises(ValueError, match="does not divide"):
+        repatch(small, 10)

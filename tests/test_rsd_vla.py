@@ -297,3 +297,44 @@ def test_rsd_on_an_oft_backbone_init_train_draft_and_serve(tmp_path: Path, caplo
     assert policy.metadata()["inputs"] == ["image", "wrist_image", "state", "instruction"]
     actions = policy.infer([libero_observation(0, size=64, instruction=INSTRUCTIONS[0])])[0].actions
     assert actions.shape == (8, 7) and np.isfinite(actions).all()
+
+
+def test_main_init_from_an_openvla_rsd_checkpoint_regridded_to_finer_patches(tmp_path: Path) -> None:
+    """``main --init <OpenVLA-RSD dir> --patch-size 8``: the vision towers are re-gridded (14x14 patches per camera
+    instead of 8x8), the layer head and proprio projector continue from the init, the draft is distilled anew."""
+    from rsd import train_vla
+
+    demos = tmp_path / "demos.hdf5"
+    _write_demos(demos)
+    first = tmp_path / "first"
+    assert _train_main(tmp_path, demos, first, "--proprio", "--wrist") == 0
+    init = load_openvla_rsd(first, with_draft=False)
+    assert init.backbone.num_patches == 64
+
+    # the head's codes mean nothing under another tokenizer; a fresh backbone has no grid to re-cut
+    _tokenizer(seed=1).save_pretrained(tmp_path / "other_rfsq")
+    with pytest.raises(SystemExit, match="--rfsq"):
+        train_vla.main(["main", "--demos", str(demos), "--rfsq", str(tmp_path / "other_rfsq"), "--out",
+                        str(tmp_path / "x"), "--init", str(first), "--steps", "1", "--proprio", "--wrist"])
+    with pytest.raises(SystemExit, match="--patch-size"):
+        _train_main(tmp_path, demos, tmp_path / "y", "--patch-size", "8")
+
+    out = tmp_path / "fine"
+    assert _train_main(tmp_path, demos, out, "--init", str(first), "--patch-size", "8", "--proprio", "--wrist") == 0
+    metrics = json.loads((out / RSD_DIR / "train_main_metrics.json").read_text())
+    assert metrics["init"]["kind"] == "openvla-rsd" and metrics["init"]["patch_size"] == 8
+    assert metrics["init"]["reused"] == ["backbone (vision towers, projector, LLM)", "rsd layer head",
+                                         "proprio projector"]
+    fine = load_openvla_rsd(out, with_draft=False)
+    assert fine.backbone.num_patches == 196
+    assert [v.patch_size for v in fine.backbone.config.vision_configs()] == [8, 8]
+    for name in ("head.weight", "code_embed.weight"):  # two optimiser steps from the init's head, not a fresh one
+        a, b = fine.main.state_dict()[name], init.main.state_dict()[name]
+        assert torch.allclose(a, b, atol=1e-3) and not torch.equal(a, b)
+    assert fine.cfg.proprio_mean == init.cfg.proprio_mean
+    llm = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(fine.backbone.state_dict()[llm], init.backbone.state_dict()[llm], atol=1e-3)
+    assert train_vla.main(["draft", "--model", str(out), "--demos", str(demos), "--steps", "2", "--max-samples", "16",
+                           "--heldout-frac", "0.5"]) == 0
+    x = _inputs(seed=3)
+    assert _layer0_logits(load_openvla_rsd(out), x).shape == _layer0_logits(init, x).shape

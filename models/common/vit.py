@@ -203,3 +203,32 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features_at(x)
 
+
+
+def resize_patch_embed(weight: torch.Tensor, patch: int) -> torch.Tensor:
+    """A ``[D, C, p, p]`` patch-embedding kernel for ``patch``-pixel patches that embeds a patch as the old kernel
+    embeds it resized to ``p`` pixels (FlexiViT's PI-resize): ``<w_new, x> = <w_old, B x>`` for every patch ``x``,
+    with ``B`` the bilinear resize to ``p``. For ``patch < p`` that is exactly ``w_new = B^T w_old``; a larger
+    patch takes the least-squares solution (``pinv``)."""
+    d, c, p, p2 = weight.shape
+    if p != p2 or patch < 1:
+        raise ValueError(f"cannot resize a {tuple(weight.shape)} kernel to {patch}-pixel patches")
+    if patch == p:
+        return weight.clone()
+    basis = torch.eye(patch * patch, dtype=torch.float64).reshape(-1, 1, patch, patch)
+    resize = F.interpolate(basis, size=(p, p), mode="bilinear", align_corners=False, antialias=patch > p)
+    b = resize.reshape(patch * patch, p * p).T  # [p*p, patch*patch]: x -> B x
+    w = weight.double().reshape(d * c, p * p)
+    new = w @ b if patch < p else w @ torch.linalg.pinv(b.T)
+    return new.reshape(d, c, patch, patch).to(weight.dtype)
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """Patch-only position embeddings ``[1, g*g, D]`` bicubically resampled to a ``grid x grid`` layout."""
+    n, d = pos.shape[1], pos.shape[2]
+    g = int(round(n**0.5))
+    if g * g != n:
+        raise ValueError(f"position embeddings for {n} patches are not a square grid")
+    x = pos.reshape(1, g, g, d).permute(0, 3, 1, 2).double()
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos.dtype)
