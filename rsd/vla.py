@@ -215,38 +215,35 @@ def load_openvla_rsd(path: str | Path, device: str | torch.device = "cpu", dtype
     return model.eval()
 
 
+def _load_part(module: nn.Module, path: str | Path, name: str, strict: bool) -> tuple[list[str], list[str]]:
+    """``path/rsd/<name>`` into ``module``; an unreadable file or a shape mismatch is a ``CheckpointError``."""
+    from models import CheckpointError
+
+    file = Path(path) / RSD_DIR / name
+    try:
+        state = load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a missing or bad file
+        raise CheckpointError(f"{file}: cannot read ({exc})") from None
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:  # a shape mismatch: another LLM width, RFSQ or state size
+        raise CheckpointError(f"{file}: {exc}") from None
+
+
 def load_layer_head(model: OpenVLARSD, path: str | Path) -> None:
     """``path/rsd/rsd_head.safetensors`` into ``model.main`` (its LLM is the backbone's, not in the file)."""
     from models import CheckpointError
 
-    head_file = Path(path) / RSD_DIR / RSD_HEAD
-    try:
-        head = load_file(str(head_file))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise CheckpointError(f"{head_file}: cannot read ({exc})") from None
-    try:
-        missing, unexpected = model.main.load_state_dict(head, strict=False)
-    except RuntimeError as exc:  # a shape mismatch: another LLM width or RFSQ size
-        raise CheckpointError(f"{head_file}: {exc}") from None
+    missing, unexpected = _load_part(model.main, path, RSD_HEAD, strict=False)
     missing = [m for m in missing if not m.startswith("llm.")]
     if missing or unexpected:
-        raise CheckpointError(f"{head_file}: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{Path(path) / RSD_DIR / RSD_HEAD}: missing {missing}, unexpected {unexpected}")
 
 
 def load_proprio_projector(model: OpenVLARSD, path: str | Path) -> None:
-    """``path/rsd/proprio_projector.safetensors`` into ``model.proprio_projector`` (which must exist)."""
-    from models import CheckpointError
-
+    """``path/rsd/proprio_projector.safetensors`` into ``model.proprio_projector`` (the config sets use_proprio)."""
     assert model.proprio_projector is not None
-    proj_file = Path(path) / RSD_DIR / PROPRIO_PROJECTOR
-    try:
-        proj = load_file(str(proj_file))
-    except Exception as exc:  # noqa: BLE001 - a missing or bad file raises several types
-        raise CheckpointError(f"{proj_file}: cannot read ({exc}); the config sets use_proprio") from None
-    try:
-        model.proprio_projector.load_state_dict(proj, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{proj_file}: {exc}") from None
+    _load_part(model.proprio_projector, path, PROPRIO_PROJECTOR, strict=True)
 
 
 def chunk_actions_from_tokens(model: OpenVLARSD, layers: Tensor, depth: int | None = None) -> np.ndarray:
