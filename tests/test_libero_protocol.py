@@ -12,6 +12,7 @@ from client.libero.config import EvalConfig, config_from_args
 from client.libero.protocol import (
     SUITE_MAX_STEPS,
     WAIT_ACTION,
+    actions_before_gripper_flip,
     convert_gripper,
     max_steps_for,
     quat2axisangle,
@@ -250,3 +251,26 @@ def test_ensemble_flag_is_parsed_checked_and_recorded():
     assert config_from_args(["libero_spatial", "--headless"]).ensemble is None
     with pytest.raises(ValueError, match="--ensemble"):
         config_from_args(["libero_spatial", "--headless", "--ensemble", "50"])
+
+
+def _chunk(gripper: list[float]) -> np.ndarray:
+    c = np.zeros((len(gripper), 7), np.float32)
+    c[:, 6] = gripper
+    return c
+
+
+def test_actions_before_gripper_flip_counts_up_to_the_first_flip_against_the_command_in_force():
+    assert actions_before_gripper_flip(_chunk([-1, -1, -1, 1, 1, 1, 1, 1]), -1.0) == 3  # grasp at index 3
+    assert actions_before_gripper_flip(_chunk([1, 1, -1, -1]), 1.0) == 2  # release at index 2
+    assert actions_before_gripper_flip(_chunk([-1, -1, -1, -1]), -1.0) == 4  # no flip: the whole chunk
+    assert actions_before_gripper_flip(_chunk([1, 1, 1, -1]), -1.0) == 4  # flips at its first action: executed
+    assert actions_before_gripper_flip(_chunk([-0.2, -0.9, 0.3, 1]), -1.0) == 2  # the sign is what the env uses
+    assert actions_before_gripper_flip(_chunk([-1, 0, 0, -1]), -1.0) == 4  # 0 leaves the gripper as it is
+
+
+def test_gripper_confirm_flag_is_parsed_recorded_and_refused_with_an_ensemble():
+    cfg = config_from_args(["libero_spatial", "--headless", "--gripper-confirm"])
+    assert cfg.gripper_confirm and cfg.to_dict()["gripper_confirm"] is True
+    assert not config_from_args(["libero_spatial", "--headless"]).gripper_confirm
+    with pytest.raises(ValueError, match="--gripper-confirm and --ensemble"):
+        config_from_args(["libero_spatial", "--headless", "--gripper-confirm", "--replan", "4", "--ensemble", "0"])

@@ -334,3 +334,47 @@ def test_ensemble_executes_the_mean_of_the_overlapping_chunks(spatial_tasks, tmp
         np.testing.assert_allclose(a, np.mean(preds, axis=0), rtol=1e-5, atol=1e-6)
     # and it is not what the plain loop executes (the newest chunk alone)
     assert not np.allclose(moves[2], chunks[1][0])
+
+
+class _GraspingClient(_RecordingClient):
+    """Every chunk plans a grasp at its index 3 (open before, closed from there)."""
+
+    def infer(self, obs: dict) -> np.ndarray:
+        chunk = super().infer(obs)
+        chunk[:, 6] = np.where(np.arange(self.chunk_len) < 3, -1.0, 1.0)
+        return chunk
+
+
+def test_gripper_confirm_asks_again_before_the_flip_and_executes_the_next_chunk_whole(spatial_tasks, tmp_path):
+    """--gripper-confirm with 8-step chunks that close at index 3: the first chunk runs 3 actions (open), the
+    re-query's chunk runs whole (its flip included), and the gripper is then closed, so no later flip is cut."""
+    from client.libero.config import EvalConfig
+    from client.libero.evaluate import run_episode
+
+    task = spatial_tasks[0]
+    cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=19, num_wait_steps=1, resolution=64,
+                     save_video=False, results=str(tmp_path / "r.json"), gripper_confirm=True)
+    env = make_env(task, 64, cameras=True)
+    executed: list[np.ndarray] = []
+    step = env.step
+
+    def recording_step(action):
+        executed.append(np.array(action))
+        return step(action)
+
+    env.step = recording_step
+    client = _GraspingClient(8)
+    chunks: list[np.ndarray] = []
+    infer = client.infer
+    client.infer = lambda obs: chunks.append(infer(obs)) or chunks[-1]
+    try:
+        ep, _ = run_episode(env, task, 0, cfg, client, {})
+    finally:
+        close_env(env)
+    moves = executed[1:]  # the first step executed is the wait no-op
+    # queries at steps 0 (cut at 3), 3 (whole: 3..10), 11 (closed already: its open prefix is a flip at 0 -> whole)
+    assert ep.steps == 19 and ep.num_queries == 3 and len(chunks) == 3
+    np.testing.assert_allclose(np.array(moves[:3]), chunks[0][:3], rtol=1e-6)
+    np.testing.assert_allclose(np.array(moves[3:11]), chunks[1], rtol=1e-6)
+    np.testing.assert_allclose(np.array(moves[11:19]), chunks[2], rtol=1e-6)
+    assert [m[6] for m in moves[:6]] == [-1, -1, -1, -1, -1, -1] and moves[6][6] == 1

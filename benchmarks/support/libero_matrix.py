@@ -133,6 +133,7 @@ class MatrixConfig:
     resolution: int | None = None
     replan: int | None = None  # client --replan (None: the server's replan_steps, else the whole chunk)
     ensemble: float | None = None  # client --ensemble (temporal ensembling of overlapping chunks; None: off)
+    gripper_confirm: bool = False  # client --gripper-confirm (re-query before a chunk's gripper flip)
     server_python: str = field(default_factory=lambda: default_python(".venv"))
     client_python: str = field(default_factory=lambda: default_python(".venv-libero"))
     server_extra: list[str] = field(default_factory=list)
@@ -199,6 +200,8 @@ def eval_config(cfg: MatrixConfig, v: Variant, port: int) -> EvalConfig:
         argv += ["--replan", str(cfg.replan)]
     if cfg.ensemble is not None:
         argv += ["--ensemble", str(cfg.ensemble)]
+    if cfg.gripper_confirm:
+        argv += ["--gripper-confirm"]
     return config_from_args(argv + v.client_args)
 
 
@@ -347,6 +350,7 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
                 "suite": cfg.suite, "tasks": cfg.tasks, "trials": cfg.trials, "first_trial": cfg.first_trial,
                 "seed": cfg.seed,
                 "max_steps": cfg.max_steps, "resolution": cfg.resolution, "replan": cfg.replan, "ensemble": cfg.ensemble,
+                "gripper_confirm": cfg.gripper_confirm,
                 "workers": cfg.workers}
     finally:
         for s in servers.values():

@@ -82,6 +82,12 @@ class EvalConfig:
                                           "chunk's prediction for a step, weight exp(-M*k) with k=0 the oldest "
                                           "(0: equal weights); needs --replan (or the server's replan_steps) "
                                           "shorter than the chunk; default off: the newest chunk only")
+    gripper_confirm: bool = setting(False, "--gripper-confirm",
+                                    help="before executing a gripper flip (close to grasp, open to release) that a "
+                                         "chunk plans after its first action, stop at the flip and ask the policy "
+                                         "again from the state reached; the new chunk is executed as returned (one "
+                                         "confirmation per flip). Re-observes at contact without re-querying the "
+                                         "whole chunk (see docs/evaluation.md)")
     max_steps: int | None = setting(None, "--max-steps", check=at_least(1),
                                     help="override the suite's step limit (tests, smoke runs)")
     num_wait_steps: int = setting(NUM_WAIT_STEPS, "--wait-steps", check=at_least(0),
@@ -171,6 +177,9 @@ class EvalConfig:
         if self.expert_mix > 0 and self.expert_labels is None:
             raise EvalConfigError(f"--expert-mix {self.expert_mix:g} needs --expert-labels DIR (the expert's chunks "
                                   "are computed only when they are recorded)")
+        if self.gripper_confirm and self.ensemble is not None:
+            raise EvalConfigError("--gripper-confirm and --ensemble are exclusive: an ensemble mixes several chunks' "
+                                  "gripper commands, so no one chunk's flip can be confirmed")
         if self.ray is not None and self.workers > 1:
             raise EvalConfigError("--workers and --ray are exclusive: Ray schedules the episodes on its own workers "
                                   f"(got --workers {self.workers} --ray {self.ray})")

@@ -27,6 +27,7 @@ from client.libero.protocol import (
     PREPROCESS_CHOICES,
     PREPROCESS_NONE,
     WAIT_ACTION,
+    actions_before_gripper_flip,
     convert_gripper,
     rotate_180,
 )
@@ -164,6 +165,8 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
         labelling = labeler is not None and labeler.begin(task, trial, init_index, cfg.seed)
         ensemble = TemporalEnsemble(cfg.ensemble) if cfg.ensemble is not None else None
         queue: list[np.ndarray] = []
+        gripper_now = float(WAIT_ACTION[6])  # the command in force (--gripper-confirm)
+        confirming = False  # the queue was cut at a flip: the next chunk is executed as returned
         max_steps = cfg.effective_max_steps
         while steps < max_steps:
             if cfg.save_video:
@@ -182,10 +185,16 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
                     ensemble.add(steps, chunk)
                     queue = ensemble.actions(steps, n)
                 else:
+                    if cfg.gripper_confirm and not confirming:
+                        cut = actions_before_gripper_flip(chunk[:n], gripper_now)
+                        confirming, n = cut < n, cut
+                    else:
+                        confirming = False
                     queue = list(chunk[:n])
                 if labelling and (expert := labeler.observe(env, raw, steps)) is not None:
                     queue = list(expert[:n])  # --expert-mix: the expert acts on this query
             action = queue.pop(0)
+            gripper_now = float(action[6]) if action[6] != 0 else gripper_now
             # the observation after this step is sent only if the queue is now empty and steps remain
             need_images(not queue and steps + 1 < max_steps)
             raw, reward, done, _ = env.step(action.astype(np.float64))

@@ -60,6 +60,23 @@ def convert_gripper(actions: np.ndarray, convention: str) -> np.ndarray:
     return np.clip(a, -1.0, 1.0).astype(np.float32)
 
 
+def actions_before_gripper_flip(chunk: np.ndarray, gripper_now: float) -> int:
+    """How many of ``chunk``'s actions (env convention) run before its gripper command first flips sign against
+    ``gripper_now`` (the command in force); ``len(chunk)`` when it never flips or flips at its first action.
+
+    The client's ``--gripper-confirm`` executes that many and asks again, so the grasp or release is decided on an
+    observation taken where it happens rather than up to a chunk earlier. Why: the shipped OpenVLA-RSD closes on
+    libero_spatial's table-centre bowl ~2 cm above the demonstrations' grasp height (0.96 m vs 0.937 m) when its
+    descent ran slower than the chunk planned.
+    """
+    g = np.sign(np.asarray(chunk, dtype=np.float32)[:, 6])
+    now = 1.0 if gripper_now > 0 else -1.0
+    flips = np.nonzero((g != 0) & (g != now))[0]
+    if len(flips) == 0 or flips[0] == 0:
+        return len(chunk)
+    return int(flips[0])
+
+
 def quat2axisangle(quat: np.ndarray) -> np.ndarray:
     """Axis-angle (3,) from an (x, y, z, w) quaternion, robosuite's convention (angle in [0, 2*pi])."""
     q = np.asarray(quat, dtype=np.float64)

@@ -63,7 +63,7 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
 #: Config keys a resumed run must share with the recorded one (mixing them would mix two experiments), and their flag.
 RESUME_MUST_MATCH = {"preprocess": "--preprocess", "seed": "--seed", "resolution": "--resolution",
                      "fixtures": "--fixtures", "replan": "--replan", "ensemble": "--ensemble",
-                     "max_steps": "--max-steps",
+                     "gripper_confirm": "--gripper-confirm", "max_steps": "--max-steps",
                      "num_wait_steps": "--wait-steps"}
 
 
