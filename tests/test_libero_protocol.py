@@ -274,3 +274,21 @@ def test_gripper_confirm_flag_is_parsed_recorded_and_refused_with_an_ensemble():
     assert not config_from_args(["libero_spatial", "--headless"]).gripper_confirm
     with pytest.raises(ValueError, match="--gripper-confirm and --ensemble"):
         config_from_args(["libero_spatial", "--headless", "--gripper-confirm", "--replan", "4", "--ensemble", "0"])
+
+
+def test_load_trajectory_reads_a_written_file_and_refuses_other_npz_and_oversized_ones(tmp_path, monkeypatch):
+    from client.libero import trajectory as tr
+
+    rec = tr.TrajectoryRecorder()
+    rec.query(0, np.zeros((2, 7), np.float32))
+    for i in range(2):
+        rec.step(np.full(7, i, np.float32), {"robot0_eef_pos": np.ones(3) * i, "robot0_gripper_qpos": np.zeros(2)})
+    path = rec.write(tmp_path / "a.npz", {"robot0_eef_pos": np.zeros(3), "robot0_gripper_qpos": np.zeros(2)}, True)
+    t = tr.load_trajectory(path)
+    assert t["actions"].shape == (2, 7) and t["eef_pos"][1].tolist() == [1, 1, 1] and bool(t["success"])
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="missing actions"):
+        tr.load_trajectory(tmp_path / "other.npz")
+    monkeypatch.setattr(tr, "MAX_TRAJECTORY_BYTES", 100)
+    with pytest.raises(ValueError, match="not a trajectory file"):
+        tr.load_trajectory(path)

@@ -345,6 +345,45 @@ class _GraspingClient(_RecordingClient):
         return chunk
 
 
+def test_trajectory_records_what_was_executed_and_where_the_arm_went(spatial_tasks, tmp_path):
+    """--trajectory-dir: one npz per episode, named like its video, whose actions are the ones executed, whose
+    positions are the env's after each of them, and whose queries are the chunks the policy returned."""
+    from client.libero.config import EvalConfig
+    from client.libero.evaluate import run_episode
+    from client.libero.trajectory import load_trajectory
+
+    task = spatial_tasks[0]
+    cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=10, num_wait_steps=1, resolution=64,
+                     save_video=False, results=str(tmp_path / "r.json"), trajectory_dir=str(tmp_path / "traj"))
+    env = make_env(task, 64, cameras=True)
+    executed: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    step = env.step
+
+    def recording_step(action):
+        raw = step(action)
+        executed.append(np.array(action))
+        positions.append(np.array(raw[0]["robot0_eef_pos"]))
+        return raw
+
+    env.step = recording_step
+    client = _RecordingClient(4)
+    try:
+        ep, _ = run_episode(env, task, 0, cfg, client, {})
+    finally:
+        close_env(env)
+    files = sorted((tmp_path / "traj").glob("*.npz"))
+    assert [f.name for f in files] == ["task00_" + files[0].name.split("_", 1)[1]]
+    assert files[0].name.endswith("__trial000__failure.npz")
+    t = load_trajectory(files[0])
+    assert ep.steps == 10 and t["actions"].shape == (10, 7) and t["eef_pos"].shape == (10, 3)
+    np.testing.assert_allclose(t["actions"], np.array(executed[1:]), rtol=1e-6)  # the wait no-op is not in it
+    np.testing.assert_allclose(t["eef_pos"], np.array(positions[1:]), rtol=1e-6)
+    assert t["query_steps"].tolist() == [0, 4, 8] and t["chunks"].shape == (3, 4, 7)
+    np.testing.assert_allclose(t["chunks"][1], t["actions"][4:8], rtol=1e-6)
+    assert not bool(t["success"]) and t["gripper_qpos"].shape == (10, 2)
+
+
 def test_gripper_confirm_asks_again_before_the_flip_and_executes_the_next_chunk_whole(spatial_tasks, tmp_path):
     """--gripper-confirm with 8-step chunks that close at index 3: the first chunk runs 3 actions (open), the
     re-query's chunk runs whole (its flip included), and the gripper is then closed, so no later flip is cut."""

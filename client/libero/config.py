@@ -95,6 +95,11 @@ class EvalConfig:
     resolution: int = setting(256, "--resolution", check=in_range(16, 1024), help="camera resolution, pixels")
     video_dir: str | None = setting(None, "--video-dir", help="where mp4s go (default: next to the results file)")
     save_video: bool = setting(True, off=("--no-video",), help="do not write episode videos")
+    trajectory_dir: str | None = setting(None, "--trajectory-dir", metavar="DIR",
+                                         help="also write each episode's trajectory to DIR (one .npz named like "
+                                              "its video: executed actions, end-effector position and gripper "
+                                              "joints per step, query steps, returned chunks; "
+                                              "client.libero.trajectory.load_trajectory reads it)")
     results: str | None = setting(None, "--results",
                                   help="results JSON (default artifacts/libero_eval/SUITE/results.json)")
     resume: bool = setting(False, "--resume", help="skip episodes already in the results file")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ from client.libero.protocol import (
     rotate_180,
 )
 from client.libero.results import EpisodeResult, ResultsFile, ResultsFileError, server_identity
+from client.libero.trajectory import TrajectoryRecorder
+from client.libero.video import episode_video_name
 
 log = logging.getLogger("client.libero.evaluate")
 
@@ -134,6 +137,8 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
     from client.policy_client import PolicyClientError
 
     t0 = time.monotonic()
+    trajectory = TrajectoryRecorder() if cfg.trajectory_dir else None
+    start: dict[str, Any] | None = None
     frames: list[np.ndarray] = []
     latencies: list[float] = []
     server_timings: dict[str, list[float]] = {}
@@ -165,6 +170,7 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
         labelling = labeler is not None and labeler.begin(task, trial, init_index, cfg.seed)
         ensemble = TemporalEnsemble(cfg.ensemble) if cfg.ensemble is not None else None
         queue: list[np.ndarray] = []
+        start = raw
         gripper_now = float(WAIT_ACTION[6])  # the command in force (--gripper-confirm)
         confirming = False  # the queue was cut at a flip: the next chunk is executed as returned
         max_steps = cfg.effective_max_steps
@@ -180,6 +186,8 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
                     if isinstance(v, (int, float)):
                         server_timings.setdefault(k, []).append(float(v))
                 chunk = convert_gripper(chunk, contract.gripper)
+                if trajectory is not None:
+                    trajectory.query(steps, chunk)
                 n = len(chunk) if contract.replan is None else min(contract.replan, len(chunk))
                 if ensemble is not None:
                     ensemble.add(steps, chunk)
@@ -199,6 +207,8 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
             need_images(not queue and steps + 1 < max_steps)
             raw, reward, done, _ = env.step(action.astype(np.float64))
             steps += 1
+            if trajectory is not None:
+                trajectory.step(action, raw)
             if labelling:
                 labeler.step(env, action, reward, done)
             if done:
@@ -220,6 +230,10 @@ def run_episode(env: Any, task: Any, trial: int, cfg: EvalConfig, client: Any,
         contract_box["env_broken"] = True  # type: ignore[assignment]
     if labeler is not None and labeler.active:
         labeler.end(success, errored or contract_box.get("env_broken", False))
+    if trajectory is not None and start is not None:
+        outcome = "errored" if errored else ("success" if success else "failure")
+        trajectory.write(Path(cfg.trajectory_dir) / episode_video_name(task.task_id, task.name, trial, outcome, "npz"),
+                         start, success)
     ep = EpisodeResult(
         task_id=task.task_id, task_name=task.name, instruction=task.instruction, trial=trial,
         init_state_index=init_index, success=success, errored=errored, steps=steps,
@@ -242,7 +256,7 @@ def evaluate(cfg: EvalConfig) -> int:
         setup_headless_gl,
         write_libero_config,
     )
-    from client.libero.video import episode_video_name, write_video
+    from client.libero.video import write_video
     from client.policy_client import PolicyClient
 
     if not cfg.headless:

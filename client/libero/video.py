@@ -17,10 +17,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def episode_video_name(task_id: int, task_name: str, trial: int, outcome: str) -> str:
-    """``task03_<slug>__trial007__success.mp4``: sortable, unique per episode, outcome visible."""
+def episode_video_name(task_id: int, task_name: str, trial: int, outcome: str, suffix: str = "mp4") -> str:
+    """``task03_<slug>__trial007__success.mp4``: sortable, unique per episode, outcome visible (``suffix``: the
+    episode's other files, e.g. its ``npz`` trajectory, share the name)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", task_name).strip("_")[:80]
-    return f"task{task_id:02d}_{slug}__trial{trial:03d}__{outcome}.mp4"
+    return f"task{task_id:02d}_{slug}__trial{trial:03d}__{outcome}.{suffix}"
 
 
 def write_video(path: str | os.PathLike[str], frames: list[np.ndarray], fps: int = 20) -> Path | None:
