@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="episode step cap (smoke runs only)")
     ap.add_argument("--replan", type=int, default=None,
                     help="actions executed per query (client --replan; default: the server's, else the whole chunk)")
+    ap.add_argument("--trajectories", action="store_true",
+                    help="client --trajectory-dir: each episode's actions and arm positions as OUT/<variant>/"
+                         "trajectories/*.npz")
     ap.add_argument("--gripper-confirm", action="store_true",
                     help="client --gripper-confirm: ask again before executing a chunk's gripper flip")
     ap.add_argument("--ensemble", type=float, default=None, metavar="M",
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                        replan=args.replan,
                        ensemble=args.ensemble,
                        gripper_confirm=args.gripper_confirm,
+                       trajectories=args.trajectories,
                        server_python=args.server_python,
                        client_python=args.client_python,
                        server_extra=["--device", args.device, "--torch-threads", str(args.server_threads)])

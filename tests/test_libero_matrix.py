@@ -111,6 +111,9 @@ def test_eval_config_has_the_matrix_settings_and_the_variants_client_flags(tmp_p
     assert plain.ensemble is None and plain.replan is None and plain.resolution == 256 and plain.max_steps is None  # the client's defaults
     with pytest.raises(ValueError, match="--replan"):
         lm.eval_config(cfg, lm.Variant("bad", [], client_args=["--replan", "0"]), 5603)
+    assert not plain.gripper_confirm and plain.trajectory_dir is None
+    probe = lm.eval_config(_matrix(tmp_path, gripper_confirm=True, trajectories=True), lm.Variant("b", []), 5604)
+    assert probe.gripper_confirm and probe.trajectory_dir == str(tmp_path / "b" / "trajectories")
 
 
 def test_jobs_are_task_major_interleave_the_variants_and_skip_recorded_episodes(tmp_path) -> None:

@@ -134,6 +134,7 @@ class MatrixConfig:
     replan: int | None = None  # client --replan (None: the server's replan_steps, else the whole chunk)
     ensemble: float | None = None  # client --ensemble (temporal ensembling of overlapping chunks; None: off)
     gripper_confirm: bool = False  # client --gripper-confirm (re-query before a chunk's gripper flip)
+    trajectories: bool = False  # client --trajectory-dir OUT/<label>/trajectories (one npz per episode)
     server_python: str = field(default_factory=lambda: default_python(".venv"))
     client_python: str = field(default_factory=lambda: default_python(".venv-libero"))
     server_extra: list[str] = field(default_factory=list)
@@ -202,6 +203,8 @@ def eval_config(cfg: MatrixConfig, v: Variant, port: int) -> EvalConfig:
         argv += ["--ensemble", str(cfg.ensemble)]
     if cfg.gripper_confirm:
         argv += ["--gripper-confirm"]
+    if cfg.trajectories:
+        argv += ["--trajectory-dir", str(results_path(cfg, v.label).parent / "trajectories")]
     return config_from_args(argv + v.client_args)
 
 
