@@ -299,25 +299,23 @@ def test_camera_gate_keeps_the_video_camera_rendering(spatial_tasks, tmp_path):
     assert gate.rendered == 8 + 2
 
 
-def test_ensemble_executes_the_mean_of_the_overlapping_chunks(spatial_tasks, tmp_path):
-    """--ensemble 0 with --replan 2 and 4-step chunks: every executed action is the mean of the (up to 2) chunks
-    that predicted it, and the policy is still asked every 2 steps."""
-    from client.libero.config import EvalConfig
+def _run_recorded(task, cfg, client) -> tuple:
+    """One ``run_episode`` on a real env, recording what it executed: ``(result, actions, positions, chunks)`` --
+    the actions after the wait no-ops, the end-effector position after each, and every chunk the client returned."""
     from client.libero.evaluate import run_episode
 
-    task = spatial_tasks[0]
-    cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=8, num_wait_steps=1, resolution=64,
-                     save_video=False, results=str(tmp_path / "r.json"), replan=2, ensemble=0.0)
-    env = make_env(task, 64, cameras=True)
+    env = make_env(task, cfg.resolution, cameras=True)
     executed: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
     step = env.step
 
     def recording_step(action):
+        raw = step(action)
         executed.append(np.array(action))
-        return step(action)
+        positions.append(np.array(raw[0]["robot0_eef_pos"]))
+        return raw
 
     env.step = recording_step
-    client = _RecordingClient(4)
     chunks: list[np.ndarray] = []
     infer = client.infer
     client.infer = lambda obs: chunks.append(infer(obs)) or chunks[-1]
@@ -325,8 +323,19 @@ def test_ensemble_executes_the_mean_of_the_overlapping_chunks(spatial_tasks, tmp
         ep, _ = run_episode(env, task, 0, cfg, client, {})
     finally:
         close_env(env)
+    w = cfg.num_wait_steps
+    return ep, executed[w:], positions[w:], chunks
+
+
+def test_ensemble_executes_the_mean_of_the_overlapping_chunks(spatial_tasks, tmp_path):
+    """--ensemble 0 with --replan 2 and 4-step chunks: every executed action is the mean of the (up to 2) chunks
+    that predicted it, and the policy is still asked every 2 steps."""
+    from client.libero.config import EvalConfig
+
+    cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=8, num_wait_steps=1, resolution=64,
+                     save_video=False, results=str(tmp_path / "r.json"), replan=2, ensemble=0.0)
+    ep, moves, _, chunks = _run_recorded(spatial_tasks[0], cfg, _RecordingClient(4))
     assert ep.steps == 8 and ep.num_queries == 4 and not ep.errored
-    moves = executed[1:]  # the first step executed is the wait no-op
     assert len(moves) == 8
     for t, a in enumerate(moves):
         preds = [c[t - 2 * k] for k, c in enumerate(chunks) if 0 <= t - 2 * k < 4]
@@ -349,36 +358,18 @@ def test_trajectory_records_what_was_executed_and_where_the_arm_went(spatial_tas
     """--trajectory-dir: one npz per episode, named like its video, whose actions are the ones executed, whose
     positions are the env's after each of them, and whose queries are the chunks the policy returned."""
     from client.libero.config import EvalConfig
-    from client.libero.evaluate import run_episode
     from client.libero.trajectory import load_trajectory
 
-    task = spatial_tasks[0]
     cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=10, num_wait_steps=1, resolution=64,
                      save_video=False, results=str(tmp_path / "r.json"), trajectory_dir=str(tmp_path / "traj"))
-    env = make_env(task, 64, cameras=True)
-    executed: list[np.ndarray] = []
-    positions: list[np.ndarray] = []
-    step = env.step
-
-    def recording_step(action):
-        raw = step(action)
-        executed.append(np.array(action))
-        positions.append(np.array(raw[0]["robot0_eef_pos"]))
-        return raw
-
-    env.step = recording_step
-    client = _RecordingClient(4)
-    try:
-        ep, _ = run_episode(env, task, 0, cfg, client, {})
-    finally:
-        close_env(env)
+    ep, executed, positions, _ = _run_recorded(spatial_tasks[0], cfg, _RecordingClient(4))
     files = sorted((tmp_path / "traj").glob("*.npz"))
     assert [f.name for f in files] == ["task00_" + files[0].name.split("_", 1)[1]]
     assert files[0].name.endswith("__trial000__failure.npz")
     t = load_trajectory(files[0])
     assert ep.steps == 10 and t["actions"].shape == (10, 7) and t["eef_pos"].shape == (10, 3)
-    np.testing.assert_allclose(t["actions"], np.array(executed[1:]), rtol=1e-6)  # the wait no-op is not in it
-    np.testing.assert_allclose(t["eef_pos"], np.array(positions[1:]), rtol=1e-6)
+    np.testing.assert_allclose(t["actions"], np.array(executed), rtol=1e-6)  # the wait no-op is not in it
+    np.testing.assert_allclose(t["eef_pos"], np.array(positions), rtol=1e-6)
     assert t["query_steps"].tolist() == [0, 4, 8] and t["chunks"].shape == (3, 4, 7)
     np.testing.assert_allclose(t["chunks"][1], t["actions"][4:8], rtol=1e-6)
     assert not bool(t["success"]) and t["gripper_qpos"].shape == (10, 2)
@@ -388,29 +379,10 @@ def test_gripper_confirm_asks_again_before_the_flip_and_executes_the_next_chunk_
     """--gripper-confirm with 8-step chunks that close at index 3: the first chunk runs 3 actions (open), the
     re-query's chunk runs whole (its flip included), and the gripper is then closed, so no later flip is cut."""
     from client.libero.config import EvalConfig
-    from client.libero.evaluate import run_episode
 
-    task = spatial_tasks[0]
     cfg = EvalConfig(suite="libero_spatial", trials=1, max_steps=19, num_wait_steps=1, resolution=64,
                      save_video=False, results=str(tmp_path / "r.json"), gripper_confirm=True)
-    env = make_env(task, 64, cameras=True)
-    executed: list[np.ndarray] = []
-    step = env.step
-
-    def recording_step(action):
-        executed.append(np.array(action))
-        return step(action)
-
-    env.step = recording_step
-    client = _GraspingClient(8)
-    chunks: list[np.ndarray] = []
-    infer = client.infer
-    client.infer = lambda obs: chunks.append(infer(obs)) or chunks[-1]
-    try:
-        ep, _ = run_episode(env, task, 0, cfg, client, {})
-    finally:
-        close_env(env)
-    moves = executed[1:]  # the first step executed is the wait no-op
+    ep, moves, _, chunks = _run_recorded(spatial_tasks[0], cfg, _GraspingClient(8))
     # queries at steps 0 (cut at 3), 3 (whole: 3..10), 11 (closed already: its open prefix is a flip at 0 -> whole)
     assert ep.steps == 19 and ep.num_queries == 3 and len(chunks) == 3
     np.testing.assert_allclose(np.array(moves[:3]), chunks[0][:3], rtol=1e-6)
