@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 from benchmarks.support.libero_matrix import (
+    GR00T_INITIAL_NOISE,
     GR00T_REPLAN_STEPS,
     MatrixConfig,
     Variant,
@@ -145,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-data", default=None, help="glob of demonstration HDF5s for W4A8 calibration")
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--denoising-steps", type=int, default=8)
-    ap.add_argument("--initial-noise", choices=("gaussian", "zero"), default="gaussian",
+    ap.add_argument("--initial-noise", choices=("gaussian", "zero"), default=GR00T_INITIAL_NOISE,
                     help="GR00T variants: where the flow-matching sampler starts (server --policy-option "
-                         "initial_noise=...)")
+                         "initial_noise=...; default: the shipped tiny GR00T's serving, zero)")
     ap.add_argument("--gr00t-replan-steps", type=int, default=GR00T_REPLAN_STEPS,
                     help="GR00T variants: actions of each 16-step chunk executed before the next query, as the "
                          "server advertises it (--policy-option replan_steps=...; 0: the whole chunk). 8: the shipped "

@@ -8,8 +8,8 @@
 # Knobs (env): POLICY (openvla-rsd | gr00t, default openvla-rsd), SUITE (libero_spatial), FIRST_TRIAL (10: clear of
 #              an evaluation's trials 0-9), TRIALS (20 per task), WORKERS (simulator processes, default: every core),
 #              MIX (--expert-mix, DAgger's beta, default 0), SERVER_ARGS (server flags; GR00T's default:
-#              --denoising-steps 8 --embodiment-tag new_embodiment --policy-option replan_steps=8, as the
-#              evaluation matrix serves it).
+#              --denoising-steps 8 --embodiment-tag new_embodiment --policy-option replan_steps=8
+#              --policy-option initial_noise=zero, as the evaluation matrix serves it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 MODEL_DIR OUT_DIR" >&2; exit 2; }
@@ -20,7 +20,7 @@ mkdir -p "$out"
 port="$(.venv/bin/python -c 'from client.testing import free_port; print(free_port())')"
 # the evaluation matrix's GR00T settings (benchmarks/support/libero_matrix.py)
 default_args=""
-[ "$POLICY" = gr00t ] && default_args="--denoising-steps 8 --embodiment-tag new_embodiment --policy-option replan_steps=8"
+[ "$POLICY" = gr00t ] && default_args="--denoising-steps 8 --embodiment-tag new_embodiment --policy-option replan_steps=8 --policy-option initial_noise=zero"
 # shellcheck disable=SC2086
 ./run_inference_server.sh --policy "$POLICY" --model-path "$model" --port "$port" ${SERVER_ARGS:-$default_args} \
   > "$out/server.log" 2>&1 &

@@ -75,9 +75,10 @@ def test_quant_variants_share_flags_and_differ_only_in_quantisation(tmp_path) ->
     assert rtn.env["GR00T_DUQUANT_PERMUTE"] == "0" and dq.env["GR00T_DUQUANT_PERMUTE"] == "1"
     assert len({v.env["GR00T_DUQUANT_PACKDIR"] for v in (rtn, dq, a4)}) == 3
     assert fp.server_args[fp.server_args.index("--denoising-steps") + 1] == "4"
-    assert "initial_noise=gaussian" in fp.server_args  # upstream's sampler unless asked
-    zero = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16, 4, initial_noise="zero")
-    assert all("initial_noise=zero" in v.server_args for v in zero)
+    # the shipped serving's sampler (zero initial noise) unless asked for upstream's Gaussian draw
+    assert f"initial_noise={lm.GR00T_INITIAL_NOISE}" in fp.server_args and lm.GR00T_INITIAL_NOISE == "zero"
+    gaussian = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16, 4, initial_noise="gaussian")
+    assert all("initial_noise=gaussian" in v.server_args for v in gaussian)
     # GR00T is served as shipped: 8 of its 16 actions per query unless asked otherwise (0 = the whole chunk)
     assert f"replan_steps={lm.GR00T_REPLAN_STEPS}" in fp.server_args and lm.GR00T_REPLAN_STEPS == 8
     whole = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16, 4, gr00t_replan_steps=0)

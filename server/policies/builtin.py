@@ -66,8 +66,8 @@ class GR00TOptions(CalibrationOptions):
     initial_noise: str = setting("gaussian", choices=INITIAL_NOISE,
                                  help="where the Euler sampler starts: 'gaussian' = a fresh N(0, I) draw per chunk "
                                       "(upstream), 'zero' = the prior's mean, one deterministic chunk per "
-                                      "observation (held-out action error 0.0297 vs 0.0409 on the shipped tiny "
-                                      "GR00T, level with the mean of 8 gaussian chunks at no extra cost)")
+                                      "observation (the shipped tiny GR00T is served with it: 196/300 "
+                                      "libero_spatial episodes vs 146/300 with gaussian, paired 80 vs 30)")
 
 
 @dataclass(frozen=True)
