@@ -135,6 +135,49 @@ def test_pinned_fixtures_make_an_episode_independent_of_the_envs_history(spatial
         close_env(env)
 
 
+def test_resets_that_keep_the_model_give_bit_identical_episodes(spatial_tasks):
+    """After an env's first reset with a seed, pinned resets keep the model (no XML rebuild, no new GL context):
+    the same episodes as hard resets, states and rendered images bit for bit, on the task whose fixtures LIBERO
+    places -- and the gripper's integrated command does not leak from one episode into the next."""
+    from client.libero.env import CameraGate
+
+    task = spatial_tasks[4]
+    rng = np.random.default_rng(3)
+    actions = rng.uniform(-1.0, 1.0, (36, 7))
+    actions[:, 6] = np.where(np.arange(36) % 12 < 6, 1.0, -1.0)  # the gripper closes and opens: its command integrates
+
+    def run(reuse_model):
+        env = make_env(task, 64, cameras=True)
+        gate = CameraGate(env)
+        steps, sims = [], []
+        try:
+            for trial in (0, 1, 0):
+                reset_to_init(env, task, trial, seed=7, gate=gate, reuse_model=reuse_model)
+                sims.append(env.sim)
+                for t, a in enumerate(actions):
+                    gate.open = t % 9 == 0
+                    raw, _, _, _ = env.step(a)
+                    steps.append((env.sim.get_state().flatten(), raw["agentview_image"].copy() if gate.open else None,
+                                  raw["robot0_eye_in_hand_image"].copy() if gate.open else None))
+        finally:
+            close_env(env)
+        return steps, sims
+
+    hard, hard_sims = run(reuse_model=False)
+    kept, kept_sims = run(reuse_model=True)
+    assert len({id(s) for s in hard_sims}) == 3 and len({id(s) for s in kept_sims}) == 1
+    assert len(hard) == len(kept) == 3 * len(actions)
+    for i, (h, k) in enumerate(zip(hard, kept, strict=True)):
+        np.testing.assert_array_equal(h[0], k[0], err_msg=f"state differs at step {i}")
+        for j in (1, 2):
+            if h[j] is not None:
+                assert h[j].std() > 5.0
+                np.testing.assert_array_equal(h[j], k[j], err_msg=f"image {j} differs at step {i}")
+    # the third episode repeats the first: the kept model carries nothing over
+    n = len(actions)
+    np.testing.assert_array_equal(kept[n - 1][0], kept[3 * n - 1][0])
+
+
 def test_sparse_rendering_records_the_same_frames(spatial_tasks):
     """``replay_and_record(frame_every=3)`` renders only every third step, and the frames it keeps (images,
     state) are bit-identical to an every-step recording's at those steps; actions and sim states stay per step."""

@@ -234,7 +234,8 @@ class CameraGate:
 
 
 def reset_to_init(env: Any, task: TaskHandle, init_index: int, seed: int,
-                  gate: CameraGate | None = None, fixtures: str = FIXTURES_PINNED) -> dict[str, Any]:
+                  gate: CameraGate | None = None, fixtures: str = FIXTURES_PINNED,
+                  reuse_model: bool = True) -> dict[str, Any]:
     """Standard episode start: ``env.seed``, ``env.reset``, ``env.set_init_state(init_states[k])``.
 
     Why ``fixtures="pinned"``: an init state is the flattened MuJoCo *state* (qpos, qvel); fixtures are placed by
@@ -247,18 +248,52 @@ def reset_to_init(env: Any, task: TaskHandle, init_index: int, seed: int,
     (a fresh env's first reset is reproducible across processes), so an episode is a function of (task, init state,
     seed, policy) alone. ``"per-reset"`` keeps LIBERO's drift (upstream harnesses' behaviour).
 
+    Why ``reuse_model`` (pinned fixtures only): LIBERO envs reset *hard* -- the model is rebuilt from its XML and the
+    renderer's GL context with it, ~2 s of a ~10 s episode at 128 px on this project's CPU machine (the mesh and
+    texture upload alone 0.9 s). With the layout pinned, every reset after the env's first one with ``seed`` only
+    has to restore the state, so those reset the sim in place (0.1 s; :func:`_reset_keeping_model`); the episodes
+    are bit-identical to hard-reset ones, images included (``tests/test_libero_sim.py`` checks it on the task with
+    placed fixtures). ``reuse_model=False`` always resets hard.
+
     With a ``gate``, it is (re)installed after the reset; whether the returned observation carries
     fresh images is up to ``gate.open`` at call time.
     """
     if fixtures not in FIXTURE_CHOICES:
         raise ValueError(f"fixtures must be one of {FIXTURE_CHOICES}, got {fixtures!r}")
     env.seed(seed)
-    env.reset()
+    if fixtures == FIXTURES_PINNED and reuse_model and env.__dict__.get(_MODEL_SEED) == seed:
+        _reset_keeping_model(env)
+    else:
+        env.reset()
+        env.__dict__[_MODEL_SEED] = seed
     if fixtures == FIXTURES_PINNED:
         pin_fixture_layout(env, seed)
     if gate is not None:
         gate.install()
     return env.set_init_state(task.init_states[init_index % task.num_init_states])
+
+
+_MODEL_SEED = "_vla_model_seed"  # the seed of the hard reset that built the env's current model
+
+
+def _reset_keeping_model(env: Any) -> None:
+    """robosuite's soft reset (``hard_reset`` off for this one call) plus what a rebuilt model would have cleared.
+
+    A hard reset builds new robot and gripper objects; a soft one keeps them, and robosuite's grippers carry their
+    last command across it (``GripperModel.current_action``, only ever set in its constructor; Panda's gripper
+    integrates its command into it), which made the first steps after a soft reset differ. Everything else a
+    hard reset rebuilds (the controller, the observables' state) robosuite's own soft reset resets."""
+    inner = getattr(env, "env", env)
+    hard = inner.hard_reset
+    inner.hard_reset = False
+    try:
+        env.reset()
+    finally:
+        inner.hard_reset = hard
+    for robot in inner.robots:
+        grippers = robot.gripper.values() if isinstance(robot.gripper, dict) else (robot.gripper,)
+        for gripper in grippers:
+            gripper.current_action = np.zeros_like(gripper.current_action)
 
 
 def pin_fixture_layout(env: Any, seed: int) -> bool:
