@@ -25,8 +25,6 @@ import logging
 from pathlib import Path
 
 from benchmarks.support.libero_matrix import (
-    GR00T_INITIAL_NOISE,
-    GR00T_REPLAN_STEPS,
     MatrixConfig,
     Variant,
     default_python,
@@ -145,14 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant-policy", nargs="+", default=["openvla-rsd"], choices=("openvla-rsd", "gr00t"))
     ap.add_argument("--calib-data", default=None, help="glob of demonstration HDF5s for W4A8 calibration")
     ap.add_argument("--calib-n", type=int, default=32)
-    ap.add_argument("--denoising-steps", type=int, default=8)
-    ap.add_argument("--initial-noise", choices=("gaussian", "zero"), default=GR00T_INITIAL_NOISE,
+    ap.add_argument("--denoising-steps", type=int, default=None,
+                    help="GR00T variants: Euler steps (server --denoising-steps; default: the checkpoint's "
+                         "serving.json, else its config)")
+    ap.add_argument("--initial-noise", choices=("gaussian", "zero"), default=None,
                     help="GR00T variants: where the flow-matching sampler starts (server --policy-option "
-                         "initial_noise=...; default: the shipped tiny GR00T's serving, zero)")
-    ap.add_argument("--gr00t-replan-steps", type=int, default=GR00T_REPLAN_STEPS,
+                         "initial_noise=...; default: the checkpoint's serving.json -- zero for the shipped tiny "
+                         "GR00T -- else upstream's gaussian)")
+    ap.add_argument("--gr00t-replan-steps", type=int, default=None,
                     help="GR00T variants: actions of each 16-step chunk executed before the next query, as the "
-                         "server advertises it (--policy-option replan_steps=...; 0: the whole chunk). 8: the shipped "
-                         "tiny GR00T solved 55/100 with it against 38/100 with whole chunks")
+                         "server advertises it (--policy-option replan_steps=...; 0: the whole chunk; default: the "
+                         "checkpoint's serving.json -- 8 for the shipped tiny GR00T, 55/100 against 38/100 with "
+                         "whole chunks)")
     ap.add_argument("--relaxed-r", type=int, default=1)
     ap.add_argument("--relaxed-tau", type=float, default=0.9)
     ap.add_argument("--action-eps", type=float, default=0.5,

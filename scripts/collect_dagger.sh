@@ -7,9 +7,9 @@
 #      (the policy's own success on those episodes), OUT_DIR/server.log
 # Knobs (env): POLICY (openvla-rsd | gr00t, default openvla-rsd), SUITE (libero_spatial), FIRST_TRIAL (10: clear of
 #              an evaluation's trials 0-9), TRIALS (20 per task), WORKERS (simulator processes, default: every core),
-#              MIX (--expert-mix, DAgger's beta, default 0), SERVER_ARGS (server flags; GR00T's default:
-#              --denoising-steps 8 --embodiment-tag new_embodiment --policy-option replan_steps=8
-#              --policy-option initial_noise=zero, as the evaluation matrix serves it).
+#              MIX (--expert-mix, DAgger's beta, default 0), SERVER_ARGS (extra server flags; the model is served
+#              as its checkpoint's serving.json says, as the evaluation matrix serves it: for a GR00T the trainer
+#              wrote 8 Euler steps from zero initial noise, 8 of its 16 actions per query).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 MODEL_DIR OUT_DIR" >&2; exit 2; }
@@ -18,11 +18,12 @@ model="$1"; out="$2"
 POLICY="${POLICY:-openvla-rsd}"
 mkdir -p "$out"
 port="$(.venv/bin/python -c 'from client.testing import free_port; print(free_port())')"
-# the evaluation matrix's GR00T settings (benchmarks/support/libero_matrix.py)
-default_args=""
-[ "$POLICY" = gr00t ] && default_args="--denoising-steps 8 --embodiment-tag new_embodiment --policy-option replan_steps=8 --policy-option initial_noise=zero"
+[ "$POLICY" = gr00t ] && [ ! -f "$model/serving.json" ] && [ -z "${SERVER_ARGS:-}" ] && echo "collect_dagger.sh:" \
+  "$model has no serving.json (trained before trainers wrote one): served with the server's defaults; pass" \
+  "SERVER_ARGS='--denoising-steps 8 --policy-option replan_steps=8 --policy-option initial_noise=zero' to serve it" \
+  "as the project serves its GR00T" >&2
 # shellcheck disable=SC2086
-./run_inference_server.sh --policy "$POLICY" --model-path "$model" --port "$port" ${SERVER_ARGS:-$default_args} \
+./run_inference_server.sh --policy "$POLICY" --model-path "$model" --port "$port" ${SERVER_ARGS:-} \
   > "$out/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT

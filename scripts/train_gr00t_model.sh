@@ -6,7 +6,8 @@
 #   finetune -> a second cosine from train's result at twice the batch and half the LR (FT_STEPS, default 8000;
 #              0 skips it): held-out action MAE 0.040 -> 0.027, libero_spatial 33 -> 38/100 (README)
 #   install -> re-save the last stage's model (FT_OUT, or OUT with FT_STEPS=0) as float16 shards (the loader
-#              casts back to float32) into the checkpoint folder
+#              casts back to float32) into the checkpoint folder, with its serving.json (how it is served:
+#              8 Euler steps from zero initial noise, 8 of 16 actions per query; models/gr00t/train.py)
 # Usage: scripts/train_gr00t_model.sh [all|demos|train|finetune|install]
 # Knobs (env): DEMOS (glob of LIBERO-layout HDF5 with both cameras + state_8d; render them with
 #              scripts/render_demos.sh), OUT, STEPS, BATCH, LR, EMA, DEVICE, THREADS, INIT,
@@ -41,15 +42,25 @@ run_install() {
   local src="$FT_OUT"; [ "$FT_STEPS" = 0 ] && src="$OUT"
   rm -rf "$INSTALL_DIR.tmp"
   $py - "$src" "$INSTALL_DIR.tmp" <<'EOF'
+import shutil
 import sys
+from pathlib import Path
 
 import torch
 
 import models
+from models.common.serving import SERVING_FILE, write_serving_file
+from models.gr00t.train import SERVING_NOTE, SERVING_POLICY_OPTIONS
 from models.gr00t.tiny import save_pretrained
 
 model = models.load_pretrained("gr00t", sys.argv[1])
 save_pretrained(model, sys.argv[2], num_shards=2, dtype=torch.float16)
+src = Path(sys.argv[1]) / SERVING_FILE
+if src.is_file():  # the trainer wrote how it is served
+    shutil.copy(src, Path(sys.argv[2]) / SERVING_FILE)
+else:  # trained before trainers wrote one: the project's GR00T serving
+    write_serving_file(sys.argv[2], "gr00t", {"denoising_steps": 8, "embodiment_tag": "new_embodiment"},
+                       SERVING_POLICY_OPTIONS, SERVING_NOTE)
 EOF
   rm -rf "$INSTALL_DIR" && mv "$INSTALL_DIR.tmp" "$INSTALL_DIR"
   du -sh "$INSTALL_DIR"

@@ -108,6 +108,12 @@ class ServerConfig:
                                           help="GR00T flow-matching steps (default: the checkpoint's)")
     embodiment_tag: str | None = setting(None, "--embodiment-tag", "--embodiment_tag",
                                          env="VLA_SERVER_EMBODIMENT_TAG", help="GR00T embodiment tag")
+    serving_defaults: bool = setting(True, "--serving-defaults", off=("--no-serving-defaults",),
+                                     env="VLA_SERVER_SERVING_DEFAULTS",
+                                     help="apply the serving settings the checkpoint carries in serving.json "
+                                          "(denoising steps, policy options), under this server's own flags; "
+                                          "--no-serving-defaults ignores the file "
+                                          "(server/policies/serving_defaults.py)")
     curve_keys: str | None = setting(None, "--curve-keys", env="VLA_SERVER_CURVE_KEYS", check=_directory,
                                      help="directory with server.key_secret and authorized client keys "
                                           "(enables CURVE)")

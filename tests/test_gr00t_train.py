@@ -110,6 +110,13 @@ def test_train_lowers_loss_writes_stats_and_serves(demos: str, tiny_dir: Path, t
     assert x["max"][0] <= 0.8 + 1e-6 and x["min"][0] >= -0.8 - 1e-6
     # released layout, loaded by the same loader the server uses, produces LIBERO action chunks
     assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+    # with how it is served: the trainer's denoising steps and the project's GR00T serving options
+    from models.gr00t.train import SERVING_POLICY_OPTIONS
+    from server.policies.serving_defaults import read_serving_defaults
+
+    serving = read_serving_defaults(out)
+    assert serving is not None and serving.policy == "gr00t" and serving.config["denoising_steps"] == 4
+    assert serving.policy_options == SERVING_POLICY_OPTIONS == {"replan_steps": 8, "initial_noise": "zero"}
     model = models.load_pretrained("gr00t", out)
     from server.policies.model_policies import GR00TPolicy
 

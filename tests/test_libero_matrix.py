@@ -75,15 +75,15 @@ def test_quant_variants_share_flags_and_differ_only_in_quantisation(tmp_path) ->
     assert rtn.env["GR00T_DUQUANT_PERMUTE"] == "0" and dq.env["GR00T_DUQUANT_PERMUTE"] == "1"
     assert len({v.env["GR00T_DUQUANT_PACKDIR"] for v in (rtn, dq, a4)}) == 3
     assert fp.server_args[fp.server_args.index("--denoising-steps") + 1] == "4"
-    # the shipped serving's sampler (zero initial noise) unless asked for upstream's Gaussian draw
-    assert f"initial_noise={lm.GR00T_INITIAL_NOISE}" in fp.server_args and lm.GR00T_INITIAL_NOISE == "zero"
+    # otherwise GR00T is served as its checkpoint's serving.json says: no sampler or replan flag of the matrix's own
+    shipped = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16)[0].server_args
+    assert shipped == ["--policy", "gr00t", "--model-path", "/ckpt/gr00t"]
     gaussian = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16, 4, initial_noise="gaussian")
     assert all("initial_noise=gaussian" in v.server_args for v in gaussian)
-    # GR00T is served as shipped: 8 of its 16 actions per query unless asked otherwise (0 = the whole chunk)
-    assert f"replan_steps={lm.GR00T_REPLAN_STEPS}" in fp.server_args and lm.GR00T_REPLAN_STEPS == 8
     whole = lm.quant_variants("gr00t", "/ckpt/gr00t", tmp_path, None, 16, 4, gr00t_replan_steps=0)
     assert all("replan_steps=0" in v.server_args for v in whole)
-    assert not any("replan_steps" in a for a in lm.quant_variants("openvla-rsd", None, tmp_path, None, 16, 8)[0].server_args)
+    assert not any("replan_steps" in a or "initial_noise" in a
+                   for a in lm.quant_variants("openvla-rsd", None, tmp_path, None, 16, 8, "zero", 8)[0].server_args)
 
 
 def _matrix(tmp_path: Path, **kw) -> lm.MatrixConfig:

@@ -191,19 +191,25 @@ SHIPPED_GR00T = REPO / "models" / "checkpoints" / "gr00t-n1.5-tiny-libero-spatia
 
 def test_shipped_trained_gr00t_serves_actions_inside_its_training_range() -> None:
     """The trained tiny GR00T N1.5 (scripts/train_gr00t_model.sh) loads through --model-path like a 3B one and
-    its unnormalised actions stay inside the per-embodiment statistics it was trained with."""
+    its unnormalised actions stay inside the per-embodiment statistics it was trained with. Served with nothing but
+    its path, it is served as its serving.json says (8 Euler steps from zero initial noise, 8 of 16 actions per
+    query): the same observation gives the same chunk."""
     import json
 
     stats = json.loads((SHIPPED_GR00T / "experiment_cfg" / "metadata.json").read_text())
     action_stats = stats["new_embodiment"]["statistics"]["action"]
     lo = np.concatenate([np.asarray(action_stats[k]["min"]) for k in action_stats])
     hi = np.concatenate([np.asarray(action_stats[k]["max"]) for k in action_stats])
-    args = ["--policy", "gr00t", "--model-path", str(SHIPPED_GR00T), "--denoising-steps", "8",
-            "--embodiment-tag", "new_embodiment"]
+    args = ["--policy", "gr00t", "--model-path", str(SHIPPED_GR00T)]
     with ServerProcess(args=args) as proc, PolicyClient(port=proc.port, timeout_s=60) as client:
         meta = client.metadata()
         chunks = [client.infer(libero_obs(seed)) for seed in range(3)]
+        again = client.infer(libero_obs(0))
     assert meta["policy"] == "gr00t" and meta["action_horizon"] == 16
+    assert (meta["denoising_steps"], meta["initial_noise"], meta["replan_steps"]) == (8, "zero", 8)
+    assert meta["serving_defaults"] == {"denoising_steps": 8, "embodiment_tag": "new_embodiment",
+                                        "policy_option.replan_steps": 8, "policy_option.initial_noise": "zero"}
+    np.testing.assert_array_equal(chunks[0], again)  # zero initial noise: one deterministic chunk per observation
     for chunk in chunks:
         assert chunk.shape == (16, 7) and np.isfinite(chunk).all()
         span = hi - lo

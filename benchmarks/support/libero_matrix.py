@@ -80,29 +80,21 @@ def rsd_variants(model_path: str | None, relaxed_r: int, relaxed_tau: float, act
     ]
 
 
-#: Actions of each 16-step chunk the shipped tiny GR00T executes before asking again (its served
-#: ``replan_steps``): 55/100 libero_spatial episodes against 38/100 executing whole chunks (paired 26 vs 9, exact
-#: McNemar p = 0.006); 4 gave 57/99, level with 8 at twice the queries.
-GR00T_REPLAN_STEPS = 8
-
-#: Where the shipped tiny GR00T's flow-matching sampler starts (its served ``initial_noise``): the prior's mean,
-#: one deterministic chunk per observation: 196/300 libero_spatial episodes (init states 0-29) against 146/300 from a
-#: Gaussian draw (upstream's; paired 80 vs 30, exact McNemar p < 0.0001). A Gaussian rerun of the same 100 episodes
-#: flipped 23 of them: the draw's noise is what lost them.
-GR00T_INITIAL_NOISE = "zero"
-
-
 def quant_variants(policy: str, model_path: str | None, packdir: Path, calib_data: str | None, calib_n: int,
-                   denoising_steps: int, initial_noise: str = GR00T_INITIAL_NOISE,
-                   gr00t_replan_steps: int = GR00T_REPLAN_STEPS) -> list[Variant]:
+                   denoising_steps: int | None = None, initial_noise: str | None = None,
+                   gr00t_replan_steps: int | None = None) -> list[Variant]:
     """Full precision vs RTN W4A8 vs DuQuant W4A8 vs DuQuant W4A4 (static, and per-token activation scales) for one
-    policy (default settings otherwise; GR00T served as the shipped tiny one is: 8 Euler steps from zero initial
-    noise, 8 of its 16 actions executed per query)."""
+    policy, each served as its checkpoint says (a checkpoint's ``serving.json``: the shipped tiny GR00T's 8 Euler
+    steps from zero initial noise, 8 of its 16 actions executed per query; ``server/policies/serving_defaults.py``).
+    ``denoising_steps``, ``initial_noise`` and ``gr00t_replan_steps`` (GR00T only; 0 = whole chunks) override it."""
     base = ["--policy", policy] + (["--model-path", model_path] if model_path else [])
     if policy == "gr00t":
-        base += ["--denoising-steps", str(denoising_steps), "--embodiment-tag", "new_embodiment",
-                 "--policy-option", f"initial_noise={initial_noise}",
-                 "--policy-option", f"replan_steps={gr00t_replan_steps}"]
+        if denoising_steps is not None:
+            base += ["--denoising-steps", str(denoising_steps)]
+        if initial_noise is not None:
+            base += ["--policy-option", f"initial_noise={initial_noise}"]
+        if gr00t_replan_steps is not None:
+            base += ["--policy-option", f"replan_steps={gr00t_replan_steps}"]
     calib = []
     if calib_data:
         calib = ["--policy-option", f"calib_data={calib_data}", "--policy-option", f"calib_n={calib_n}"]

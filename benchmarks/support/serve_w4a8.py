@@ -38,6 +38,7 @@ from pathlib import Path
 from benchmarks.support.libero_matrix import DUQUANT_SEED_ENV
 from client.libero.protocol import SUITES
 from client.testing import REPO
+from models.common.serving import SERVING_FILE
 
 PROG = "run_libero_quant_w4a8.sh"
 POLICIES = ("gr00t", "openvla", "openvla-rsd")
@@ -57,7 +58,7 @@ class Plan:
     model_path: str
     port: int
     device: str
-    denoising_steps: int
+    denoising_steps: int | None  # None: the checkpoint's serving.json says
     calib_data: str | None
     calib_note: str
     env: dict[str, str]
@@ -68,7 +69,8 @@ class Plan:
         return {k: v for k, v in self.env.items() if k.startswith("GR00T_DUQUANT_")}
 
     def header(self) -> list[str]:
-        steps = f"   denoising steps: {self.denoising_steps}" if self.policy == "gr00t" else ""
+        shown = self.denoising_steps if self.denoising_steps is not None else "the checkpoint's serving.json"
+        steps = f"   denoising steps: {shown}" if self.policy == "gr00t" else ""
         lines = [
             "=" * 62,
             f" DuQuant W4A8 policy server for LIBERO ({self.suite})",
@@ -96,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--yes", "-y", action="store_true", help="do not ask before starting the server")
     ap.add_argument("--port", default="5555")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--denoising-steps", "--denoising_steps", dest="denoising_steps", type=int, default=8,
-                    help="GR00T flow-matching steps (default 8)")
+    ap.add_argument("--denoising-steps", "--denoising_steps", dest="denoising_steps", type=int, default=None,
+                    help="GR00T flow-matching steps (default: the checkpoint's serving.json, else 8)")
     ap.add_argument("--calib-data", default="auto",
                     help="glob of demonstration HDF5s, or none (default: artifacts/demos/SUITE/*.hdf5 if any)")
     ap.add_argument("--scan-only", "--dry-run", dest="scan_only", action="store_true",
@@ -149,8 +151,13 @@ def make_plan(ns: argparse.Namespace, extra: Sequence[str], environ: Mapping[str
     calib_steps = env["GR00T_DUQUANT_CALIB_STEPS"]
 
     server_args = ["--policy", ns.policy, "--model-path", model_path, "--port", str(ns.port), "--device", ns.device]
+    steps = ns.denoising_steps
     if ns.policy == "gr00t":
-        server_args += ["--denoising-steps", str(ns.denoising_steps), "--embodiment-tag", "new_embodiment"]
+        if steps is None and not (Path(model_path) / SERVING_FILE).is_file():
+            steps = 8  # upstream's LIBERO serving; a checkpoint's serving.json sets its own
+        server_args += ["--embodiment-tag", "new_embodiment"]
+        if steps is not None:
+            server_args += ["--denoising-steps", str(steps)]
     calib: str | None = ns.calib_data
     if calib == "auto":
         calib = f"artifacts/demos/{ns.suite}/*.hdf5"
@@ -165,7 +172,7 @@ def make_plan(ns: argparse.Namespace, extra: Sequence[str], environ: Mapping[str
     else:
         server_args += ["--policy-option", f"calib_data={calib}", "--policy-option", f"calib_n={calib_steps}"]
         note = f"{calib_steps} demonstration observations from {calib}"
-    return Plan(ns.suite, ns.policy, model_path, int(ns.port), ns.device, ns.denoising_steps, calib, note, env,
+    return Plan(ns.suite, ns.policy, model_path, int(ns.port), ns.device, steps, calib, note, env,
                 [*server_args, *extra])
 
 

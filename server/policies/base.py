@@ -44,13 +44,18 @@ class Policy(abc.ABC):
     #: Actions of a chunk a LIBERO client executes before asking again (``--policy-option replan_steps``), sent as
     #: ``metadata["replan_steps"]`` when set; ``None``: the whole chunk.
     replan_steps: int | None = None
+    #: The settings taken from the checkpoint's ``serving.json`` (``server/policies/serving_defaults.py``), set by
+    #: the policy factory and sent as ``metadata["serving_defaults"]`` when any were applied.
+    serving_defaults: dict[str, Any] | None = None
 
     def served_metadata(self) -> dict[str, Any]:
         """:meth:`metadata` plus what the server adds for every policy (``preprocess``, ``checkpoint_digest``,
-        ``replan_steps`` when set)."""
+        ``replan_steps`` and ``serving_defaults`` when set)."""
         meta = {**self.metadata(), "preprocess": self.preprocess, "checkpoint_digest": self.checkpoint_digest}
         if self.replan_steps:
             meta["replan_steps"] = self.replan_steps
+        if self.serving_defaults:
+            meta["serving_defaults"] = dict(self.serving_defaults)
         return meta
 
     def validate(self, obs: dict[str, Any]) -> None:  # noqa: B027 - optional hook

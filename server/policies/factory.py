@@ -2,8 +2,10 @@
 
 Every policy is built in the same order by :func:`build_policy`:
 
-1. parse its typed options from ``--policy-option KEY=VALUE`` (``server/policies/options.py``);
-2. resolve the checkpoint directory (``--model-path``, or the declaration's shipped default);
+1. check the typed options of ``--policy-option KEY=VALUE`` (``server/policies/options.py``) and resolve the
+   checkpoint directory (``--model-path``, or the declaration's shipped default);
+2. fill in the serving settings the checkpoint carries (``serving.json``, under the user's own flags:
+   ``server/policies/serving_defaults.py``) and parse the options that result;
 3. read ``GR00T_DUQUANT_*`` (before any weights, so a bad variable fails at once; ``DRYRUN`` raises
    :class:`~server.policies.quantize.DryRunRequested`, the listing being ``python -m quant.scan``'s job);
 4. load the model (the declaration's ``load``);
@@ -31,6 +33,7 @@ from server.policies.options import (
     describe_options,
     parse_options,
 )
+from server.policies.serving_defaults import apply_serving_defaults, read_serving_defaults
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -97,8 +100,10 @@ def build_policy(spec: PolicySpec, config: ServerConfig) -> Policy:
     """Build the policy ``spec`` declares: options -> checkpoint -> DuQuant settings -> load -> quantise -> wrap."""
     from server.policies.quantize import DryRunRequested, duquant_config_from_env, quantize_model
 
-    options = parse_options(spec.options, config.policy_options, spec.name)
+    parse_options(spec.options, config.policy_options, spec.name)  # the user's own options fail before any file read
     path = resolve_model_path(spec, config)
+    config, applied = apply_serving_defaults(config, spec.name, spec.options, read_serving_defaults(path))
+    options = parse_options(spec.options, config.policy_options, spec.name)
     ctx = PolicyContext(config, options, path)
     if spec.load is None:
         policy = spec.wrap(ctx, None, dict(NO_QUANTIZATION))
@@ -112,6 +117,7 @@ def build_policy(spec: PolicySpec, config: ServerConfig) -> Policy:
         policy = spec.wrap(ctx, model, report)
     policy.preprocess = spec.preprocess if options.libero_preprocess == KIND_DEFAULT else options.libero_preprocess
     policy.checkpoint_digest = checkpoint_digest(path) if path is not None else None
+    policy.serving_defaults = applied
     if options.replan_steps:
         horizon = int(policy.metadata().get("action_horizon") or 0)
         if options.replan_steps > horizon:
