@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,20 @@ def test_ray_cluster_retries_a_killed_worker(server, tmp_path):
     killed = marker.read_text().split()[1]
     assert f"{retry['task_id']}:{retry['trial']}" == killed and retry["attempt"] == 2
     assert doc["config"]["ray"] == address
+
+
+def test_ray_workers_keep_their_env_between_episodes_and_match_the_pool(server, tmp_path):
+    """A Ray worker process runs many episode tasks; it keeps its simulator between them (an env build and a hard
+    reset are ~6 s on this machine), and the episodes are those of the local pool."""
+    pytest.importorskip("ray", reason="needs ray (pip install '.[ray]')")
+    ray_res, pool_res = tmp_path / "ray.json", tmp_path / "pool.json"
+    r = _evaluate([*_base(server, ray_res, tasks="0", trials=3), "--ray", "local"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    reused = re.search(r"ray: (\d+) of 3 episodes ran in an env their worker had already built", r.stderr)
+    assert reused and int(reused.group(1)) >= 1, r.stderr[-3000:]  # 3 episodes of one task, at most 2 workers
+    p = _evaluate([*_base(server, pool_res, tasks="0", trials=3), "--workers", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(_outcomes(json.loads(ray_res.read_text()))) == _outcomes(json.loads(pool_res.read_text()))
 
 
 def test_ray_flag_without_ray_names_the_flag(tmp_path, monkeypatch):
