@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="server --device (cpu or cuda)")
     ap.add_argument("--server-threads", type=int, default=1,
                     help="torch CPU threads per server: many servers + simulators share the cores (also with cuda)")
+    ap.add_argument("--ray", default=None, metavar="ADDRESS",
+                    help="run the episodes as Ray tasks (cluster address, auto, or local) instead of --workers "
+                         "local processes; same results files (client.libero.parallel.RayEpisodePool)")
+    ap.add_argument("--server-host", default=None, metavar="HOST",
+                    help="with --ray on a cluster: this machine's address as the other nodes reach it (the "
+                         "servers then bind every interface; default: loopback, for a one-machine cluster)")
     ap.add_argument("--server-max-batch", type=int, default=1,
                     help="server --max-batch. 1 (default): every forward pass sees one observation, so an episode is "
                          "a function of (task, init state, seed, policy) alone -- batched with another worker's "
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                        trajectories=args.trajectories,
                        server_python=args.server_python,
                        client_python=args.client_python,
+                       ray=args.ray,
+                       server_host=args.server_host,
                        server_extra=["--device", args.device, "--torch-threads", str(args.server_threads),
                                      "--max-batch", str(args.server_max_batch)])
     report = run_matrix(variants, cfg)

@@ -155,6 +155,30 @@ def test_ray_workers_keep_their_env_between_episodes_and_match_the_pool(server, 
     assert sorted(_outcomes(json.loads(ray_res.read_text()))) == _outcomes(json.loads(pool_res.read_text()))
 
 
+def test_success_matrix_on_ray_records_what_the_pool_records(tmp_path):
+    """bench_libero_success's matrix (one server per variant) runs on Ray as on the local pool: the same episodes,
+    the same results files."""
+    pytest.importorskip("ray", reason="needs ray (pip install '.[ray]')")
+    from benchmarks.support import libero_matrix as lm
+
+    variants = [lm.Variant("a", ["--policy", "debug"]), lm.Variant("b", ["--policy", "debug", "--policy-option",
+                                                                          "horizon=4"])]
+    docs = {}
+    for engine in ("pool", "ray"):
+        cfg = lm.MatrixConfig(suite="libero_spatial", tasks=[0, 1], trials=1, workers=2, out_dir=tmp_path / engine,
+                              max_steps=6, resolution=64, server_python=SERVER_PYTHON, client_python=sys.executable,
+                              ray="local" if engine == "ray" else None, ready_timeout_s=120)
+        report = lm.run_matrix(variants, cfg)
+        assert report["failures"] == [] and report["ray"] == cfg.ray
+        docs[engine] = {v.label: json.loads(lm.results_path(cfg, v.label).read_text()) for v in variants}
+    for label in ("a", "b"):
+        pool, ray_doc = docs["pool"][label], docs["ray"][label]
+        assert sorted(_outcomes(ray_doc)) == sorted(_outcomes(pool)) and len(pool["episodes"]) == 2
+        assert set(ray_doc) == set(pool) and ray_doc["summary"] == pool["summary"]
+    assert {e["num_queries"] for e in docs["ray"]["b"]["episodes"]} != {e["num_queries"] for e in docs["ray"]["a"][
+        "episodes"]}  # each episode went to its own variant's server
+
+
 def test_ray_flag_without_ray_names_the_flag(tmp_path, monkeypatch):
     import importlib.util
 

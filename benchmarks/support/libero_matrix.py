@@ -28,7 +28,7 @@ from typing import Any
 
 from client.libero.config import EvalConfig, config_from_args
 from client.libero.evaluate import settle_from_server
-from client.libero.parallel import EpisodeJob, EpisodePool
+from client.libero.parallel import EpisodeJob, EpisodePool, RayEpisodePool
 from client.libero.results import EpisodeResult, ResultsFile, common_identity, wilson_ci
 from client.testing import REPO, ServerProcess, venv_python
 
@@ -136,6 +136,8 @@ class MatrixConfig:
     server_python: str = field(default_factory=lambda: default_python(".venv"))
     client_python: str = field(default_factory=lambda: default_python(".venv-libero"))
     server_extra: list[str] = field(default_factory=list)
+    ray: str | None = None  # run the episodes as Ray tasks on this cluster (address | auto | local), not the pool
+    server_host: str | None = None  # where the simulators reach the servers (they then bind every interface)
     ready_timeout_s: float = 900.0
     episode_timeout_s: float | None = 1800.0  # a worker holding one episode longer is killed, the episode retried
 
@@ -147,7 +149,8 @@ class _Server:
         self.variant = v
         self.log_path = cfg.out_dir / f"server_{v.label}.log"
         # The caller's GR00T_DUQUANT_* never leak into a variant: each one's environment is exactly v.env.
-        self.server = ServerProcess([*v.server_args, *cfg.server_extra], env=v.env, python=cfg.server_python,
+        bind = ["--host", "0.0.0.0"] if cfg.server_host else []  # other nodes' simulators must reach it
+        self.server = ServerProcess([*v.server_args, *cfg.server_extra, *bind], env=v.env, python=cfg.server_python,
                                     default_policy=True, drop_env_prefixes=("GR00T_DUQUANT_",), torch_threads=None,
                                     log_path=self.log_path, wait=False)
         self.port = self.server.port
@@ -191,6 +194,8 @@ def eval_config(cfg: MatrixConfig, v: Variant, port: int) -> EvalConfig:
             "--trials", str(cfg.trials), "--first-trial", str(cfg.first_trial), "--seed", str(cfg.seed),
             "--workers", str(cfg.workers), "--no-video",
             "--no-progress", "--results", str(results_path(cfg, v.label)), "--resume"]
+    if cfg.server_host:
+        argv += ["--host", cfg.server_host]
     if cfg.max_steps:
         argv += ["--max-steps", str(cfg.max_steps)]
     if cfg.resolution:
@@ -313,8 +318,10 @@ def _run_episodes(cfg: MatrixConfig, configs: Mapping[str, EvalConfig], gl_backe
     log.info("%d episodes to run (%d already recorded)", len(jobs), total - len(jobs))
     bar = tqdm(total=len(jobs), desc="libero episodes", unit="ep", dynamic_ncols=True)
     rec = _Recorder(results, bar)
-    pool = EpisodePool(cfg.workers, python=cfg.client_python, episode_timeout_s=cfg.episode_timeout_s,
-                       gl_backend=gl_backend)
+    pool: EpisodePool | RayEpisodePool = (
+        RayEpisodePool(cfg.ray, gl_backend) if cfg.ray is not None else
+        EpisodePool(cfg.workers, python=cfg.client_python, episode_timeout_s=cfg.episode_timeout_s,
+                    gl_backend=gl_backend))
     try:
         pool.run(jobs, rec.on_result, rec.on_retry)
     except RuntimeError as exc:  # every worker died: report what was recorded, and this
@@ -352,7 +359,7 @@ def run_matrix(variants: Sequence[Variant], cfg: MatrixConfig) -> dict[str, Any]
                 "seed": cfg.seed,
                 "max_steps": cfg.max_steps, "resolution": cfg.resolution, "replan": cfg.replan, "ensemble": cfg.ensemble,
                 "gripper_confirm": cfg.gripper_confirm,
-                "workers": cfg.workers}
+                "workers": cfg.workers, "ray": cfg.ray}
     finally:
         for s in servers.values():
             s.stop()

@@ -20,9 +20,10 @@ Design (``--workers N``, :class:`EpisodePool`):
   ``retries`` list. An episode lost twice is recorded ``errored`` (so ``--resume`` runs it again). An episode is
   never recorded twice: a late result of a job already recorded is dropped.
 
-``--ray`` (:func:`evaluate_ray`): each episode is one Ray task that builds its own env; Ray re-runs a task whose
-worker was lost (``max_retries=1``), a tiny actor counts attempts so the driver can record the retry; the driver
-merges results into the same file as they arrive. ``ray`` is imported only there.
+``--ray`` (:class:`RayEpisodePool`, the same ``run(jobs, on_result, on_retry)`` interface): each episode is one
+Ray task, run by its worker process's simulator (kept between tasks); Ray re-runs a task whose worker was lost
+(``max_retries=1``), a tiny actor counts attempts so the driver can record the retry; the driver merges results as
+they arrive, into the same file. ``ray`` is imported only there.
 
 Messages on the worker pipes are multiprocessing's own (pickled between this process and the children it
 spawned, never bytes from the network). A job carries its own config, so one pool can serve several servers:
@@ -462,34 +463,6 @@ def _postfix(bar: Any, results: ResultsFile) -> None:
     bar.update(1)
 
 
-def evaluate_parallel(cfg: EvalConfig, todo: Sequence[tuple[int, int]], results: ResultsFile,
-                      gl_backend: str | None = None) -> bool:
-    """Run ``todo`` with ``cfg.workers`` processes (or on Ray with ``cfg.ray``), adding each episode to
-    ``results`` as it arrives; returns True when it stopped on an errored episode (``--stop-on-error``)."""
-    if cfg.ray is not None:
-        return evaluate_ray(cfg, todo, results, gl_backend)
-    bar = _progress(cfg, len(todo))
-    stopped = False
-
-    def on_result(job: EpisodeJob, ep: EpisodeResult) -> None:
-        nonlocal stopped
-        results.add(ep)
-        _postfix(bar, results)
-        if ep.errored and cfg.stop_on_error:
-            stopped = True
-            log.error("stopping on error (--stop-on-error): %s", ep.error)
-
-    def on_retry(job: EpisodeJob, reason: str, attempt: int) -> None:
-        results.record_retry(job.task_id, job.trial, reason, attempt)
-
-    try:
-        EpisodePool(cfg.workers, gl_backend=gl_backend).run(
-            [EpisodeJob(cfg, t, k) for t, k in todo], on_result, on_retry, should_stop=lambda: stopped)
-    finally:
-        bar.close()
-    return stopped
-
-
 # -- Ray ---------------------------------------------------------------------------------------------------------
 class _AttemptCounter:
     """A Ray actor (num_cpus=0): how many times each episode task has started, so retries can be recorded."""
@@ -507,7 +480,7 @@ _RAY_RUNNER: _EpisodeRunner | None = None
 
 
 def _ray_episode(cfg: EvalConfig, task_id: int, trial: int, counter: Any, gl_backend: str | None,
-                 kill_marker: str | None) -> dict[str, Any]:
+                 kill_marker: str | None, job_key: str) -> dict[str, Any]:
     """One Ray task = one episode, run by this worker process's :class:`_EpisodeRunner`.
 
     Why the runner outlives the task: Ray reuses a worker process for many tasks, and building a LIBERO env costs
@@ -518,7 +491,7 @@ def _ray_episode(cfg: EvalConfig, task_id: int, trial: int, counter: Any, gl_bac
     global _RAY_RUNNER
     import ray
 
-    attempt = ray.get(counter.start.remote(f"{task_id}:{trial}"))
+    attempt = ray.get(counter.start.remote(job_key))  # one job per key (a matrix has a (task, trial) per variant)
     if kill_marker:  # test hook: the first task to get here dies once, as a lost worker would
         try:
             fd = os.open(kill_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -542,57 +515,90 @@ def _ray_episode(cfg: EvalConfig, task_id: int, trial: int, counter: Any, gl_bac
             "node": ray.get_runtime_context().get_node_id()}
 
 
-def evaluate_ray(cfg: EvalConfig, todo: Sequence[tuple[int, int]], results: ResultsFile,
-                 gl_backend: str | None = None) -> bool:
-    """The ``--ray`` path: every episode a Ray task (``max_retries=1``), merged here as results arrive."""
-    try:
-        import ray
-    except ImportError:  # config validation checks this first; kept for direct callers
-        raise RuntimeError("--ray needs the ray package: pip install '.[ray]' (scripts/setup.sh libero)") from None
-    if not todo:
-        return False
-    started_here = False
-    if not ray.is_initialized():
-        address = None if cfg.ray == "local" else cfg.ray
-        log.info("ray: %s", "starting a local instance" if address is None else f"connecting to {address}")
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-        started_here = True
+class RayEpisodePool:
+    """:class:`EpisodePool`'s interface on Ray: every :class:`EpisodeJob` one Ray task (``max_retries=1``).
+
+    ``address``: a cluster's address, ``auto`` (the running local cluster) or ``local`` (start one here, shut down
+    afterwards). Results are handed to ``on_result`` in this process as they arrive, so callers (the evaluation
+    client, the success matrix) record them exactly as they record the local pool's. A job's ``cfg`` must name a
+    server the cluster's nodes can reach (``cfg.host``)."""
+
+    def __init__(self, address: str, gl_backend: str | None = None) -> None:
+        self.address = address
+        self.gl_backend = gl_backend
+
+    def run(self, jobs: Sequence[EpisodeJob], on_result: Callable[[EpisodeJob, EpisodeResult], None],
+            on_retry: Callable[[EpisodeJob, str, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> None:
+        try:
+            import ray
+        except ImportError:  # config validation checks this first; kept for direct callers
+            raise RuntimeError("--ray needs the ray package: pip install '.[ray]' (scripts/setup.sh libero)") from None
+        if not jobs:
+            return
+        retry = on_retry or (lambda job, reason, attempt: None)
+        started_here = False
+        if not ray.is_initialized():
+            address = None if self.address == "local" else self.address
+            log.info("ray: %s", "starting a local instance" if address is None else f"connecting to {address}")
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            started_here = True
+        reused = 0
+        try:
+            counter = ray.remote(num_cpus=0)(_AttemptCounter).remote()
+            episode = ray.remote(num_cpus=1, max_retries=MAX_ATTEMPTS - 1)(_ray_episode)
+            marker = os.environ.get(TEST_HOOK_RAY_KILL_ONCE) or None
+            refs = {episode.remote(job.cfg, job.task_id, job.trial, counter, self.gl_backend, marker,
+                                   str(i)): job for i, job in enumerate(jobs)}
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=5.0)
+                for ref in ready:
+                    job = refs.pop(ref)
+                    try:
+                        out = ray.get(ref)
+                    except ray.exceptions.RayError as e:  # lost again after the retry, or the task raised
+                        log.error("task %d trial %d failed on Ray: %s", job.task_id, job.trial, e)
+                        if isinstance(e, ray.exceptions.WorkerCrashedError):  # lost on every attempt
+                            retry(job, "ray: worker lost", MAX_ATTEMPTS)
+                        ep = errored_episode(job, f"ray: {type(e).__name__}: {str(e)[:500]}")
+                    else:
+                        ep = EpisodeResult(**out["episode"])
+                        reused += bool(out.get("env_reused"))
+                        for a in range(2, int(out["attempt"]) + 1):
+                            retry(job, "ray: an earlier attempt's worker was lost", a)
+                    on_result(job, ep)
+                if should_stop is not None and should_stop():
+                    for ref in refs:
+                        ray.cancel(ref, force=True)
+                    break
+        finally:
+            log.info("ray: %d of %d episodes ran in an env their worker had already built", reused, len(jobs))
+            if started_here:
+                ray.shutdown()
+
+
+def evaluate_parallel(cfg: EvalConfig, todo: Sequence[tuple[int, int]], results: ResultsFile,
+                      gl_backend: str | None = None) -> bool:
+    """Run ``todo`` with ``cfg.workers`` processes (or on Ray with ``cfg.ray``), adding each episode to
+    ``results`` as it arrives; returns True when it stopped on an errored episode (``--stop-on-error``)."""
     bar = _progress(cfg, len(todo))
     stopped = False
-    reused = 0
+
+    def on_result(job: EpisodeJob, ep: EpisodeResult) -> None:
+        nonlocal stopped
+        results.add(ep)
+        _postfix(bar, results)
+        if ep.errored and cfg.stop_on_error:
+            stopped = True
+            log.error("stopping on error (--stop-on-error): %s", ep.error)
+
+    def on_retry(job: EpisodeJob, reason: str, attempt: int) -> None:
+        results.record_retry(job.task_id, job.trial, reason, attempt)
+
+    pool = RayEpisodePool(cfg.ray, gl_backend) if cfg.ray is not None else EpisodePool(cfg.workers,
+                                                                                       gl_backend=gl_backend)
     try:
-        counter = ray.remote(num_cpus=0)(_AttemptCounter).remote()
-        episode = ray.remote(num_cpus=1, max_retries=MAX_ATTEMPTS - 1)(_ray_episode)
-        marker = os.environ.get(TEST_HOOK_RAY_KILL_ONCE) or None
-        refs = {episode.remote(cfg, t, k, counter, gl_backend, marker): EpisodeJob(cfg, t, k) for t, k in todo}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=5.0)
-            for ref in ready:
-                job = refs.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayError as e:  # lost again after the retry, or the task raised
-                    log.error("task %d trial %d failed on Ray: %s", job.task_id, job.trial, e)
-                    if isinstance(e, ray.exceptions.WorkerCrashedError):  # lost on every attempt
-                        results.record_retry(job.task_id, job.trial, "ray: worker lost", MAX_ATTEMPTS)
-                    ep = errored_episode(job, f"ray: {type(e).__name__}: {str(e)[:500]}")
-                else:
-                    ep = EpisodeResult(**out["episode"])
-                    reused += bool(out.get("env_reused"))
-                    for a in range(2, int(out["attempt"]) + 1):
-                        results.record_retry(job.task_id, job.trial, "ray: an earlier attempt's worker was lost", a)
-                results.add(ep)
-                _postfix(bar, results)
-                if ep.errored and cfg.stop_on_error:
-                    stopped = True
-                    log.error("stopping on error (--stop-on-error): %s", ep.error)
-            if stopped:
-                for ref in refs:
-                    ray.cancel(ref, force=True)
-                break
+        pool.run([EpisodeJob(cfg, t, k) for t, k in todo], on_result, on_retry, should_stop=lambda: stopped)
     finally:
         bar.close()
-        log.info("ray: %d of %d episodes ran in an env their worker had already built", reused, len(todo))
-        if started_here:
-            ray.shutdown()
     return stopped
