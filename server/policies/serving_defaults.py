@@ -81,8 +81,7 @@ def read_serving_defaults(model_path: str | Path | None) -> ServingDefaults | No
     sections = {}
     for key in ("config", "policy_options"):
         section = doc.get(key, {})
-        if not isinstance(section, dict) or not all(
-                isinstance(v, (str, int, float, bool)) and not isinstance(v, dict) for v in section.values()):
+        if not isinstance(section, dict) or not all(isinstance(v, (str, int, float, bool)) for v in section.values()):
             raise ConfigError(f"{path}: '{key}' must be an object of plain values (text, numbers, booleans)")
         sections[key] = section
     unknown = sorted(set(sections["config"]) - set(CONFIG_KEYS))
