@@ -20,6 +20,7 @@ simulator), not the policy. Last line: one JSON object of the key figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -57,6 +58,9 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
                 raise SystemExit("error: --quant-policy gr00t needs --gr00t-path DIR (a trained checkpoint)")
             variants += quant_variants(policy, path, out / "packs", args.calib_data, args.calib_n,
                                        args.denoising_steps, args.initial_noise, args.gr00t_replan_steps)
+    if args.rsd_fixed_depth:  # every OpenVLA-RSD server: a function of its inputs alone (no timing, no history)
+        variants = [dataclasses.replace(v, server_args=[*v.server_args, "--rsd-adaptive", "0"])
+                    if "openvla-rsd" in v.server_args else v for v in variants]
     if args.only:
         keep = set(args.only.split(","))
         unknown = keep - {v.label for v in variants}
@@ -169,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-host", default=None, metavar="HOST",
                     help="with --ray on a cluster: this machine's address as the other nodes reach it (the "
                          "servers then bind every interface; default: loopback, for a one-machine cluster)")
+    ap.add_argument("--rsd-fixed-depth", action="store_true",
+                    help="serve OpenVLA-RSD with --rsd-adaptive 0 (draft every layer each round). The adaptive "
+                         "planner picks draft depths from measured pass times and running acceptance, so a chunk "
+                         "depends on timing and on the requests before it (actions move by ~1e-7): two identical "
+                         "runs of the shipped model differed in 12 of 100 episodes. Fixed depth makes them repeat")
     ap.add_argument("--server-max-batch", type=int, default=1,
                     help="server --max-batch. 1 (default): every forward pass sees one observation, so an episode is "
                          "a function of (task, init state, seed, policy) alone -- batched with another worker's "

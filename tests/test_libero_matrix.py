@@ -7,13 +7,15 @@ re-run resumes. The real servers + simulator path runs in CI through ``benchmark
 
 from __future__ import annotations
 
+import argparse
+
 import json
 from pathlib import Path
 
 import pytest
 
 import benchmarks.support.libero_matrix as lm
-from benchmarks.bench_libero_success import derived_figures
+from benchmarks.bench_libero_success import build_variants, derived_figures
 from client.libero.results import EpisodeResult
 
 
@@ -210,3 +212,18 @@ def test_mcnemar_exact_matches_the_binomial_tail() -> None:
     assert mcnemar_exact_p(10, 0) == pytest.approx(2 / 1024)
     with pytest.raises(ValueError):
         mcnemar_exact_p(-1, 2)
+
+
+def test_rsd_fixed_depth_turns_the_adaptive_planner_off_on_every_openvla_rsd_server(tmp_path) -> None:
+    args = argparse.Namespace(matrix="all", quant_policy=["openvla-rsd", "gr00t"], openvla_rsd_path=None,
+                              gr00t_path="/ckpt/gr00t", relaxed_r=1, relaxed_tau=0.9, action_eps=0.5, calib_data=None,
+                              calib_n=16, denoising_steps=None, initial_noise=None, gr00t_replan_steps=None, only=None,
+                              rsd_fixed_depth=False)
+    adaptive = build_variants(args, tmp_path)
+    fixed = build_variants(argparse.Namespace(**{**vars(args), "rsd_fixed_depth": True}), tmp_path)
+    assert [v.label for v in adaptive] == [v.label for v in fixed]
+    for a, f in zip(adaptive, fixed, strict=True):
+        if "openvla-rsd" in a.server_args:
+            assert f.server_args == [*a.server_args, "--rsd-adaptive", "0"] and f.env == a.env
+        else:
+            assert f.server_args == a.server_args and "gr00t" in a.server_args
