@@ -8,7 +8,6 @@ re-run resumes. The real servers + simulator path runs in CI through ``benchmark
 from __future__ import annotations
 
 import argparse
-
 import json
 from pathlib import Path
 
