@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="serve OpenVLA-RSD with --rsd-adaptive 0 (draft every layer each round). The adaptive "
                          "planner picks draft depths from measured pass times and running acceptance, so a chunk "
                          "depends on timing and on the requests before it (actions move by ~1e-7): two identical "
-                         "runs of the shipped model differed in 12 of 100 episodes. Fixed depth makes them repeat")
+                         "runs of the shipped model differed in 1 outcome and 12 step counts of 100 episodes. Fixed "
+                         "depth makes them repeat")
     ap.add_argument("--server-max-batch", type=int, default=1,
                     help="server --max-batch. 1 (default): every forward pass sees one observation, so an episode is "
                          "a function of (task, init state, seed, policy) alone -- batched with another worker's "
