@@ -49,8 +49,8 @@ from pathlib import Path
 import torch
 
 import models
-from models.common.serving import SERVING_FILE, write_serving_file
-from models.gr00t.train import SERVING_NOTE, SERVING_POLICY_OPTIONS
+from models.common.serving import SERVING_FILE
+from models.gr00t.train import write_serving
 from models.gr00t.tiny import save_pretrained
 
 model = models.load_pretrained("gr00t", sys.argv[1])
@@ -59,8 +59,7 @@ src = Path(sys.argv[1]) / SERVING_FILE
 if src.is_file():  # the trainer wrote how it is served
     shutil.copy(src, Path(sys.argv[2]) / SERVING_FILE)
 else:  # trained before trainers wrote one: the project's GR00T serving
-    write_serving_file(sys.argv[2], "gr00t", {"denoising_steps": 8, "embodiment_tag": "new_embodiment"},
-                       SERVING_POLICY_OPTIONS, SERVING_NOTE)
+    write_serving(sys.argv[2], denoising_steps=8)
 EOF
   rm -rf "$INSTALL_DIR" && mv "$INSTALL_DIR.tmp" "$INSTALL_DIR"
   du -sh "$INSTALL_DIR"

@@ -70,6 +70,12 @@ SERVING_NOTE = ("How this checkpoint is served (a flag given to the server overr
                 "55/100 with replan_steps 8 (docs/results/libero_spatial_2026-12-07_gr00t_replan.json).")
 
 
+def write_serving(out: str | Path, denoising_steps: int) -> Path:
+    """``out/serving.json``: how the project serves the GR00T it trains (the trainer and the installer write it)."""
+    return write_serving_file(out, "gr00t", {"denoising_steps": denoising_steps, "embodiment_tag": "new_embodiment"},
+                              SERVING_POLICY_OPTIONS, SERVING_NOTE)
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 def _key_stats(x: np.ndarray) -> dict[str, list[float]]:
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
@@ -305,8 +311,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "train_loss_curve": losses[:: max(1, len(losses) // 50)], "history": history,
     })
     save_pretrained(model, out, num_shards=args.shards)
-    write_serving_file(out, "gr00t", {"denoising_steps": args.denoising_steps, "embodiment_tag": "new_embodiment"},
-                       SERVING_POLICY_OPTIONS, SERVING_NOTE)
+    write_serving(out, args.denoising_steps)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("saved %s (serve with: ./run_inference_server.sh --policy gr00t --model-path %s; its serving.json "
                 "sets %d denoising steps, %s)", out, out, args.denoising_steps, SERVING_POLICY_OPTIONS)
